@@ -1,0 +1,100 @@
+"""Orbax checkpoints: one manager per run holding the train state (step, parameters, optimizer
+state) and the data iterator's state, plus the run's config as JSON beside them.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves no directory that `latest_step` would take as whole.
+"""
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint or workdir that cannot be used; the message names the path."""
+
+
+def config_path(workdir) -> pathlib.Path:
+  return pathlib.Path(workdir) / 'config.json'
+
+
+def save_config(workdir, config: ml_collections.ConfigDict) -> None:
+  """Writes WORKDIR/config.json, or checks that the model config matches the one there."""
+  path = config_path(workdir)
+  if path.exists():
+    saved = load_config(workdir)
+    if saved.model.to_dict() != config.model.to_dict():
+      differing = sorted(k for k in set(saved.model) | set(config.model)
+                         if saved.model.get(k) != config.model.get(k))
+      raise CheckpointError(
+          f'{workdir} holds a run with a different model config (model.{", model.".join(differing)} '
+          'differ); use a new --workdir or the same config.')
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_suffix('.tmp')
+  temporary.write_text(config.to_json(indent=2))
+  temporary.rename(path)
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  path = config_path(workdir)
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except FileNotFoundError:
+    raise CheckpointError(f'{path} does not exist: is {workdir} a training workdir?') from None
+  except json.JSONDecodeError as error:
+    raise CheckpointError(f'{path} is not valid JSON ({error}).') from None
+
+
+class Checkpointer:
+  """Saves and restores {'state': train state pytree, 'data': iterator state dict} by step."""
+
+  def __init__(self, workdir, keep: int | None = None, read_only: bool = False):
+    self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                           read_only=read_only, enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict) -> None:
+    """Starts an asynchronous save; arrays are copied before this returns."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+
+  def restore(self, step: int, abstract_state):
+    """(state, data_state) of `step`, with arrays placed as abstract_state's shardings say."""
+    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
+                             data=ocp.args.JsonRestore())
+    return restored.state, restored.data
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the parameters of `step` (the optimizer state is never read)."""
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
+                                abstract_params)
+    restored = self._restore(step, state=ocp.args.PyTreeRestore(
+        item={'params': abstract_params}, restore_args={'params': restore_args},
+        partial_restore=True))
+    return restored.state['params']
+
+  def _restore(self, step: int, **items):
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f'No complete checkpoint for step {step} in {self.directory} '
+                            f'(complete steps: {list(self.manager.all_steps())}).')
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
+      raise CheckpointError(f'Checkpoint {self.directory / str(step)} cannot be restored: '
+                            f'{type(error).__name__}: {str(error)[:500]}') from None
+
+  def wait(self) -> None:
+    """Blocks until the last asynchronous save is complete on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,181 @@
+"""The experiment configuration: defaults, size and gate presets, and start-up validation.
+
+Config files in `configs/` build on `base_config()`; `validate(config)` runs once at start-up
+and raises `ConfigError` naming the key, the value and what would be accepted.
+"""
+
+import ml_collections
+
+GATE_POSITIONS = ('none', 'sdpa', 'value', 'key', 'query', 'dense')
+GATE_POSITION_ALIASES = {'g1': 'sdpa', 'g2': 'value', 'g3': 'key', 'g4': 'query', 'g5': 'dense'}
+GATE_GRANULARITIES = ('elementwise', 'headwise')
+GATE_MODES = ('multiplicative', 'additive')
+GATE_ACTIVATIONS = ('sigmoid', 'silu', 'identity', 'ns_sigmoid')
+SDPA_NONLINEARITIES = ('none', 'rms_norm', 'silu')
+ATTENTION_IMPLS = ('auto', 'xla', 'dot_product')
+DTYPES = ('float32', 'bfloat16', 'float16')
+DATA_SOURCES = ('embedded', 'text_files', 'array_record')
+ON_NONFINITE = ('stop', 'skip')
+
+# Named gate variants: the paper's rows (Tables 1 and 4), reachable as `gate=NAME` in configs.
+_G1 = dict(position='sdpa')
+GATE_PRESETS: dict[str, dict] = {
+    'none': dict(position='none'),
+    'g1_elementwise': _G1,
+    'g1_headwise': dict(_G1, granularity='headwise'),
+    'g1_head_shared': dict(_G1, head_shared=True),
+    'g1_headwise_head_shared': dict(_G1, granularity='headwise', head_shared=True),
+    'g1_additive_silu': dict(_G1, mode='additive', activation='silu'),
+    'g1_silu': dict(_G1, activation='silu'),
+    'g1_ns_sigmoid': dict(_G1, activation='ns_sigmoid'),
+    'g1_input_independent': dict(_G1, input_dependent=False),
+    'g2_elementwise': dict(position='value'),
+    'g2_headwise': dict(position='value', granularity='headwise'),
+    'g2_head_shared': dict(position='value', head_shared=True),
+    'g3_elementwise': dict(position='key'),
+    'g4_elementwise': dict(position='query'),
+    'g5': dict(position='dense'),
+    'sdpa_rms_norm': dict(position='none', sdpa_nonlinearity='rms_norm'),
+    'sdpa_silu': dict(position='none', sdpa_nonlinearity='silu'),
+}
+
+# Model sizes that train on a CPU. The paper's shapes live in their own preset file.
+SIZES: dict[str, dict] = {
+    'tiny': dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                 mlp_dim=384),
+    'small': dict(d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32,
+                  mlp_dim=768),
+}
+SIZE_DATA = {'tiny': dict(seq_len=128, batch_size=16), 'small': dict(seq_len=256, batch_size=16)}
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be used; the message names the key and the accepted values."""
+
+
+def gate_config(name: str = 'none') -> ml_collections.ConfigDict:
+  """The `config.model.gate` block for a named variant (see `GATE_PRESETS`)."""
+  if name not in GATE_PRESETS:
+    raise ConfigError(f'gate={name!r} is not a known variant; choose one of '
+                      f'{sorted(GATE_PRESETS)} or set config.model.gate.* directly.')
+  gate = ml_collections.ConfigDict(dict(
+      position='none', granularity='elementwise', head_shared=False, mode='multiplicative',
+      activation='sigmoid', input_dependent=True, sdpa_nonlinearity='none'))
+  gate.update(GATE_PRESETS[name])
+  return gate
+
+
+def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collections.ConfigDict:
+  """Every key the library reads, with defaults for a `size` model and a `gate` variant."""
+  if size not in SIZES:
+    raise ConfigError(f'size={size!r} is not a known size; choose one of {sorted(SIZES)}.')
+  config = ml_collections.ConfigDict()
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=384,  # 259 byte-level ids, padded to a multiple of 128 for the MXU/tensor cores.
+      tie_embeddings=True,
+      qk_norm=True,
+      norm_plus_one=False,  # RMSNorm scale (1 + w) with w zero-initialised, as Qwen3-Next.
+      norm_eps=1e-6,
+      sandwich_norm=False,  # Extra RMSNorm on the attention output before the residual add.
+      rope_theta=10_000.0,
+      rope_fraction=1.0,
+      attention_impl='auto',
+      dtype='float32',
+      param_dtype='float32',
+      init_std=0.02,
+      **SIZES[size]))
+  config.model.gate = gate_config(gate)
+  config.data = ml_collections.ConfigDict(dict(
+      source='embedded', path='', eval_path='', heldout_fraction=0.05, **SIZE_DATA[size]))
+  config.train = ml_collections.ConfigDict(dict(
+      steps=300, learning_rate=2e-3, warmup_steps=30, min_learning_rate=2e-4,
+      weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10,
+      checkpoint_every=100, keep_checkpoints=2, on_nonfinite='stop',
+      peak_flops_per_device=0.0))  # 0: look the device up in the table (mfu is null if unknown).
+  config.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=16, analysis_batches=2))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  return config
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'key=value,key=value' (the part after ':' in --config=file.py:ARG) over `defaults`."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ConfigError(f'Config argument {item!r}: expected key=value with key one of '
+                        f'{sorted(defaults)}.')
+    parsed[key] = type(defaults[key])(value)
+  return parsed
+
+
+def canonical_gate_position(position: str) -> str:
+  return GATE_POSITION_ALIASES.get(position, position)
+
+
+def _check_choice(key: str, value, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f'{key}={value!r} is not accepted; choose one of {list(choices)}.')
+
+
+def _check_positive(key: str, value) -> None:
+  if not value > 0:
+    raise ConfigError(f'{key}={value!r} must be positive.')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key the library reads; raises one ConfigError naming the first bad key."""
+  model, gate = config.model, config.model.gate
+  for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+              'mlp_dim'):
+    _check_positive(f'model.{key}', model[key])
+  if model.num_heads % model.num_kv_heads:
+    raise ConfigError(f'model.num_heads={model.num_heads} must be a multiple of '
+                      f'model.num_kv_heads={model.num_kv_heads} (grouped-query attention).')
+  if not 0 < model.rope_fraction <= 1:
+    raise ConfigError(f'model.rope_fraction={model.rope_fraction} must be in (0, 1].')
+  rotary = int(model.head_dim * model.rope_fraction)
+  if rotary % 2 or rotary == 0:
+    raise ConfigError(f'model.rope_fraction={model.rope_fraction} gives {rotary} rotary dims of '
+                      f'head_dim={model.head_dim}; it must be a positive even number.')
+  _check_positive('model.rope_theta', model.rope_theta)
+  _check_choice('model.attention_impl', model.attention_impl, ATTENTION_IMPLS)
+  _check_choice('model.dtype', model.dtype, DTYPES)
+  _check_choice('model.param_dtype', model.param_dtype, DTYPES)
+
+  position = canonical_gate_position(gate.position)
+  _check_choice('model.gate.position', gate.position, GATE_POSITIONS + tuple(GATE_POSITION_ALIASES))
+  _check_choice('model.gate.granularity', gate.granularity, GATE_GRANULARITIES)
+  _check_choice('model.gate.mode', gate.mode, GATE_MODES)
+  _check_choice('model.gate.activation', gate.activation, GATE_ACTIVATIONS)
+  _check_choice('model.gate.sdpa_nonlinearity', gate.sdpa_nonlinearity, SDPA_NONLINEARITIES)
+  if position == 'dense' and (gate.granularity == 'headwise' or gate.head_shared):
+    raise ConfigError('model.gate.position=dense (G5) gates the d_model-wide output of W_o, which '
+                      'has no heads: use granularity=elementwise and head_shared=False.')
+
+  data = config.data
+  _check_choice('data.source', data.source, DATA_SOURCES)
+  if data.source != 'embedded' and not data.path:
+    raise ConfigError(f'data.path is empty; data.source={data.source!r} needs a file glob.')
+  _check_positive('data.seq_len', data.seq_len)
+  _check_positive('data.batch_size', data.batch_size)
+  if not 0 < data.heldout_fraction < 1:
+    raise ConfigError(f'data.heldout_fraction={data.heldout_fraction} must be in (0, 1).')
+  if model.vocab_size < 259:
+    raise ConfigError(f'model.vocab_size={model.vocab_size} is smaller than the byte '
+                      'tokenizer\'s 259 ids (256 bytes, PAD, BOS, EOS).')
+
+  train = config.train
+  for key in ('steps', 'learning_rate', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _check_positive(f'train.{key}', train[key])
+  if not 0 <= train.warmup_steps <= train.steps:
+    raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps].')
+  if not 0 <= train.min_learning_rate <= train.learning_rate:
+    raise ConfigError(f'train.min_learning_rate={train.min_learning_rate} must be in '
+                      f'[0, train.learning_rate={train.learning_rate}].')
+  _check_choice('train.on_nonfinite', train.on_nonfinite, ON_NONFINITE)
+  _check_positive('eval.batches', config.eval.batches)
+  _check_positive('eval.batch_size', config.eval.batch_size)
+  if not 1 <= config.eval.analysis_batches <= config.eval.batches:
+    raise ConfigError(f'eval.analysis_batches={config.eval.analysis_batches} must be in '
+                      f'[1, eval.batches={config.eval.batches}].')

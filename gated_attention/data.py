@@ -1,0 +1,162 @@
+"""Data: a byte-level tokenizer, document sources, and deterministic grain pipelines.
+
+Sources (`config.data.source`):
+  embedded      the Python standard library's own sources, on every machine with Python: the
+                default corpus, no download;
+  text_files    the user's text files, `config.data.path` a glob;
+  array_record  pre-tokenized examples for corpora too large to tokenize on the fly: each record
+                is seq_len + 1 little-endian int32 token ids (`experiments/prepare_data.py`
+                writes them). `data.path` is the training glob, `data.eval_path` the held-out one.
+
+For the text sources whole documents are assigned to the held-out split by a seeded permutation,
+so held-out text never appears in training. Each split is one stream of [document bytes, EOS]
+cut into chunks of seq_len tokens; every example is BOS followed by one chunk, so the model's
+first token is always BOS. Inputs are example[:-1] and targets example[1:].
+"""
+
+import functools
+import glob
+import pathlib
+import sysconfig
+
+import grain
+import numpy as np
+
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+TOKENIZER_VOCAB_SIZE = 259
+
+
+class DataError(ValueError):
+  """Input data that cannot be used; the message names the path or key."""
+
+
+def encode(text: bytes) -> np.ndarray:
+  """Byte-level token ids (0..255), uint16."""
+  return np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
+
+
+def decode(ids) -> str:
+  """Text from token ids; special ids are dropped."""
+  return bytes(int(i) for i in ids if i < 256).decode('utf-8', errors='replace')
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_documents() -> tuple[tuple[str, bytes], ...]:
+  """The standard library's .py files (no site-packages), sorted by path; read once per process."""
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  paths = sorted(p for p in root.rglob('*.py') if 'site-packages' not in p.parts)
+  if not paths:
+    raise DataError(f'No .py files under {root}: the embedded corpus needs the Python sources.')
+  return tuple((str(p.relative_to(root)), p.read_bytes()) for p in paths)
+
+
+def text_file_documents(pattern: str) -> list[tuple[str, bytes]]:
+  """Files matching the glob `pattern` (recursive ** allowed), sorted by path."""
+  paths = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
+  if not paths:
+    raise DataError(f'data.path={pattern!r} matches no files.')
+  documents = []
+  for path in paths:
+    try:
+      documents.append((path, pathlib.Path(path).read_bytes()))
+    except OSError as error:
+      raise DataError(f'Cannot read data file {path}: {error.strerror}.') from None
+  return documents
+
+
+def split_documents(documents, heldout_fraction: float, seed: int):
+  """(train, heldout) lists: a seeded choice of whole documents goes to heldout."""
+  if len(documents) < 2:
+    raise DataError(f'{len(documents)} document(s): a held-out split needs at least 2.')
+  order = np.random.default_rng(seed).permutation(len(documents))
+  num_heldout = min(len(documents) - 1, max(1, round(heldout_fraction * len(documents))))
+  heldout = set(order[:num_heldout].tolist())
+  train = [d for i, d in enumerate(documents) if i not in heldout]
+  return train, [d for i, d in enumerate(documents) if i in heldout]
+
+
+class TokenChunks:
+  """Random-access examples [BOS, chunk of seq_len stream tokens] as int32 [seq_len + 1]."""
+
+  def __init__(self, documents, seq_len: int, name: str):
+    self.stream = np.concatenate(
+        [np.append(encode(text), np.uint16(EOS_ID)) for _, text in documents])
+    self.seq_len = seq_len
+    if len(self) == 0:
+      raise DataError(f'The {name} split has {len(self.stream)} tokens, fewer than '
+                      f'data.seq_len={seq_len}: lower seq_len or add text.')
+
+  def __len__(self) -> int:
+    return len(self.stream) // self.seq_len
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    chunk = self.stream[index * self.seq_len:(index + 1) * self.seq_len]
+    return np.concatenate([[BOS_ID], chunk]).astype(np.int32)
+
+
+class ArrayRecordExamples:
+  """Random-access pre-tokenized examples from ArrayRecord files, checked to be seq_len + 1."""
+
+  def __init__(self, pattern: str, seq_len: int, key: str):
+    paths = sorted(glob.glob(pattern, recursive=True))
+    if not paths:
+      raise DataError(f'{key}={pattern!r} matches no files.')
+    try:
+      self.source = grain.sources.ArrayRecordDataSource(paths)
+    except Exception as error:  # array_record raises plain RuntimeErrors for unreadable files.
+      raise DataError(f'{key}={pattern!r}: cannot open as ArrayRecord ({error}).') from None
+    self.seq_len, self.pattern = seq_len, pattern
+    if len(self) == 0:
+      raise DataError(f'{key}={pattern!r} holds no records.')
+    self[0]  # Fails now, not mid-run, if the records were written for another seq_len.
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    example = np.frombuffer(self.source[index], dtype='<i4').astype(np.int32)
+    if example.shape != (self.seq_len + 1,):
+      raise DataError(f'{self.pattern}: record {index} has {example.size} tokens; '
+                      f'data.seq_len={self.seq_len} needs {self.seq_len + 1}.')
+    return example
+
+
+def load_split(data_config, split: str):
+  """The random-access source of examples for split 'train' or 'heldout'.
+
+  The held-out documents depend on the corpus alone (a fixed seed), never on train.seed, so runs
+  with different seeds are evaluated on the same text."""
+  if data_config.source == 'array_record':
+    if split == 'train':
+      return ArrayRecordExamples(data_config.path, data_config.seq_len, 'data.path')
+    if not data_config.eval_path:
+      raise DataError('data.eval_path is empty; data.source=array_record needs a held-out glob.')
+    return ArrayRecordExamples(data_config.eval_path, data_config.seq_len, 'data.eval_path')
+  documents = (embedded_documents() if data_config.source == 'embedded'
+               else text_file_documents(data_config.path))
+  train, heldout = split_documents(documents, data_config.heldout_fraction, seed=0)
+  return TokenChunks(train if split == 'train' else heldout, data_config.seq_len, split)
+
+
+def train_dataset(source, global_batch_size: int, seed: int, process_index: int,
+                  process_count: int) -> grain.IterDataset:
+  """Endless, seeded, reshuffled-every-epoch batches of this process's share of each global batch.
+
+  Yields int32 [global_batch_size // process_count, seq_len + 1]. Its iterator's get_state()
+  goes into checkpoints, so a resumed run sees exactly the batches it would have seen.
+  """
+  dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  dataset = dataset[process_index::process_count]
+  return dataset.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+
+
+def heldout_batches(source, global_batch_size: int, num_batches: int, process_index: int,
+                    process_count: int):
+  """The first num_batches global batches of the held-out split, in order (fewer if it is short);
+  yields this process's int32 [global_batch_size // process_count, seq_len + 1] share."""
+  usable = min(num_batches, len(source) // global_batch_size) * global_batch_size
+  if usable == 0:
+    raise DataError(f'The held-out split has {len(source)} examples, fewer than one eval batch '
+                    f'of {global_batch_size}: lower eval.batch_size or data.seq_len.')
+  dataset = grain.MapDataset.source(source)[:usable][process_index::process_count]
+  return iter(dataset.batch(global_batch_size // process_count, drop_remainder=True))

@@ -1,0 +1,48 @@
+"""Model FLOPs per token and peak FLOP/s per chip, for tokens_per_sec -> mfu.
+
+mfu = flops_per_token * tokens_per_sec / (peak_flops_per_device * device_count), with
+flops_per_token = 6 * (parameters used in matmuls) + 6 * layers * heads * head_dim * seq_len:
+2 FLOPs per multiply-add, forward + backward = 3 x forward, and causal attention (QK^T and AV,
+each heads * head_dim * seq_len / 2 multiply-adds per token) counted at half the square. Remat recomputation is not counted (that is MFU, not
+hardware utilisation).
+"""
+
+import math
+
+# Dense bf16 peak FLOP/s per chip, matched by substring of jax.Device.device_kind (first match).
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ('TPU v6 lite', 918e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),
+    ('TPU v4', 275e12),
+    ('H200', 989e12),
+    ('H100', 989e12),
+    ('A100', 312e12),
+)
+
+# Parameters that multiply activations once per token (the embedding only when it is tied, as
+# then it is also the output matmul; a lookup costs no FLOPs).
+_MATMUL_PARAM_NAMES = ('wq', 'wk', 'wv', 'wo', 'wi', 'kernel', 'lm_head')
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
+  """Peak FLOP/s of one chip, the override if positive, or None for an unknown kind (CPU)."""
+  if override > 0:
+    return override
+  for name, flops in PEAK_FLOPS_BY_DEVICE_KIND:
+    if name in device_kind:
+      return flops
+  return None
+
+
+def matmul_params(flat_params, tie_embeddings: bool) -> int:
+  """Sum of sizes of matmul parameters; flat_params is an iterable of (path tuple, shape)."""
+  names = _MATMUL_PARAM_NAMES + (('embedding',) if tie_embeddings else ())
+  return sum(math.prod(shape) for path, shape in flat_params if path[-1] in names)
+
+
+def flops_per_token(model_config, seq_len: int, flat_params) -> float:
+  """Training FLOPs per token (forward and backward)."""
+  attention = model_config.num_layers * model_config.num_heads * model_config.head_dim * seq_len
+  return 6 * matmul_params(flat_params, model_config.tie_embeddings) + 6 * attention

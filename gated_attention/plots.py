@@ -1,0 +1,58 @@
+"""PNG figures of evaluations and ablations (matplotlib, no display needed)."""
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+
+def _save(figure, path: pathlib.Path) -> None:
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def _per_layer_bars(values, ylabel: str, title: str, path: pathlib.Path) -> None:
+  figure, axis = plt.subplots(figsize=(6, 3.5))
+  axis.bar(np.arange(len(values)), values, color='tab:blue')
+  axis.set_xlabel('layer')
+  axis.set_ylabel(ylabel)
+  axis.set_title(title)
+  _save(figure, path)
+
+
+def eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
+  """first_token_attention per layer and per layer x head, max_activation per layer, and the gate
+  score histogram, as PNGs named after the step in out_dir."""
+  prefix = out_dir / f'step_{result["step"]}'
+  first_token = result['first_token_attention']
+  _per_layer_bars(first_token['per_layer'], 'attention on first token',
+                  f'{title}: first-token attention (mean {first_token["mean"]:.3f})',
+                  prefix.with_name(prefix.name + '_first_token_attention.png'))
+
+  heads = np.asarray(first_token['per_layer_head'])
+  figure, axis = plt.subplots(figsize=(1.5 + 0.4 * heads.shape[1], 1.5 + 0.4 * heads.shape[0]))
+  image = axis.imshow(heads, vmin=0, vmax=1, cmap='viridis', aspect='auto')
+  axis.set_xlabel('head')
+  axis.set_ylabel('layer')
+  axis.set_title('first-token attention')
+  figure.colorbar(image, ax=axis)
+  _save(figure, prefix.with_name(prefix.name + '_first_token_attention_heads.png'))
+
+  activation = result['max_activation']
+  _per_layer_bars(activation['per_layer'], 'max |hidden state|',
+                  f'{title}: max activation (mean {activation["mean_of_layer_max"]:.1f})',
+                  prefix.with_name(prefix.name + '_max_activation.png'))
+
+  if result.get('gate_score'):
+    histogram = result['gate_score']['histogram']
+    edges, counts = np.asarray(histogram['edges']), np.asarray(histogram['counts'])
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar(edges[:-1], counts / max(counts.sum(), 1), width=np.diff(edges), align='edge')
+    axis.set_xlabel('gate score')
+    axis.set_ylabel('fraction')
+    axis.set_title(f'{title}: gate scores (mean {result["gate_score"]["mean"]:.3f})')
+    _save(figure, prefix.with_name(prefix.name + '_gate_score_histogram.png'))

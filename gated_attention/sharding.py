@@ -1,0 +1,98 @@
+"""Logical axis names, the one table that maps them to mesh axes, and the mesh itself.
+
+Layers name logical axes only (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `vocab`, `expert`); `LOGICAL_AXIS_RULES` below decides which mesh axis shards each. The
+mesh axes are `data` (pure data parallel), `fsdp` (data parallel that also shards parameters and
+optimizer state) and `tensor` (heads and MLP width).
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axes it may use. A mesh axis already taken by an earlier dimension of the
+# same array is skipped, so activations' `embed` stays whole when `batch` already uses `fsdp`.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
+    'batch': ('data', 'fsdp'),
+    'vocab': ('tensor',),
+    'heads': ('tensor',),
+    'kv_heads': ('tensor',),
+    'mlp': ('tensor',),
+    'embed': ('fsdp',),
+    'length': (),
+    'head_dim': (),
+}
+
+LogicalAxes = tuple[str | None, ...]
+
+
+def logical_to_spec(logical_axes: LogicalAxes) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec through `LOGICAL_AXIS_RULES`."""
+  used: set[str] = set()
+  spec = []
+  for name in logical_axes:
+    if name is not None and name not in LOGICAL_AXIS_RULES:
+      raise ValueError(f'Unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}.')
+    mesh_axes = () if name is None else LOGICAL_AXIS_RULES[name]
+    if any(axis in used for axis in mesh_axes):
+      mesh_axes = ()
+    used.update(mesh_axes)
+    spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+  """Sharding constraint by logical axes; a no-op outside a mesh context (tests, analysis)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Returns (data, fsdp, tensor) with the single -1 filled so the product is `num_devices`."""
+  sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+  described = ', '.join(f'mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'{described}: each size must be a positive integer, with at most one -1.')
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'{described}: {num_devices} devices cannot be split with the given sizes '
+                       f'(their product {known} must divide the device count).')
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'{described}: the product {math.prod(sizes)} must equal the device count '
+                     f'{num_devices} (set one axis to -1 to fill it in).')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh from `config.mesh` over `devices` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape=None, name: str = '') -> NamedSharding:
+  """NamedSharding for logical axes; with `shape`, checks every sharded dimension divides evenly."""
+  spec = logical_to_spec(logical_axes)
+  if shape is not None:
+    for size, axes, logical in zip(shape, spec, logical_axes):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      ways = math.prod(mesh.shape[a] for a in axes)
+      if size % ways:
+        raise ValueError(
+            f'{name or "array"} dimension {logical!r} of size {size} cannot be split {ways} ways '
+            f'over mesh axes {axes}; choose mesh sizes that divide it.')
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,71 @@
+"""The model's abstract state, its shardings, and sharded initialisation.
+
+The model is an NNX module used functionally: `abstract_model` splits it once into a graphdef
+and abstract variables; parameters travel as a plain nested dict (`nnx.merge(graphdef, params)`
+rebuilds the module inside jitted code). Shardings come from each parameter's logical axes.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from gated_attention.model import Transformer
+from gated_attention.sharding import named_sharding, replicated
+
+
+def abstract_model(model_config):
+  """(graphdef, abstract nnx.State): shapes and metadata only, nothing allocated."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+
+
+def flat_param_shapes(abstract_state) -> list[tuple[tuple, tuple[int, ...]]]:
+  """[(path, shape)] of every parameter, path a tuple of attribute names and layer indices."""
+  return [(path, variable.shape) for path, variable in nnx.to_flat_state(abstract_state)]
+
+
+def _nested(flat_items) -> dict:
+  nested: dict = {}
+  for path, value in flat_items:
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return nested
+
+
+def param_shardings(mesh: Mesh, abstract_state) -> dict:
+  """NamedSharding per parameter (same nesting as the params dict), checked to divide evenly."""
+  return _nested(
+      (path, named_sharding(mesh, variable.get_metadata()['logical_axes'], variable.shape,
+                            name='/'.join(map(str, path))))
+      for path, variable in nnx.to_flat_state(abstract_state))
+
+
+def init_params(model_config, seed: int, shardings) -> dict:
+  """Parameters created directly in their shardings (no full copy on any one device)."""
+  def init():
+    return nnx.to_pure_dict(nnx.state(Transformer(model_config, rngs=nnx.Rngs(seed))))
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def init_train_state(params: dict, optimizer: optax.GradientTransformation) -> dict:
+  """{'step': applied updates so far, 'params', 'opt_state'}."""
+  return {'step': jnp.zeros((), jnp.int32), 'params': params,
+          'opt_state': optimizer.init(params)}
+
+
+def train_state_shardings(mesh: Mesh, optimizer, abstract_params: dict, shardings: dict) -> dict:
+  """Shardings of init_train_state's output: optimizer moments follow their parameters."""
+  abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_opt_state, shardings,
+      transform_non_params=lambda _: replicated(mesh))
+  return {'step': replicated(mesh), 'params': shardings, 'opt_state': opt_shardings}
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying shardings: the inputs for ahead-of-time lowering and restore."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)

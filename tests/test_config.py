@@ -1,0 +1,70 @@
+"""Config validation: one clear error naming the key and what is accepted."""
+
+import pytest
+
+from gated_attention import config as config_lib
+
+
+def _config(**model):
+  config = config_lib.base_config('tiny', 'g1_elementwise')
+  config.model.update(model)
+  return config
+
+
+@pytest.mark.parametrize('name', sorted(config_lib.GATE_PRESETS))
+def test_every_gate_preset_validates(name):
+  config_lib.validate(config_lib.base_config('tiny', name))
+
+
+@pytest.mark.parametrize('alias, position', sorted(config_lib.GATE_POSITION_ALIASES.items()))
+def test_position_aliases(alias, position):
+  config = _config()
+  config.model.gate.position = alias
+  config_lib.validate(config)
+  assert config_lib.canonical_gate_position(alias) == position
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda c: c.model.update(num_heads=6, num_kv_heads=4), 'model.num_heads=6 must be a multiple'),
+    (lambda c: c.model.gate.update(position='g7'), "model.gate.position='g7'"),
+    (lambda c: c.model.gate.update(activation='tanh'), "model.gate.activation='tanh'"),
+    (lambda c: c.model.gate.update(granularity='blockwise'), 'model.gate.granularity'),
+    (lambda c: c.model.gate.update(mode='concat'), "model.gate.mode='concat'"),
+    (lambda c: c.model.gate.update(position='g5', granularity='headwise'), 'has no heads'),
+    (lambda c: c.model.gate.update(position='dense', head_shared=True), 'has no heads'),
+    (lambda c: c.model.update(rope_fraction=0.1), 'model.rope_fraction=0.1'),
+    (lambda c: c.model.update(attention_impl='flash'), "model.attention_impl='flash'"),
+    (lambda c: c.model.update(dtype='float8'), "model.dtype='float8'"),
+    (lambda c: c.model.update(vocab_size=200), 'model.vocab_size=200'),
+    (lambda c: c.data.update(source='web'), "data.source='web'"),
+    (lambda c: c.data.update(source='text_files'), 'data.path is empty'),
+    (lambda c: c.train.update(warmup_steps=10_000), 'train.warmup_steps=10000'),
+    (lambda c: c.train.update(on_nonfinite='ignore'), "train.on_nonfinite='ignore'"),
+    (lambda c: c.eval.update(analysis_batches=100), 'eval.analysis_batches=100'),
+])
+def test_bad_values_name_the_key(change, message):
+  config = _config()
+  change(config)
+  with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    config_lib.validate(config)
+
+
+def test_unknown_gate_and_size_names_list_the_choices():
+  with pytest.raises(config_lib.ConfigError, match='g1_elementwise'):
+    config_lib.base_config('tiny', 'g9')
+  with pytest.raises(config_lib.ConfigError, match="size='huge'.*tiny"):
+    config_lib.base_config('huge')
+
+
+def test_parse_arg():
+  parsed = config_lib.parse_arg('size=small,gate=g5', size='tiny', gate='none')
+  assert (parsed.size, parsed.gate) == ('small', 'g5')
+  with pytest.raises(config_lib.ConfigError, match="'colour=red'"):
+    config_lib.parse_arg('colour=red', size='tiny')
+
+
+def test_lm_config_file_takes_size_and_gate():
+  from configs import lm
+  config = lm.get_config('size=small,gate=g2_headwise')
+  assert config.model.d_model == config_lib.SIZES['small']['d_model']
+  assert (config.model.gate.position, config.model.gate.granularity) == ('value', 'headwise')

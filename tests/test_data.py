@@ -1,0 +1,120 @@
+"""Data: tokenizer, document split, chunking, determinism, resumable iteration, errors."""
+
+import numpy as np
+import pytest
+
+from gated_attention import config as config_lib
+from gated_attention import data
+
+
+def test_byte_tokenizer_round_trip():
+  text = 'gated attention: σ(XW)\n'
+  ids = data.encode(text.encode())
+  assert ids.max() < 256 and data.decode(ids) == text
+  assert data.decode([data.BOS_ID, *ids, data.EOS_ID, data.PAD_ID]) == text
+
+
+def test_embedded_corpus_is_real_and_split_by_document():
+  documents = data.embedded_documents()
+  assert len(documents) > 100 and sum(len(t) for _, t in documents) > 5_000_000
+  train, heldout = data.split_documents(documents, 0.05, seed=0)
+  assert not {n for n, _ in train} & {n for n, _ in heldout}
+  assert len(train) + len(heldout) == len(documents)
+  assert abs(len(heldout) - 0.05 * len(documents)) <= 1
+  again = data.split_documents(documents, 0.05, seed=0)[1]
+  assert [n for n, _ in again] == [n for n, _ in heldout]
+
+
+def test_examples_start_with_bos_and_continue_the_stream():
+  documents = [('a', b'abcdefgh'), ('b', b'ijklmnop')]
+  chunks = data.TokenChunks(documents, seq_len=5, name='test')
+  stream = np.concatenate([data.encode(b'abcdefgh'), [data.EOS_ID],
+                           data.encode(b'ijklmnop'), [data.EOS_ID]])
+  assert len(chunks) == len(stream) // 5
+  for i in range(len(chunks)):
+    example = chunks[i]
+    assert example.dtype == np.int32 and example.shape == (6,)
+    assert example[0] == data.BOS_ID
+    np.testing.assert_array_equal(example[1:], stream[5 * i:5 * i + 5])
+
+
+def _batches(iterator, count):
+  return [next(iterator).copy() for _ in range(count)]
+
+
+def test_train_batches_are_deterministic_and_resume_exactly():
+  source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test')
+  make = lambda: iter(data.train_dataset(source, 4, seed=3, process_index=0, process_count=1))
+  first = make()
+  head = _batches(first, 5)
+  state = first.get_state()
+  tail = _batches(first, 5)
+  np.testing.assert_array_equal(np.stack(head), np.stack(_batches(make(), 5)))
+  resumed = make()
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.stack(tail), np.stack(_batches(resumed, 5)))
+  other_seed = iter(data.train_dataset(source, 4, seed=4, process_index=0, process_count=1))
+  assert not np.array_equal(np.stack(head), np.stack(_batches(other_seed, 5)))
+
+
+def test_process_shares_partition_the_global_batch():
+  source = data.TokenChunks([('a', bytes(range(256)) * 8)], seq_len=8, name='test')
+  whole = next(iter(data.train_dataset(source, 8, 0, 0, 1)))
+  shares = [next(iter(data.train_dataset(source, 8, 0, p, 2))) for p in range(2)]
+  assert shares[0].shape == (4, 9)
+  as_set = lambda rows: sorted(map(tuple, rows.tolist()))
+  assert as_set(np.concatenate(shares)) == as_set(whole)
+
+
+def test_text_files_source(tmp_path):
+  for i in range(4):
+    (tmp_path / f'doc{i}.txt').write_text(f'document number {i} ' * 50)
+  config = config_lib.base_config('tiny').data
+  config.update(source='text_files', path=str(tmp_path / '*.txt'), seq_len=16,
+                heldout_fraction=0.25)
+  train, heldout = data.load_split(config, 'train'), data.load_split(config, 'heldout')
+  assert len(heldout) > 0 and len(train) > 2 * len(heldout)
+
+
+def test_array_record_source(tmp_path):
+  from array_record.python import array_record_module
+  path = str(tmp_path / 'train.array_record')
+  writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')
+  examples = np.arange(3 * 9, dtype='<i4').reshape(3, 9)
+  for example in examples:
+    writer.write(example.tobytes())
+  writer.close()
+  config = config_lib.base_config('tiny').data
+  config.update(source='array_record', path=path, eval_path=path, seq_len=8)
+  source = data.load_split(config, 'train')
+  np.testing.assert_array_equal(np.stack([source[i] for i in range(3)]), examples)
+  config.seq_len = 16
+  with pytest.raises(data.DataError, match='record 0 has 9 tokens; data.seq_len=16 needs 17'):
+    data.load_split(config, 'heldout')
+
+
+@pytest.mark.parametrize('source, path, message', [
+    ('text_files', '/nonexistent/*.txt', "data.path='/nonexistent/\\*.txt' matches no files"),
+    ('array_record', '/nonexistent/*.ar', "data.path='/nonexistent/\\*.ar' matches no files"),
+])
+def test_missing_paths_are_named(source, path, message):
+  config = config_lib.base_config('tiny').data
+  config.update(source=source, path=path)
+  with pytest.raises(data.DataError, match=message):
+    data.load_split(config, 'train')
+
+
+def test_seq_len_the_split_cannot_fill(tmp_path):
+  for i in range(2):
+    (tmp_path / f'{i}.txt').write_text('short')
+  config = config_lib.base_config('tiny').data
+  config.update(source='text_files', path=str(tmp_path / '*.txt'), seq_len=64)
+  with pytest.raises(data.DataError, match='fewer than data.seq_len=64'):
+    data.load_split(config, 'heldout')
+
+
+def test_heldout_batches_are_in_order_and_bounded():
+  source = data.TokenChunks([('a', bytes(range(200)))], seq_len=4, name='test')
+  batches = list(data.heldout_batches(source, 8, num_batches=3, process_index=0, process_count=1))
+  assert len(batches) == 3
+  np.testing.assert_array_equal(batches[1][0], source[8])

@@ -1,0 +1,103 @@
+"""Logical-axis rules, mesh construction, and sharded training equal to one device."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gated_attention import sharding
+
+
+@pytest.mark.parametrize('logical, expected', [
+    (('embed', 'heads', 'head_dim'), P('fsdp', 'tensor', None)),
+    (('batch', 'length', 'embed'), P(('data', 'fsdp'), None, None)),  # fsdp taken by batch.
+    (('vocab', 'embed'), P('tensor', 'fsdp')),
+    (('batch', 'length', 'vocab'), P(('data', 'fsdp'), None, 'tensor')),
+    (('embed', 'embed'), P('fsdp', None)),
+    ((None, 'mlp'), P(None, 'tensor')),
+])
+def test_logical_rules(logical, expected):
+  assert sharding.logical_to_spec(logical) == expected
+
+
+def test_unknown_logical_axis_is_named():
+  with pytest.raises(ValueError, match="Unknown logical axis 'rows'"):
+    sharding.logical_to_spec(('rows',))
+
+
+@pytest.mark.parametrize('mesh, devices, expected', [
+    (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
+    (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
+    (dict(data=1, fsdp=1, tensor=1), 1, (1, 1, 1)),
+])
+def test_mesh_shape_fills_the_minus_one(mesh, devices, expected):
+  assert sharding.mesh_shape(mesh, devices) == expected
+
+
+@pytest.mark.parametrize('mesh, message', [
+    (dict(data=2, fsdp=2, tensor=1), 'the product 4 must equal the device count 8'),
+    (dict(data=3, fsdp=-1, tensor=1), 'their product 3 must divide the device count'),
+    (dict(data=-1, fsdp=-1, tensor=1), 'at most one -1'),
+])
+def test_bad_meshes_are_named(mesh, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.mesh_shape(mesh, 8)
+
+
+def test_uneven_parameter_split_is_named():
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  sharding.named_sharding(mesh, ('embed', 'heads'), (6, 4), name='wq')  # One device: fine.
+  mesh = jax.sharding.AbstractMesh((1, 1, 4), sharding.MESH_AXES)
+  with pytest.raises(ValueError, match="wq dimension 'heads' of size 6 cannot be split 4 ways"):
+    sharding.named_sharding(mesh, ('embed', 'heads'), (8, 6), name='wq')
+
+
+_SHARDED_RUN = textwrap.dedent('''
+    import json, sys
+    import jax
+    from gated_attention import sharding
+    from gated_attention.evaluate import load_params
+    from gated_attention.metrics import read_metrics
+    from gated_attention.train import train
+    from tests import helpers
+    mesh_config, workdir = json.loads(sys.argv[1]), sys.argv[2]
+    config = helpers.run_config(steps=3)
+    config.model.update(num_heads=4, num_kv_heads=4)
+    config.mesh.update(mesh_config)
+    train(config, workdir)
+    _, params, _ = load_params(workdir, config, sharding.make_mesh(config.mesh))
+    wq = params['blocks'][0]['attention']['wq']
+    print(json.dumps({'losses': [r['loss'] for r in read_metrics(workdir)],
+                      'wq_shard_shape': wq.sharding.shard_shape(wq.shape),
+                      'devices': jax.device_count()}))
+''')
+
+
+def _run_sharded(mesh_config, workdir, devices):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _SHARDED_RUN, json.dumps(mesh_config),
+                           str(workdir)], capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_sharded_training_matches_one_device(tmp_path):
+  single = _run_sharded(dict(data=1, fsdp=1, tensor=1), tmp_path / 'single', devices=1)
+  # wq is [d_model 32, heads 4, head_dim 8 + gate 8]: embed over fsdp, heads over tensor.
+  for name, mesh_config, wq_shard_shape in [
+      ('data', dict(data=8, fsdp=1, tensor=1), [32, 4, 16]),
+      ('fsdp', dict(data=1, fsdp=8, tensor=1), [4, 4, 16]),
+      ('mixed', dict(data=2, fsdp=2, tensor=2), [16, 2, 16]),
+      ('tensor', dict(data=2, fsdp=1, tensor=4), [32, 1, 16]),
+  ]:
+    sharded = _run_sharded(mesh_config, tmp_path / name, devices=8)
+    assert sharded['devices'] == 8
+    assert sharded['wq_shard_shape'] == wq_shard_shape, name
+    np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)

@@ -1,0 +1,87 @@
+"""Training end to end on the embedded corpus: learning, exact resume, determinism, errors."""
+
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gated_attention import checkpoint as checkpoint_lib
+from gated_attention.metrics import read_metrics
+from gated_attention.train import TrainingError, train
+from tests import helpers
+
+LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'step_time_s', 'mfu'}
+
+
+def test_loss_falls_and_every_log_line_has_the_promised_keys(tmp_path):
+  train(helpers.run_config(steps=30, log_every=5, learning_rate=1e-2, checkpoint_every=10),
+        tmp_path)
+  records = read_metrics(tmp_path)
+  assert [r['step'] for r in records] == [5, 10, 15, 20, 25, 30]
+  assert all(LOGGED_KEYS <= set(r) for r in records)
+  assert records[-1]['loss'] < records[0]['loss'] - 1.0
+  assert records[-1]['loss'] < 3.7  # ln(384) = 5.95 at chance.
+  assert all(r['tokens_per_sec'] > 0 and r['mfu'] is None for r in records)  # CPU: no peak known.
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['20', '30']
+  assert any((tmp_path / 'tensorboard').iterdir())
+
+
+def test_resume_after_a_crash_is_exact(tmp_path):
+  """8 steps in one run == 4 steps, a crash (the step-8 checkpoint lost), a restart, 4 more."""
+  config = helpers.run_config(steps=8)
+  train(config, tmp_path / 'whole')
+  train(config, tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '8')  # As if killed after step 4 saved.
+  train(config, tmp_path / 'resumed')
+
+  whole, resumed = read_metrics(tmp_path / 'whole'), read_metrics(tmp_path / 'resumed')
+  assert [r['loss'] for r in resumed[-4:]] == [r['loss'] for r in whole[4:]]  # Same batches.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               helpers.final_params(tmp_path / 'whole', config),
+               helpers.final_params(tmp_path / 'resumed', config))
+
+
+def test_same_seed_gives_identical_runs_and_another_seed_does_not(tmp_path):
+  config = helpers.run_config(steps=4)
+  for name in ('a', 'b'):
+    train(config, tmp_path / name)
+  config.train.seed = 1
+  train(config, tmp_path / 'c')
+  losses = {name: [r['loss'] for r in read_metrics(tmp_path / name)] for name in 'abc'}
+  assert losses['a'] == losses['b'] != losses['c']
+  jax.tree.map(np.testing.assert_array_equal, helpers.final_params(tmp_path / 'a', config),
+               helpers.final_params(tmp_path / 'b', config))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+  config = helpers.run_config(steps=4)
+  config.model.init_std = 1e30  # Overflows in the first forward pass.
+  with pytest.raises(TrainingError, match='Non-finite loss .* at step 1; stopping: no checkpoint'):
+    train(config, tmp_path)
+
+
+def test_a_workdir_of_another_model_is_refused(tmp_path):
+  train(helpers.run_config(steps=2), tmp_path)
+  other = helpers.run_config(steps=2)
+  other.model.num_layers = 3
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r'model\.num_layers differ'):
+    train(other, tmp_path)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.model.gate.position=g9'],
+     "error: model.gate.position='g9' is not accepted; choose one of"),
+    (['--config.data.source=text_files', '--config.data.path=/no/such/*.txt'],
+     "error: data.path='/no/such/*.txt' matches no files."),
+    (['--config.data.batch_size=0'], 'error: data.batch_size=0 must be positive.'),
+])
+def test_command_line_errors_are_one_line_without_traceback(tmp_path, args, message):
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', '--config=configs/lm.py',
+       f'--workdir={tmp_path}', *args], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
