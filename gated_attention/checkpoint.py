@@ -1,5 +1,6 @@
 """Orbax checkpoints: one manager per run holding the train state (step, parameters, optimizer
-state) and the data iterator's state, plus the run's config as JSON beside them.
+state) and the host's state (the data iterator's position and the loop's counters, as JSON),
+plus the run's config as JSON beside them.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves no directory that `latest_step` would take as whole.
@@ -50,28 +51,28 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 
 class Checkpointer:
-  """Saves and restores {'state': train state pytree, 'data': iterator state dict} by step."""
+  """Saves and restores {'state': train state pytree, 'host': JSON-able dict} by step."""
 
   def __init__(self, workdir, keep: int | None = None, read_only: bool = False):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            read_only=read_only, enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data'))
+                                         item_names=('state', 'host'))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict) -> None:
+  def save(self, step: int, state, host_state: dict) -> None:
     """Starts an asynchronous save; arrays are copied before this returns."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
 
   def restore(self, step: int, abstract_state):
-    """(state, data_state) of `step`, with arrays placed as abstract_state's shardings say."""
+    """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say."""
     restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
-                             data=ocp.args.JsonRestore())
-    return restored.state, restored.data
+                             host=ocp.args.JsonRestore())
+    return restored.state, restored.host
 
   def restore_params(self, step: int, abstract_params):
     """Only the parameters of `step` (the optimizer state is never read)."""

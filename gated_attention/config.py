@@ -91,6 +91,9 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       steps=300, learning_rate=2e-3, warmup_steps=30, min_learning_rate=2e-4,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10,
       checkpoint_every=100, keep_checkpoints=2, on_nonfinite='stop',
+      # A loss spike: a loss above the median of the previous loss_spike_window losses by
+      # more than loss_spike_margin (relative).
+      loss_spike_window=50, loss_spike_margin=0.25,
       peak_flops_per_device=0.0))  # 0: look the device up in the table (mfu is null if unknown).
   config.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=16, analysis_batches=2))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -166,7 +169,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       'tokenizer\'s 259 ids (256 bytes, PAD, BOS, EOS).')
 
   train = config.train
-  for key in ('steps', 'learning_rate', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+  for key in ('steps', 'learning_rate', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+              'loss_spike_window', 'loss_spike_margin'):
     _check_positive(f'train.{key}', train[key])
   if not 0 <= train.warmup_steps <= train.steps:
     raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps].')

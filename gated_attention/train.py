@@ -11,7 +11,9 @@ Process 0 alone writes logs and the config; every process reads its own data sha
 part in checkpoint saves (orbax coordinates them).
 """
 
-import functools
+import collections
+import dataclasses
+import math
 import pathlib
 import sys
 import time
@@ -75,17 +77,24 @@ def global_batch(local_tokens: np.ndarray, batch_sharding) -> jax.Array:
   return jax.make_array_from_process_local_data(batch_sharding, local_tokens)
 
 
-def describe_memory(compiled) -> str:
-  """The compiled step's per-device memory estimate, one line."""
+def compiled_memory(compiled) -> dict | None:
+  """Per-device bytes of a compiled step: arguments, outputs, temporaries, and their total
+  (donated arguments that alias outputs counted once); None where the backend gives none."""
   analysis = compiled.memory_analysis()
   if analysis is None:
-    return 'memory estimate: not available on this backend'
+    return None
   sizes = {'arguments': analysis.argument_size_in_bytes, 'outputs': analysis.output_size_in_bytes,
-           'temporaries': analysis.temp_size_in_bytes,
-           'aliased': -analysis.alias_size_in_bytes}
-  total = sum(sizes.values())
-  return ('memory per device: ' + ', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sizes.items())
-          + f', total {total / 2**20:.1f} MiB')
+           'temporaries': analysis.temp_size_in_bytes}
+  sizes['total'] = sum(sizes.values()) - analysis.alias_size_in_bytes
+  return sizes
+
+
+def describe_memory(compiled) -> str:
+  """The compiled step's per-device memory estimate, one line."""
+  sizes = compiled_memory(compiled)
+  if sizes is None:
+    return 'memory estimate: not available on this backend'
+  return 'memory per device: ' + ', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sizes.items())
 
 
 def check_batch(config, mesh) -> None:
@@ -104,6 +113,146 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What is known about the train state before any array exists: structure, shapes, shardings."""
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  abstract_variables: nnx.State
+  optimizer: optax.GradientTransformation
+  param_shardings: dict
+  state_shardings: dict
+  abstract_state: dict
+  batch_sharding: jax.sharding.NamedSharding
+
+  @property
+  def num_params(self) -> int:
+    return sum(math.prod(shape) for _, shape in state_lib.flat_param_shapes(
+        self.abstract_variables))
+
+
+def setup_train_state(config, mesh) -> TrainSetup:
+  """Abstract model, optimizer and train state, with shardings from the logical-axis rules."""
+  graphdef, abstract_variables = state_lib.abstract_model(config.model)
+  param_shardings = state_lib.param_shardings(mesh, abstract_variables)
+  optimizer = make_optimizer(config.train)
+  abstract_params = nnx.to_pure_dict(abstract_variables)
+  state_shardings = state_lib.train_state_shardings(mesh, optimizer, abstract_params,
+                                                    param_shardings)
+  abstract_state = state_lib.with_shardings(
+      jax.eval_shape(lambda p: state_lib.init_train_state(p, optimizer), abstract_params),
+      state_shardings)
+  return TrainSetup(mesh, graphdef, abstract_variables, optimizer, param_shardings,
+                    state_shardings, abstract_state,
+                    sharding_lib.named_sharding(mesh, ('batch', 'length')))
+
+
+def initialize_train_state(config, setup: TrainSetup) -> dict:
+  """A fresh train state, created directly in its shardings."""
+  with jax.set_mesh(setup.mesh):
+    params = state_lib.init_params(config.model, config.train.seed, setup.param_shardings)
+    return jax.jit(lambda p: state_lib.init_train_state(p, setup.optimizer),
+                   out_shardings=setup.state_shardings)(params)
+
+
+def compile_train_step(config, setup: TrainSetup):
+  """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
+  step_fn = jax.jit(
+      make_train_step(setup.graphdef, setup.optimizer, learning_rate_schedule(config.train)),
+      in_shardings=(setup.state_shardings, setup.batch_sharding),
+      out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)),
+      donate_argnums=0)
+  tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
+                                sharding=setup.batch_sharding)
+  with jax.set_mesh(setup.mesh):
+    return step_fn.lower(setup.abstract_state, tokens).compile()
+
+
+def mfu_of(config, setup: TrainSetup):
+  """tokens_per_sec -> model FLOPs utilisation, or None where the chip's peak is unknown."""
+  flops_per_token = flops_lib.flops_per_token(
+      config.model, config.data.seq_len, state_lib.flat_param_shapes(setup.abstract_variables))
+  peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind,
+                                         config.train.peak_flops_per_device)
+  if not peak:
+    return lambda tokens_per_sec: None
+  return lambda tokens_per_sec: flops_per_token * tokens_per_sec / (peak * jax.device_count())
+
+
+def is_loss_spike(recent_losses, loss: float, window: int, margin: float) -> bool:
+  """True if loss exceeds the median of the last `window` losses by more than `margin`
+  (relative); never before `window` losses have been seen."""
+  recent = list(recent_losses)[-window:]
+  return len(recent) == window and loss > float(np.median(recent)) * (1 + margin)
+
+
+class StepLog:
+  """Host-side bookkeeping of finished steps: progress bar, log lines, loss spikes, skipped
+  steps, and the stop on a non-finite loss. Its `state()` is saved with each checkpoint."""
+
+  def __init__(self, config, setup: TrainSetup, workdir, start_step: int, saved: dict | None,
+               checkpointer):
+    self.config, self.checkpointer = config, checkpointer
+    saved = saved or {}
+    self.skipped_steps = saved.get('skipped_steps', 0)
+    self.loss_spikes = saved.get('loss_spikes', 0)
+    self.recent_losses = collections.deque(saved.get('recent_losses', []),
+                                           maxlen=config.train.loss_spike_window)
+    self.mfu = mfu_of(config, setup)
+    self.writer = MetricsWriter(workdir)
+    self.progress = tqdm(total=config.train.steps, initial=start_step, desc='train', unit='step',
+                         disable=jax.process_index() != 0, file=sys.stdout, dynamic_ncols=True)
+    self.clock = (time.perf_counter(), start_step)
+    self.last_record: dict = {}
+
+  def state(self) -> dict:
+    return {'skipped_steps': self.skipped_steps, 'loss_spikes': self.loss_spikes,
+            'recent_losses': list(self.recent_losses)}
+
+  def finish(self, step: int, metrics) -> None:
+    """Reads a dispatched step's metrics (the next step is already running) and logs them."""
+    train_config = self.config.train
+    metrics = jax.device_get(metrics)
+    self.progress.update(1)
+    if not metrics['finite']:
+      if train_config.on_nonfinite == 'stop':
+        kept = self.checkpointer.latest_step()
+        kept = (f'the last checkpoint, step {kept}, is intact in {self.checkpointer.directory}'
+                if kept is not None else 'no checkpoint had been written yet')
+        raise TrainingError(
+            f'Non-finite loss ({metrics["loss"]}) or gradient norm ({metrics["grad_norm"]}) at '
+            f'step {step}; stopping: {kept}. Lower train.learning_rate, or set '
+            'train.on_nonfinite=skip to skip such updates.')
+      self.skipped_steps += 1
+      spike = False
+    else:
+      loss = float(metrics['loss'])
+      spike = is_loss_spike(self.recent_losses, loss, train_config.loss_spike_window,
+                            train_config.loss_spike_margin)
+      self.loss_spikes += spike
+      self.recent_losses.append(loss)
+    if step % train_config.log_every and step != train_config.steps and not spike:
+      return
+    now = time.perf_counter()
+    step_time = (now - self.clock[0]) / max(step - self.clock[1], 1)
+    self.clock = (now, step)
+    tokens_per_sec = self.config.data.batch_size * self.config.data.seq_len / step_time
+    self.last_record = {
+        'step': step, 'loss': float(metrics['loss']),
+        'learning_rate': float(metrics['learning_rate']), 'grad_norm': float(metrics['grad_norm']),
+        'tokens_per_sec': tokens_per_sec, 'step_time_s': step_time,
+        'mfu': self.mfu(tokens_per_sec), 'loss_spike': bool(spike),
+        'loss_spikes': self.loss_spikes, 'skipped_steps': self.skipped_steps}
+    self.writer.write(self.last_record)
+    self.progress.set_postfix(loss=f'{self.last_record["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
+    if jax.process_index() == 0:
+      self.progress.write(format_record(self.last_record))
+
+  def close(self) -> None:
+    self.progress.close()
+    self.writer.close()
+
+
 def train(config, workdir) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged record."""
   config_lib.validate(config)
@@ -120,116 +269,50 @@ def train(config, workdir) -> dict:
   dataset = data_lib.train_dataset(
       data_lib.load_split(config.data, 'train'), config.data.batch_size, train_config.seed,
       jax.process_index(), jax.process_count())
-  batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
 
   # Phase 3: abstract state and shardings.
-  graphdef, abstract_variables = state_lib.abstract_model(config.model)
-  param_shardings = state_lib.param_shardings(mesh, abstract_variables)
-  optimizer, schedule = make_optimizer(train_config), learning_rate_schedule(train_config)
-  abstract_params = nnx.to_pure_dict(abstract_variables)
-  state_shardings = state_lib.train_state_shardings(mesh, optimizer, abstract_params,
-                                                    param_shardings)
-  init_state = functools.partial(state_lib.init_train_state, optimizer=optimizer)
-  abstract_state = state_lib.with_shardings(jax.eval_shape(init_state, abstract_params),
-                                            state_shardings)
+  setup = setup_train_state(config, mesh)
 
   # Phase 4: init or restore.
   if jax.process_index() == 0:
     checkpoint_lib.save_config(workdir, config)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_config.keep_checkpoints)
   iterator = iter(dataset)
-  start_step = checkpointer.latest_step()
+  start_step, loop_state = checkpointer.latest_step(), None
   if start_step is None:
-    start_step = 0
-    with jax.set_mesh(mesh):
-      params = state_lib.init_params(config.model, train_config.seed, param_shardings)
-      state = jax.jit(init_state, out_shardings=state_shardings)(params)
+    start_step, state = 0, initialize_train_state(config, setup)
   else:
-    state, data_state = checkpointer.restore(start_step, abstract_state)
-    iterator.set_state(data_state)
+    state, saved = checkpointer.restore(start_step, setup.abstract_state)
+    iterator.set_state(saved['iterator'])
+    loop_state = saved['loop']
     log(f'resumed from {checkpointer.directory / str(start_step)}')
-  num_params = sum(int(np.prod(shape)) for _, shape in state_lib.flat_param_shapes(
-      abstract_variables))
 
   # Phase 5: compile.
-  step_fn = jax.jit(make_train_step(graphdef, optimizer, schedule),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
-                    donate_argnums=0)
-  tokens_shape = (config.data.batch_size, config.data.seq_len + 1)
   started = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = step_fn.lower(
-        abstract_state, jax.ShapeDtypeStruct(tokens_shape, jnp.int32, sharding=batch_sharding)
-    ).compile()
-  log(f'{num_params:,} parameters; train step compiled in {time.perf_counter() - started:.1f}s; '
-      f'{describe_memory(compiled)}')
+  compiled = compile_train_step(config, setup)
+  log(f'{setup.num_params:,} parameters; train step compiled in '
+      f'{time.perf_counter() - started:.1f}s; {describe_memory(compiled)}')
 
-  # Phase 6: loop.
-  tokens_per_step = config.data.batch_size * config.data.seq_len
-  flops_per_token = flops_lib.flops_per_token(
-      config.model, config.data.seq_len, state_lib.flat_param_shapes(abstract_variables))
-  peak_flops = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind,
-                                               train_config.peak_flops_per_device)
-  writer = MetricsWriter(workdir)
-  progress = tqdm(total=train_config.steps, initial=start_step, desc='train', unit='step',
-                  disable=jax.process_index() != 0, file=sys.stdout, dynamic_ncols=True)
-  clock = {'time': time.perf_counter(), 'step': start_step}
-  skipped_steps = 0
-  last_record: dict = {}
-
-  def finish_step(step: int, metrics) -> None:
-    """Reads a dispatched step's metrics (the next step already runs), logs, stops on NaN."""
-    nonlocal skipped_steps, last_record
-    metrics = jax.device_get(metrics)
-    progress.update(1)
-    if not metrics['finite']:
-      if train_config.on_nonfinite == 'stop':
-        kept = checkpointer.latest_step()
-        kept = (f'the last checkpoint, step {kept}, is intact in {checkpointer.directory}'
-                if kept is not None else 'no checkpoint had been written yet')
-        raise TrainingError(
-            f'Non-finite loss ({metrics["loss"]}) or gradient norm ({metrics["grad_norm"]}) at '
-            f'step {step}; stopping: {kept}. Lower train.learning_rate, or set '
-            'train.on_nonfinite=skip to skip such updates.')
-      skipped_steps += 1
-    if step % train_config.log_every and step != train_config.steps:
-      return
-    now = time.perf_counter()
-    step_time = (now - clock['time']) / max(step - clock['step'], 1)
-    clock.update(time=now, step=step)
-    tokens_per_sec = tokens_per_step / step_time
-    last_record = {
-        'step': step, 'loss': float(metrics['loss']),
-        'learning_rate': float(metrics['learning_rate']), 'grad_norm': float(metrics['grad_norm']),
-        'tokens_per_sec': tokens_per_sec, 'step_time_s': step_time,
-        'mfu': (flops_per_token * tokens_per_sec / (peak_flops * jax.device_count())
-                if peak_flops else None),
-        'skipped_steps': skipped_steps}
-    writer.write(last_record)
-    progress.set_postfix(loss=f'{last_record["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
-    if jax.process_index() == 0:
-      progress.write(format_record(last_record))
-
+  # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host
+  # never stalls the device; a step is read before any checkpoint that would include it.
+  step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
+  save = lambda step: checkpointer.save(
+      step, state, {'iterator': iterator.get_state(), 'loop': step_log.state()})
   pending = None
   try:
     for step in range(start_step + 1, train_config.steps + 1):
-      tokens = global_batch(next(iterator), batch_sharding)
-      state, metrics = compiled(state, tokens)
+      state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding))
       if pending is not None:
-        finish_step(*pending)
+        step_log.finish(*pending)
       pending = (step, metrics)
-      if step % train_config.checkpoint_every == 0 and step != train_config.steps:
-        finish_step(*pending)  # Never save a step before its loss is known to be finite.
+      if step % train_config.checkpoint_every == 0 or step == train_config.steps:
+        step_log.finish(*pending)
         pending = None
-        checkpointer.save(step, state, iterator.get_state())
-    if pending is not None:
-      finish_step(*pending)
-    if checkpointer.latest_step() != train_config.steps:
-      checkpointer.save(train_config.steps, state, iterator.get_state())
+        save(step)
   finally:
     checkpointer.wait()
     checkpointer.close()
-    progress.close()
-    writer.close()
-  return last_record
+    step_log.close()
+  log(f'done: step {train_config.steps}, {step_log.loss_spikes} loss spike(s), '
+      f'{step_log.skipped_steps} skipped step(s); checkpoints in {checkpointer.directory}')
+  return step_log.last_record

@@ -10,10 +10,11 @@ import pytest
 
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention.metrics import read_metrics
-from gated_attention.train import TrainingError, train
+from gated_attention.train import TrainingError, is_loss_spike, train
 from tests import helpers
 
-LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'step_time_s', 'mfu'}
+LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'step_time_s', 'mfu',
+               'loss_spike', 'loss_spikes', 'skipped_steps'}
 
 
 def test_loss_falls_and_every_log_line_has_the_promised_keys(tmp_path):
@@ -85,3 +86,11 @@ def test_command_line_errors_are_one_line_without_traceback(tmp_path, args, mess
   assert result.returncode == 1
   assert message in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_loss_spike_is_judged_against_a_robust_running_median():
+  steady = [2.0] * 19 + [9.0]  # One earlier outlier does not move the median.
+  assert is_loss_spike(steady, 2.3, window=20, margin=0.1)
+  assert not is_loss_spike(steady, 2.15, window=20, margin=0.1)
+  assert not is_loss_spike(steady[:10], 5.0, window=20, margin=0.1)  # Too few losses yet.
+  assert not is_loss_spike([3.0] * 20, 2.0, window=20, margin=0.1)  # Falling loss.
