@@ -121,6 +121,16 @@ class ArrayRecordExamples:
     return example
 
 
+def write_array_record(examples, path) -> int:
+  """Writes int32 examples (any random-access source) as ArrayRecord records; returns the count."""
+  from array_record.python import array_record_module  # Only needed to write.
+  writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
+  for index in range(len(examples)):
+    writer.write(np.asarray(examples[index], dtype='<i4').tobytes())
+  writer.close()
+  return len(examples)
+
+
 def load_split(data_config, split: str):
   """The random-access source of examples for split 'train' or 'heldout'.
 

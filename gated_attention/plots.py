@@ -56,3 +56,29 @@ def eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
     axis.set_ylabel('fraction')
     axis.set_title(f'{title}: gate scores (mean {result["gate_score"]["mean"]:.3f})')
     _save(figure, prefix.with_name(prefix.name + '_gate_score_histogram.png'))
+
+
+def ablation_figures(results: dict, out_dir: pathlib.Path) -> None:
+  """loss_curves.png (every run's training loss) and first_token_attention.png (per layer)."""
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for name, row in results.items():
+    if row['loss_curve']:
+      steps, losses = zip(*row['loss_curve'])
+      axis.plot(steps, losses, label=name, linewidth=1)
+  axis.set_xlabel('step')
+  axis.set_ylabel('training loss')
+  axis.set_yscale('log')
+  axis.legend(fontsize=7)
+  axis.set_title('training loss')
+  _save(figure, out_dir / 'loss_curves.png')
+
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for name, row in results.items():
+    if row.get('eval'):
+      per_layer = row['eval']['first_token_attention']['per_layer']
+      axis.plot(range(len(per_layer)), per_layer, marker='o', label=name, linewidth=1)
+  axis.set_xlabel('layer')
+  axis.set_ylabel('attention on first token')
+  axis.legend(fontsize=7)
+  axis.set_title('first-token attention per layer')
+  _save(figure, out_dir / 'first_token_attention.png')

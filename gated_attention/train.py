@@ -38,6 +38,10 @@ from gated_attention.optimizer import learning_rate_schedule, make_optimizer
 class TrainingError(RuntimeError):
   """The run cannot go on (for example a non-finite loss); the message says why and what is kept."""
 
+  def __init__(self, message: str, step: int | None = None):
+    super().__init__(message)
+    self.step = step
+
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(summed next-token loss, number of non-PAD targets) for float32 logits [b, t, v]."""
@@ -222,7 +226,7 @@ class StepLog:
         raise TrainingError(
             f'Non-finite loss ({metrics["loss"]}) or gradient norm ({metrics["grad_norm"]}) at '
             f'step {step}; stopping: {kept}. Lower train.learning_rate, or set '
-            'train.on_nonfinite=skip to skip such updates.')
+            'train.on_nonfinite=skip to skip such updates.', step=step)
       self.skipped_steps += 1
       spike = False
     else:

@@ -76,21 +76,23 @@ def test_text_files_source(tmp_path):
   assert len(heldout) > 0 and len(train) > 2 * len(heldout)
 
 
-def test_array_record_source(tmp_path):
-  from array_record.python import array_record_module
-  path = str(tmp_path / 'train.array_record')
-  writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')
-  examples = np.arange(3 * 9, dtype='<i4').reshape(3, 9)
-  for example in examples:
-    writer.write(example.tobytes())
-  writer.close()
-  config = config_lib.base_config('tiny').data
-  config.update(source='array_record', path=path, eval_path=path, seq_len=8)
-  source = data.load_split(config, 'train')
-  np.testing.assert_array_equal(np.stack([source[i] for i in range(3)]), examples)
-  config.seq_len = 16
-  with pytest.raises(data.DataError, match='record 0 has 9 tokens; data.seq_len=16 needs 17'):
-    data.load_split(config, 'heldout')
+def test_array_record_source_gives_the_text_files_examples(tmp_path):
+  for i in range(6):
+    (tmp_path / f'doc{i}.txt').write_text(f'document {i}: ' + 'gated attention ' * (20 + i))
+  text = config_lib.base_config('tiny').data
+  text.update(source='text_files', path=str(tmp_path / '*.txt'), seq_len=16, heldout_fraction=0.3)
+  records = config_lib.base_config('tiny').data
+  records.update(source='array_record', path=str(tmp_path / 'train.ar'),
+                 eval_path=str(tmp_path / 'heldout.ar'), seq_len=16)
+  for split, path in (('train', 'train.ar'), ('heldout', 'heldout.ar')):
+    expected = data.load_split(text, split)
+    assert data.write_array_record(expected, tmp_path / path) == len(expected)
+    loaded = data.load_split(records, split)
+    np.testing.assert_array_equal(np.stack([loaded[i] for i in range(len(loaded))]),
+                                  np.stack([expected[i] for i in range(len(expected))]))
+  records.seq_len = 8
+  with pytest.raises(data.DataError, match='record 0 has 17 tokens; data.seq_len=8 needs 9'):
+    data.load_split(records, 'heldout')
 
 
 @pytest.mark.parametrize('source, path, message', [

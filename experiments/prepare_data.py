@@ -1,0 +1,44 @@
+"""Tokenizes a text corpus once into ArrayRecord files for data.source=array_record:
+
+  python -m experiments.prepare_data --input='corpus/**/*.txt' --output_dir=data/corpus --seq_len=256
+
+writes OUTPUT_DIR/train.array_record and OUTPUT_DIR/heldout.array_record with the same document
+split and examples that data.source=text_files would give; then train with
+  --config.data.source=array_record --config.data.path=OUTPUT_DIR/train.array_record
+  --config.data.eval_path=OUTPUT_DIR/heldout.array_record --config.data.seq_len=256
+"""
+
+import pathlib
+
+from absl import app, flags
+
+from experiments import common
+from gated_attention import config as config_lib
+from gated_attention import data
+
+_INPUT = flags.DEFINE_string('input', None, 'Glob of text files (** allowed).', required=True)
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory for the ArrayRecord files.',
+                                  required=True)
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 256, 'Tokens per example (the model reads seq_len).')
+_HELDOUT = flags.DEFINE_float('heldout_fraction', 0.05, 'Fraction of documents held out.')
+
+
+def main(argv):
+  del argv
+
+  def prepare():
+    data_config = config_lib.base_config().data
+    data_config.update(source='text_files', path=_INPUT.value, seq_len=_SEQ_LEN.value,
+                       heldout_fraction=_HELDOUT.value)
+    output = pathlib.Path(_OUTPUT_DIR.value)
+    output.mkdir(parents=True, exist_ok=True)
+    for split in ('train', 'heldout'):
+      count = data.write_array_record(data.load_split(data_config, split),
+                                      output / f'{split}.array_record')
+      print(f'{output / f"{split}.array_record"}: {count:,} examples of {_SEQ_LEN.value + 1} tokens')
+
+  common.run_cleanly(prepare)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,134 @@
+"""The paper's ablation table, regenerated at any scale: train every variant on the same data
+with the same budget and seed, evaluate each, and write a report.
+
+Per run, WORKDIR/runs/NAME holds an ordinary training workdir plus result.json once it is done.
+A rerun skips finished runs and resumes an interrupted one from its checkpoint. A run whose loss
+goes non-finite is reported as diverged (at which step) instead of stopping the sweep.
+"""
+
+import json
+import math
+import pathlib
+
+from gated_attention import config as config_lib
+from gated_attention import state as state_lib
+from gated_attention.evaluate import evaluate
+from gated_attention.metrics import read_metrics
+from gated_attention.train import TrainingError, log, train
+
+
+def parse_list(text: str, key: str, kind=str) -> list:
+  """'a,b,c' -> [a, b, c] (converted with kind); a bad item is a ConfigError naming `key`."""
+  items = [item.strip() for item in text.split(',') if item.strip()]
+  try:
+    return [kind(item) for item in items]
+  except ValueError:
+    raise config_lib.ConfigError(f'{key}={text!r}: expected comma-separated {kind.__name__}s.'
+                                 ) from None
+
+
+def sweep(config) -> list[tuple[str, str, float]]:
+  """[(run name, variant, learning rate)] in order; names carry the LR only when it varies."""
+  variants = parse_list(config.variants, 'variants')
+  for variant in variants:
+    config_lib.gate_config(variant)  # Fails now, naming the variant, if it is unknown.
+  rates = parse_list(config.learning_rates, 'learning_rates', float) or [
+      config.train.learning_rate]
+  return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
+          for rate in rates for variant in variants]
+
+
+def variant_config(config, variant: str, learning_rate: float):
+  """The experiment config of one run: the shared config with this gate and learning rate."""
+  run = config.copy_and_resolve_references()
+  del run['variants'], run['learning_rates']
+  run.model.gate = config_lib.gate_config(variant)
+  run.train.learning_rate = learning_rate
+  run.train.min_learning_rate = min(run.train.min_learning_rate, learning_rate)
+  config_lib.validate(run)
+  return run
+
+
+def parameter_count(model_config) -> int:
+  return sum(math.prod(shape) for _, shape in state_lib.flat_param_shapes(
+      state_lib.abstract_model(model_config)[1]))
+
+
+def run_variant(run_config, run_dir: pathlib.Path) -> dict:
+  """Trains (or resumes) and evaluates one run; returns its row of the table."""
+  diverged, diverged_at_step = None, None
+  try:
+    train(run_config, run_dir)
+  except TrainingError as error:
+    diverged, diverged_at_step = str(error), error.step
+  records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
+  row = {'variant': run_config.model.gate.to_dict(), 'learning_rate': run_config.train.learning_rate,
+         'params': parameter_count(run_config.model), 'diverged': diverged,
+         'diverged_at_step': diverged_at_step,
+         'loss_spikes': records[-1]['loss_spikes'] if records else 0,
+         'loss_curve': [[r['step'], r['loss']] for r in records]}
+  if diverged is None:
+    row['eval'] = evaluate(run_dir, figures=False)
+  return row
+
+
+def run_ablation(config, workdir) -> dict:
+  """Runs the whole sweep (skipping finished runs) and writes report.md, results.json, PNGs."""
+  workdir = pathlib.Path(workdir)
+  runs = sweep(config)
+  results = {}
+  for index, (name, variant, rate) in enumerate(runs, start=1):
+    run_dir = workdir / 'runs' / name
+    done = run_dir / 'result.json'
+    if done.exists():
+      log(f'[{index}/{len(runs)}] {name}: finished earlier, skipped')
+      results[name] = json.loads(done.read_text())
+      continue
+    log(f'[{index}/{len(runs)}] {name}: gate={variant}, learning_rate={rate:g}')
+    results[name] = run_variant(variant_config(config, variant, rate), run_dir)
+    done.write_text(json.dumps(results[name], indent=2))
+
+  baseline = next((r['params'] for r in results.values()
+                   if r['variant']['position'] == 'none'
+                   and r['variant']['sdpa_nonlinearity'] == 'none'), None)
+  for row in results.values():
+    row['added_params'] = None if baseline is None else row['params'] - baseline
+  (workdir / 'results.json').write_text(json.dumps(results, indent=2))
+  (workdir / 'report.md').write_text(report(results, config))
+  from gated_attention import plots  # matplotlib only where figures are drawn.
+  plots.ablation_figures(results, workdir)
+  log(f'wrote {workdir / "report.md"}, {workdir / "results.json"} and figures')
+  return results
+
+
+def _cell(value, fmt: str) -> str:
+  return '–' if value is None else format(value, fmt)
+
+
+def report(results: dict, config) -> str:
+  """The table in the paper's style, as Markdown."""
+  lines = [
+      f'# Ablation: {config.model.num_layers} layers, d_model {config.model.d_model}, '
+      f'{config.train.steps} steps of {config.data.batch_size} x {config.data.seq_len} tokens '
+      f'({config.data.source} corpus), seed {config.train.seed}',
+      '',
+      '| run | added params | LR | held-out loss | PPL | first-token attn | max act (mean) '
+      '| gate score | loss spikes |',
+      '|---|---|---|---|---|---|---|---|---|']
+  for name, row in results.items():
+    added = row.get('added_params')
+    if row['diverged']:
+      lines.append(f'| {name} | {_cell(added, "+,")} | {row["learning_rate"]:g} | '
+                   f'diverged at step {row["diverged_at_step"]} | – | – | – | – | '
+                   f'{row["loss_spikes"]} |')
+      continue
+    result = row['eval']
+    gate = result['gate_score']['mean'] if result['gate_score'] else None
+    lines.append(
+        f'| {name} | {_cell(added, "+,")} | {row["learning_rate"]:g} | {result["loss"]:.4f} | '
+        f'{result["perplexity"]:.3f} | {result["first_token_attention"]["mean"]:.3f} | '
+        f'{result["max_activation"]["mean_of_layer_max"]:.1f} | {_cell(gate, ".3f")} | '
+        f'{row["loss_spikes"]} |')
+  lines += ['', 'Held-out loss is nats per byte-level token; first-token attention and max '
+            'activation are the paper\'s F-Attn and M-Act (see README).', '']
+  return '\n'.join(lines)

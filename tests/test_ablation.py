@@ -1,0 +1,63 @@
+"""The ablation sweep: one table for many variants, resumable, and divergence reported."""
+
+import json
+
+import pytest
+
+from gated_attention import ablation
+from gated_attention import config as config_lib
+from tests import helpers
+
+
+def _ablation_config(variants: str, learning_rates: str = ''):
+  config = helpers.run_config(steps=4, log_every=2)
+  config.variants = variants
+  config.learning_rates = learning_rates
+  return config
+
+
+def test_sweep_writes_the_table_and_resumes(tmp_path):
+  config = _ablation_config('none,g1_headwise')
+  results = ablation.run_ablation(config, tmp_path)
+  heads, d_model, layers = config.model.num_heads, config.model.d_model, config.model.num_layers
+  assert results['none']['added_params'] == 0
+  assert results['g1_headwise']['added_params'] == layers * d_model * heads  # PAPER.md's formula.
+  assert results['none']['eval']['gate_score'] is None
+  assert 0 < results['g1_headwise']['eval']['gate_score']['mean'] < 1
+  report = (tmp_path / 'report.md').read_text()
+  assert '| none | +0 |' in report and f'| g1_headwise | +{layers * d_model * heads} |' in report
+  assert json.loads((tmp_path / 'results.json').read_text()) == results
+  assert (tmp_path / 'loss_curves.png').exists() and (tmp_path / 'first_token_attention.png').exists()
+
+  # A rerun skips finished runs; an interrupted one resumes from its checkpoint.
+  finished = tmp_path / 'runs' / 'none' / 'result.json'
+  before = finished.stat().st_mtime_ns
+  (tmp_path / 'runs' / 'g1_headwise' / 'result.json').unlink()
+  again = ablation.run_ablation(config, tmp_path)
+  assert finished.stat().st_mtime_ns == before
+  assert again['g1_headwise']['eval'] == results['g1_headwise']['eval']
+
+
+def test_divergence_is_reported_not_raised(tmp_path):
+  config = _ablation_config('g1_elementwise', learning_rates='3e-3,1e12')
+  results = ablation.run_ablation(config, tmp_path)
+  assert set(results) == {'g1_elementwise_lr0.003', 'g1_elementwise_lr1e+12'}
+  assert results['g1_elementwise_lr0.003']['diverged'] is None
+  assert 'Non-finite loss' in results['g1_elementwise_lr1e+12']['diverged']
+  assert '| g1_elementwise_lr1e+12 | – | 1e+12 | diverged at step' in (
+      tmp_path / 'report.md').read_text()
+
+
+@pytest.mark.parametrize('variants, learning_rates, message', [
+    ('none,g9', '', "gate='g9' is not a known variant"),
+    ('none', '2e-3,fast', "learning_rates='2e-3,fast': expected comma-separated floats"),
+])
+def test_bad_sweeps_are_named(variants, learning_rates, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    ablation.sweep(_ablation_config(variants, learning_rates))
+
+
+def test_default_ablation_config_covers_the_paper_rows():
+  from configs import ablation as ablation_config
+  names = [name for name, _, _ in ablation.sweep(ablation_config.get_config())]
+  assert names == list(ablation_config.PAPER_ROWS)
