@@ -41,7 +41,8 @@ def sweep(config) -> list[tuple[str, str, float]]:
 def variant_config(config, variant: str, learning_rate: float):
   """The experiment config of one run: the shared config with this gate and learning rate."""
   run = config.copy_and_resolve_references()
-  del run['variants'], run['learning_rates']
+  with run.unlocked():  # Command-line configs arrive locked.
+    del run['variants'], run['learning_rates']
   run.model.gate = config_lib.gate_config(variant)
   run.train.learning_rate = learning_rate
   run.train.min_learning_rate = min(run.train.min_learning_rate, learning_rate)

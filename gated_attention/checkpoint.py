@@ -54,9 +54,10 @@ class Checkpointer:
   """Saves and restores {'state': train state pytree, 'host': JSON-able dict} by step."""
 
   def __init__(self, workdir, keep: int | None = None, read_only: bool = False):
+    """read_only: for evaluation; the directory must exist and nothing is written."""
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           read_only=read_only, enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'host'))
 
@@ -89,9 +90,13 @@ class Checkpointer:
                             f'(complete steps: {list(self.manager.all_steps())}).')
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as error:
-      raise CheckpointError(f'Checkpoint {self.directory / str(step)} cannot be restored: '
-                            f'{type(error).__name__}: {str(error)[:500]}') from None
+    except Exception as error:  # Orbax and TensorStore raise many types for damaged files.
+      cause = error.__cause__ or error
+      first_line = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ''
+      raise CheckpointError(
+          f'Checkpoint {self.directory / str(step)} is damaged or incomplete and cannot be '
+          f'restored ({type(cause).__name__}: {first_line}). Remove that directory to resume '
+          'from the previous checkpoint.') from None
 
   def wait(self) -> None:
     """Blocks until the last asynchronous save is complete on disk."""

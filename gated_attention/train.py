@@ -31,6 +31,7 @@ from gated_attention import data as data_lib
 from gated_attention import flops as flops_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
+from gated_attention.distributed import PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
 
@@ -300,8 +301,7 @@ def train(config, workdir) -> dict:
   # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host
   # never stalls the device; a step is read before any checkpoint that would include it.
   step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
-  save = lambda step: checkpointer.save(
-      step, state, {'iterator': iterator.get_state(), 'loop': step_log.state()})
+  preemption = PreemptionWatch()
   pending = None
   try:
     for step in range(start_step + 1, train_config.steps + 1):
@@ -309,14 +309,21 @@ def train(config, workdir) -> dict:
       if pending is not None:
         step_log.finish(*pending)
       pending = (step, metrics)
-      if step % train_config.checkpoint_every == 0 or step == train_config.steps:
+      preempted = preemption.reached(step)
+      if step % train_config.checkpoint_every == 0 or step == train_config.steps or preempted:
         step_log.finish(*pending)
         pending = None
-        save(step)
+        checkpointer.save(step, state, {'iterator': iterator.get_state(),
+                                        'loop': step_log.state()})
+      if preempted:
+        log(f'preempted (SIGTERM): saved step {step}; run the same command to resume')
+        break
+    else:
+      log(f'done: step {train_config.steps}, {step_log.loss_spikes} loss spike(s), '
+          f'{step_log.skipped_steps} skipped step(s); checkpoints in {checkpointer.directory}')
   finally:
+    preemption.close()
     checkpointer.wait()
     checkpointer.close()
     step_log.close()
-  log(f'done: step {train_config.steps}, {step_log.loss_spikes} loss spike(s), '
-      f'{step_log.skipped_steps} skipped step(s); checkpoints in {checkpointer.directory}')
   return step_log.last_record

@@ -13,6 +13,7 @@ def _ablation_config(variants: str, learning_rates: str = ''):
   config = helpers.run_config(steps=4, log_every=2)
   config.variants = variants
   config.learning_rates = learning_rates
+  config.lock()  # As config_flags hands it over.
   return config
 
 

@@ -94,3 +94,11 @@ def test_loss_spike_is_judged_against_a_robust_running_median():
   assert not is_loss_spike(steady, 2.15, window=20, margin=0.1)
   assert not is_loss_spike(steady[:10], 5.0, window=20, margin=0.1)  # Too few losses yet.
   assert not is_loss_spike([3.0] * 20, 2.0, window=20, margin=0.1)  # Falling loss.
+
+
+def test_non_finite_updates_can_be_skipped_and_counted(tmp_path):
+  config = helpers.run_config(steps=3, on_nonfinite='skip')
+  config.model.init_std = 1e30
+  record = train(config, tmp_path)
+  assert record['skipped_steps'] == 3
+  assert [r['skipped_steps'] for r in read_metrics(tmp_path)] == [1, 2, 3]

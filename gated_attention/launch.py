@@ -1,0 +1,79 @@
+"""Runs one command as N local processes of a jax.distributed job: for tests, and for users'
+single-box multi-process runs. Each process's output is prefixed with its rank; if one fails,
+the others are stopped; SIGTERM to the launcher is passed on to every process (a preemption)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+def _relay(rank: int, stream) -> None:
+  for line in iter(stream.readline, ''):
+    sys.stdout.write(f'[{rank}] {line}')
+    sys.stdout.flush()
+
+
+def launch_local(module: str, args: list[str], num_processes: int,
+                 devices_per_process: int | None = None, grace_s: float = 30.0) -> int:
+  """Runs `python -m module args` as num_processes processes; returns the job's exit status
+  (0 when all succeed, else the first failure's)."""
+  address = f'127.0.0.1:{free_port()}'
+  processes = []
+  for rank in range(num_processes):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(num_processes),
+               JAX_PROCESS_ID=str(rank), PYTHONUNBUFFERED='1')
+    if devices_per_process:
+      env.update(JAX_PLATFORMS='cpu',
+                 XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+    process = subprocess.Popen([sys.executable, '-m', module, *args], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    threading.Thread(target=_relay, args=(rank, process.stdout), daemon=True).start()
+    processes.append(process)
+
+  def forward(signum, frame):
+    del frame
+    for process in processes:
+      if process.poll() is None:
+        process.send_signal(signum)
+  previous = signal.signal(signal.SIGTERM, forward)
+
+  try:
+    while True:
+      codes = [process.poll() for process in processes]
+      failed = [code for code in codes if code not in (None, 0)]
+      if failed or all(code == 0 for code in codes):
+        break
+      time.sleep(0.2)
+    if failed:
+      print(f'launch_local: a process exited with status {failed[0]}; stopping the others',
+            file=sys.stderr, flush=True)
+      _stop(processes, grace_s)
+      return failed[0]
+    return 0
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    _stop(processes, grace_s)
+
+
+def _stop(processes, grace_s: float) -> None:
+  """SIGTERM every live process, then SIGKILL whatever is left after grace_s."""
+  for process in processes:
+    if process.poll() is None:
+      process.terminate()
+  deadline = time.monotonic() + grace_s
+  for process in processes:
+    try:
+      process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
