@@ -85,6 +85,13 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       init_std=0.02,
       **SIZES[size]))
   config.model.gate = gate_config(gate)
+  # Mixture of experts in place of the dense MLP when num_experts > 0 (gated_attention/moe.py).
+  config.model.moe = ml_collections.ConfigDict(dict(
+      num_experts=0, top_k=2, expert_mlp_dim=64, capacity_factor=0.0, normalize_top_k=True,
+      load_balance_weight=0.01, router_z_weight=0.001))
+  # Narrow a gated model's dense MLP so its parameters equal the ungated model's (the paper's
+  # dense comparisons); see gated_attention.model.mlp_width.
+  config.model.match_baseline_params = False
   config.data = ml_collections.ConfigDict(dict(
       source='embedded', path='', eval_path='', heldout_fraction=0.05, **SIZE_DATA[size]))
   config.train = ml_collections.ConfigDict(dict(
@@ -96,7 +103,7 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       loss_spike_window=50, loss_spike_margin=0.25,
       peak_flops_per_device=0.0))  # 0: look the device up in the table (mfu is null if unknown).
   config.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=16, analysis_batches=2))
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   return config
 
 
@@ -155,6 +162,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if position == 'dense' and (gate.granularity == 'headwise' or gate.head_shared):
     raise ConfigError('model.gate.position=dense (G5) gates the d_model-wide output of W_o, which '
                       'has no heads: use granularity=elementwise and head_shared=False.')
+
+  moe = model.moe
+  if moe.num_experts < 0:
+    raise ConfigError(f'model.moe.num_experts={moe.num_experts} must be 0 (dense) or positive.')
+  if moe.num_experts:
+    if not 1 <= moe.top_k <= moe.num_experts:
+      raise ConfigError(f'model.moe.top_k={moe.top_k} must be in [1, model.moe.num_experts='
+                        f'{moe.num_experts}].')
+    _check_positive('model.moe.expert_mlp_dim', moe.expert_mlp_dim)
+    if moe.capacity_factor < 0:
+      raise ConfigError(f'model.moe.capacity_factor={moe.capacity_factor} must be 0 (dropless) '
+                        'or positive.')
+  if model.match_baseline_params and moe.num_experts:
+    raise ConfigError('model.match_baseline_params narrows the dense MLP; it does not apply to '
+                      'a mixture-of-experts model (model.moe.num_experts > 0).')
 
   data = config.data
   _check_choice('data.source', data.source, DATA_SOURCES)

@@ -22,20 +22,15 @@ from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
-from gated_attention.model import gate_histogram_edges
+from gated_attention.model import apply, gate_histogram_edges
 from gated_attention.train import check_batch, cross_entropy, global_batch, log
 
 
-def make_eval_step(graphdef, capture: bool):
-  """eval_step(params, tokens) -> {'loss_sum', 'tokens'} plus per-layer stats when capture."""
+def make_eval_step(graphdef, analysis: bool):
+  """eval_step(params, tokens) -> {'loss_sum', 'tokens'} plus per-layer stats with analysis."""
   def eval_step(params, tokens):
-    model = nnx.merge(graphdef, params)
-    targets = tokens[:, 1:]
-    if capture:
-      logits, stats = model(tokens[:, :-1], capture=True)
-    else:
-      logits, stats = model(tokens[:, :-1]), {}
-    loss_sum, num_tokens = cross_entropy(logits, targets)
+    logits, _, stats = apply(graphdef, params, tokens[:, :-1], analysis)
+    loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
     return {'loss_sum': loss_sum, 'tokens': num_tokens, **stats}
   return eval_step
 
@@ -95,26 +90,26 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
 
   source = data_lib.load_split(config.data, 'heldout')
   batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
-  steps = {capture: jax.jit(make_eval_step(graphdef, capture),
-                            in_shardings=(shardings, batch_sharding))
-           for capture in (False, True)}
-  loss_sum, num_tokens, analysis = 0.0, 0, []
+  steps = {analysis: jax.jit(make_eval_step(graphdef, analysis),
+                             in_shardings=(shardings, batch_sharding))
+           for analysis in (False, True)}
+  loss_sum, num_tokens, measured = 0.0, 0, []
   with jax.set_mesh(mesh):
     for index, local in enumerate(data_lib.heldout_batches(
         source, config.eval.batch_size, config.eval.batches, jax.process_index(),
         jax.process_count())):
-      capture = index < config.eval.analysis_batches
-      out = jax.device_get(steps[capture](params, global_batch(local, batch_sharding)))
+      analysis = index < config.eval.analysis_batches
+      out = jax.device_get(steps[analysis](params, global_batch(local, batch_sharding)))
       loss_sum += float(out['loss_sum'])
       num_tokens += int(out['tokens'])
-      if capture:
-        analysis.append(out)
+      if analysis:
+        measured.append(out)
 
   loss = loss_sum / num_tokens
   gated = config_lib.canonical_gate_position(config.model.gate.position) != 'none'
   result = {'step': step, 'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': num_tokens,
-            'analysis_sequences': len(analysis) * config.eval.batch_size,
-            **summarize_measurements(analysis, config.model.gate.activation if gated else None)}
+            'analysis_sequences': len(measured) * config.eval.batch_size,
+            **summarize_measurements(measured, config.model.gate.activation if gated else None)}
   if jax.process_index() == 0:
     out_dir = workdir / 'eval'
     out_dir.mkdir(exist_ok=True)

@@ -56,6 +56,22 @@ def sdpa_nonlinearity(y: jax.Array, kind: str, eps: float) -> jax.Array:
   return y
 
 
+def gate_params_per_layer(model_config) -> int:
+  """Parameters one layer's gate adds: d_model x width for an input-dependent gate (PAPER.md's
+  table), the score vector alone for an input-independent one."""
+  gate = model_config.gate
+  position = canonical_gate_position(gate.position)
+  if position == 'none':
+    return 0
+  if position == 'dense':
+    width = model_config.d_model
+  else:
+    heads = (model_config.num_kv_heads if position in ('key', 'value')
+             else model_config.num_heads)
+    width = heads * (model_config.head_dim if gate.granularity == 'elementwise' else 1)
+  return width * (model_config.d_model if gate.input_dependent else 1)
+
+
 class Gate(nnx.Module):
   """One gate of an attention block; a no-op when position is 'none'."""
 

@@ -1,7 +1,7 @@
 """Decoder-only language model with gated attention: embedding, pre-norm blocks (attention with
 its gate, SwiGLU MLP), final RMSNorm, logits.
 
-`Transformer(config.model, rngs=...)(tokens)` returns float32 logits. With `capture=True` it also
+`Transformer(config.model, rngs=...)(tokens)` returns float32 logits. With `analysis=True` it also
 returns the per-layer measurements the paper reports (see `Transformer.__call__`); the training
 path never computes them.
 """
@@ -12,9 +12,10 @@ import numpy as np
 from flax import nnx
 
 from gated_attention.config import canonical_gate_position
-from gated_attention.gate import Gate, sdpa_nonlinearity
+from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
 from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, causal_attention, param,
                                     rope_tables)
+from gated_attention.moe import MoE
 from gated_attention.sharding import constrain
 
 GATE_HISTOGRAM_BINS = 40
@@ -59,7 +60,7 @@ class Attention(nnx.Module):
     self.sdpa_nonlinearity = cfg.gate.sdpa_nonlinearity
     self.eps = cfg.norm_eps
 
-  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, capture: bool = False):
+  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, analysis: bool = False):
     """x: normed block input [batch, length, embed]. Returns ([batch, length, embed], stats)."""
     projections = {
         'query': jnp.einsum('bte,ehd->bthd', x, self.wq[...].astype(x.dtype)),
@@ -82,7 +83,7 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
 
-    y, probs = causal_attention(q, k, v, 'xla' if capture else self.impl, return_probs=capture)
+    y, probs = causal_attention(q, k, v, 'xla' if analysis else self.impl, return_probs=analysis)
     y = sdpa_nonlinearity(y, self.sdpa_nonlinearity, self.eps)
     if gate.position == 'sdpa':
       y, score = gate(y, logits)
@@ -93,7 +94,7 @@ class Attention(nnx.Module):
       gated_shape = out.shape
 
     stats = {}
-    if capture:
+    if analysis:
       # Queries 1.. only: query 0 can attend to nothing but the first token.
       stats['first_token_attention'] = jnp.mean(probs[:, :, 1:, 0], axis=(0, 2))
       if score is not None:
@@ -105,8 +106,16 @@ class Attention(nnx.Module):
     return constrain(out, ACTIVATION_AXES), stats
 
 
+def mlp_width(cfg) -> int:
+  """The dense MLP width: mlp_dim, narrowed when match_baseline_params so that the gate's added
+  parameters are taken out of the MLP (SwiGLU holds 3 * d_model parameters per unit of width)."""
+  if not cfg.match_baseline_params:
+    return cfg.mlp_dim
+  return cfg.mlp_dim - round(gate_params_per_layer(cfg) / (3 * cfg.d_model))
+
+
 class Block(nnx.Module):
-  """Pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder block: x + attention(norm(x)), then x + mlp(norm(x)) (dense or MoE)."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.param_dtype)
@@ -115,17 +124,20 @@ class Block(nnx.Module):
     self.attention = Attention(cfg, rngs=rngs)
     self.sandwich_norm = RMSNorm(cfg.d_model, 'embed', **norm) if cfg.sandwich_norm else None
     self.mlp_norm = RMSNorm(cfg.d_model, 'embed', **norm)
-    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, std=cfg.init_std,
-                      out_std=cfg.init_std / np.sqrt(2 * cfg.num_layers), param_dtype=dtype,
-                      rngs=rngs)
+    out_std = cfg.init_std / np.sqrt(2 * cfg.num_layers)
+    if cfg.moe.num_experts:
+      self.mlp = MoE(cfg, std=cfg.init_std, out_std=out_std, param_dtype=dtype, rngs=rngs)
+    else:
+      self.mlp = SwiGLU(cfg.d_model, mlp_width(cfg), std=cfg.init_std, out_std=out_std,
+                        param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, sin, cos, capture: bool = False):
-    attended, stats = self.attention(self.attention_norm(x), sin, cos, capture)
+  def __call__(self, x, sin, cos, analysis: bool = False):
+    attended, stats = self.attention(self.attention_norm(x), sin, cos, analysis)
     if self.sandwich_norm is not None:
       attended = self.sandwich_norm(attended)
     x = x + attended
     x = constrain(x + self.mlp(self.mlp_norm(x)), ACTIVATION_AXES)
-    if capture:
+    if analysis:
       stats['max_activation'] = jnp.max(jnp.abs(x.astype(jnp.float32)))
     return x, stats
 
@@ -147,10 +159,10 @@ class Transformer(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.gated = canonical_gate_position(cfg.gate.position) != 'none'
 
-  def __call__(self, tokens: jax.Array, capture: bool = False):
+  def __call__(self, tokens: jax.Array, analysis: bool = False):
     """tokens: int [batch, length]. Returns float32 logits [batch, length, vocab].
 
-    With capture=True returns (logits, stats), stats holding per-layer arrays:
+    With analysis=True returns (logits, stats), stats holding per-layer arrays:
       first_token_attention [layers, heads]: mean attention probability on token 0 (queries 1..);
       max_activation [layers]: max |hidden state| of the residual stream after each layer;
       gate_score_mean [layers], gate_score_histogram [layers, bins] (gated models only).
@@ -160,7 +172,7 @@ class Transformer(nnx.Module):
     sin, cos = rope_tables(jnp.arange(tokens.shape[1]), self.rotary_dim, self.rope_theta)
     per_layer = []
     for block in self.blocks:
-      x, stats = block(x, sin, cos, capture)
+      x, stats = block(x, sin, cos, analysis)
       per_layer.append(stats)
     x = self.final_norm(x)
     if self.lm_head is None:
@@ -170,6 +182,23 @@ class Transformer(nnx.Module):
       logits = jnp.einsum('bte,ev->btv', x, self.lm_head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     logits = constrain(logits, ('batch', 'length', 'vocab'))
-    if not capture:
+    if not analysis:
       return logits
     return logits, {key: jnp.stack([s[key] for s in per_layer]) for key in per_layer[0]}
+
+
+def apply(graphdef, params, tokens: jax.Array, analysis: bool = False):
+  """Runs the model functionally (the one way training and evaluation call it).
+
+  Returns (logits, aux_losses, stats): aux_losses maps each sown auxiliary loss name
+  (mixture-of-experts: load_balance_loss, router_z_loss) to its mean over layers; stats are the
+  per-layer analysis arrays when analysis=True, else {}.
+  """
+  model = nnx.merge(graphdef, params)
+  out, intermediates = nnx.capture(model, nnx.Intermediate)(tokens, analysis=analysis)
+  logits, stats = out if analysis else (out, {})
+  sown: dict[str, list] = {}
+  for path, variable in nnx.to_flat_state(intermediates):
+    sown.setdefault(path[-1], []).extend(variable.get_value())
+  aux_losses = {name: jnp.mean(jnp.stack(values)) for name, values in sown.items()}
+  return logits, aux_losses, stats

@@ -3,7 +3,8 @@
 Layers name logical axes only (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `vocab`, `expert`); `LOGICAL_AXIS_RULES` below decides which mesh axis shards each. The
 mesh axes are `data` (pure data parallel), `fsdp` (data parallel that also shards parameters and
-optimizer state) and `tensor` (heads and MLP width).
+optimizer state), `tensor` (heads and MLP width) and `expert` (mixture-of-experts experts; the
+batch is split over it too, outside the experts).
 """
 
 import math
@@ -13,12 +14,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 
 # Logical axis -> mesh axes it may use. A mesh axis already taken by an earlier dimension of the
 # same array is skipped, so activations' `embed` stays whole when `batch` already uses `fsdp`.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
-    'batch': ('data', 'fsdp'),
+    'expert': ('expert',),
+    'batch': ('data', 'fsdp', 'expert'),
     'vocab': ('tensor',),
     'heads': ('tensor',),
     'kv_heads': ('tensor',),
@@ -38,9 +40,8 @@ def logical_to_spec(logical_axes: LogicalAxes) -> PartitionSpec:
   for name in logical_axes:
     if name is not None and name not in LOGICAL_AXIS_RULES:
       raise ValueError(f'Unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}.')
-    mesh_axes = () if name is None else LOGICAL_AXIS_RULES[name]
-    if any(axis in used for axis in mesh_axes):
-      mesh_axes = ()
+    mesh_axes = () if name is None else tuple(
+        axis for axis in LOGICAL_AXIS_RULES[name] if axis not in used)
     used.update(mesh_axes)
     spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
   return PartitionSpec(*spec)
@@ -55,8 +56,8 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Returns (data, fsdp, tensor) with the single -1 filled so the product is `num_devices`."""
-  sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+  """Returns (data, fsdp, tensor, expert) with the one -1 filled so the product is num_devices."""
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   described = ', '.join(f'mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ValueError(f'{described}: each size must be a positive integer, with at most one -1.')
@@ -73,7 +74,8 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh from `config.mesh` over `devices` (default: all)."""
+  """Builds the (data, fsdp, tensor, expert) mesh from `config.mesh` over `devices` (default:
+  all)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,

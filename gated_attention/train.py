@@ -33,6 +33,7 @@ from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention.distributed import PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
+from gated_attention.model import apply
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
 
 
@@ -51,27 +52,33 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
   return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(graphdef, optimizer, schedule):
+def make_train_step(graphdef, optimizer, schedule, moe_config):
   """train_step(state, tokens [batch, seq_len + 1]) -> (state, metrics).
 
+  The objective is the next-token cross-entropy (`loss`) plus, for mixture-of-experts models,
+  load_balance_weight * load_balance_loss + router_z_weight * router_z_loss (both reported).
   A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
   they were (its `finite` metric is False); the loop decides whether to stop or go on.
   """
-  def train_step(state, tokens):
-    def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-      loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
-      return loss_sum / jnp.maximum(num_tokens, 1)
+  aux_weights = {'load_balance_loss': moe_config.load_balance_weight,
+                 'router_z_loss': moe_config.router_z_weight}
 
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+  def train_step(state, tokens):
+    def objective(params):
+      logits, aux_losses, _ = apply(graphdef, params, tokens[:, :-1])
+      loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
+      loss = loss_sum / jnp.maximum(num_tokens, 1)
+      total = loss + sum(aux_weights[name] * value for name, value in aux_losses.items())
+      return total, {'loss': loss, **aux_losses}
+
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state['params'])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     updated = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                'opt_state': opt_state}
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'finite': finite,
-               'learning_rate': schedule(state['step'])}
+    metrics.update(grad_norm=grad_norm, finite=finite, learning_rate=schedule(state['step']))
     return new_state, metrics
 
   return train_step
@@ -163,7 +170,8 @@ def initialize_train_state(config, setup: TrainSetup) -> dict:
 def compile_train_step(config, setup: TrainSetup):
   """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
   step_fn = jax.jit(
-      make_train_step(setup.graphdef, setup.optimizer, learning_rate_schedule(config.train)),
+      make_train_step(setup.graphdef, setup.optimizer, learning_rate_schedule(config.train),
+                      config.model.moe),
       in_shardings=(setup.state_shardings, setup.batch_sharding),
       out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)),
       donate_argnums=0)
@@ -247,7 +255,9 @@ class StepLog:
         'learning_rate': float(metrics['learning_rate']), 'grad_norm': float(metrics['grad_norm']),
         'tokens_per_sec': tokens_per_sec, 'step_time_s': step_time,
         'mfu': self.mfu(tokens_per_sec), 'loss_spike': bool(spike),
-        'loss_spikes': self.loss_spikes, 'skipped_steps': self.skipped_steps}
+        'loss_spikes': self.loss_spikes, 'skipped_steps': self.skipped_steps,
+        **{name: float(metrics[name]) for name in ('load_balance_loss', 'router_z_loss')
+           if name in metrics}}
     self.writer.write(self.last_record)
     self.progress.set_postfix(loss=f'{self.last_record["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
     if jax.process_index() == 0:

@@ -16,9 +16,11 @@ from gated_attention import sharding
 
 @pytest.mark.parametrize('logical, expected', [
     (('embed', 'heads', 'head_dim'), P('fsdp', 'tensor', None)),
-    (('batch', 'length', 'embed'), P(('data', 'fsdp'), None, None)),  # fsdp taken by batch.
+    (('batch', 'length', 'embed'), P(('data', 'fsdp', 'expert'), None, None)),  # fsdp is taken.
     (('vocab', 'embed'), P('tensor', 'fsdp')),
-    (('batch', 'length', 'vocab'), P(('data', 'fsdp'), None, 'tensor')),
+    (('batch', 'length', 'vocab'), P(('data', 'fsdp', 'expert'), None, 'tensor')),
+    (('expert', 'batch', None, 'embed'), P('expert', ('data', 'fsdp'), None, None)),
+    (('expert', 'embed', None, 'mlp'), P('expert', 'fsdp', None, 'tensor')),
     (('embed', 'embed'), P('fsdp', None)),
     ((None, 'mlp'), P(None, 'tensor')),
 ])
@@ -32,9 +34,10 @@ def test_unknown_logical_axis_is_named():
 
 
 @pytest.mark.parametrize('mesh, devices, expected', [
-    (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
-    (dict(data=2, fsdp=-1, tensor=2), 8, (2, 2, 2)),
-    (dict(data=1, fsdp=1, tensor=1), 1, (1, 1, 1)),
+    (dict(data=-1, fsdp=1, tensor=1, expert=1), 8, (8, 1, 1, 1)),
+    (dict(data=2, fsdp=-1, tensor=2, expert=1), 8, (2, 2, 2, 1)),
+    (dict(data=1, fsdp=1, tensor=1, expert=-1), 4, (1, 1, 1, 4)),
+    (dict(data=1, fsdp=1, tensor=1), 1, (1, 1, 1, 1)),  # expert defaults to 1.
 ])
 def test_mesh_shape_fills_the_minus_one(mesh, devices, expected):
   assert sharding.mesh_shape(mesh, devices) == expected
@@ -53,7 +56,7 @@ def test_bad_meshes_are_named(mesh, message):
 def test_uneven_parameter_split_is_named():
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   sharding.named_sharding(mesh, ('embed', 'heads'), (6, 4), name='wq')  # One device: fine.
-  mesh = jax.sharding.AbstractMesh((1, 1, 4), sharding.MESH_AXES)
+  mesh = jax.sharding.AbstractMesh((1, 1, 4, 1), sharding.MESH_AXES)
   with pytest.raises(ValueError, match="wq dimension 'heads' of size 6 cannot be split 4 ways"):
     sharding.named_sharding(mesh, ('embed', 'heads'), (8, 6), name='wq')
 
@@ -66,24 +69,27 @@ _SHARDED_RUN = textwrap.dedent('''
     from gated_attention.metrics import read_metrics
     from gated_attention.train import train
     from tests import helpers
-    mesh_config, workdir = json.loads(sys.argv[1]), sys.argv[2]
+    mesh_config, moe_config, workdir = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     config = helpers.run_config(steps=3)
     config.model.update(num_heads=4, num_kv_heads=4)
+    config.model.moe.update(moe_config)
     config.mesh.update(mesh_config)
     train(config, workdir)
     _, params, _ = load_params(workdir, config, sharding.make_mesh(config.mesh))
-    wq = params['blocks'][0]['attention']['wq']
+    layer = params['blocks'][0]
+    shapes = {'wq': layer['attention']['wq'], 'mlp_wi': layer['mlp']['wi']}
     print(json.dumps({'losses': [r['loss'] for r in read_metrics(workdir)],
-                      'wq_shard_shape': wq.sharding.shard_shape(wq.shape),
+                      **{k: v.sharding.shard_shape(v.shape) for k, v in shapes.items()},
                       'devices': jax.device_count()}))
 ''')
 
 
-def _run_sharded(mesh_config, workdir, devices):
+def _run_sharded(mesh_config, workdir, devices, moe_config=None):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _SHARDED_RUN, json.dumps(mesh_config),
-                           str(workdir)], capture_output=True, text=True, timeout=300, env=env)
+                           json.dumps(moe_config or {}), str(workdir)],
+                          capture_output=True, text=True, timeout=300, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -99,5 +105,19 @@ def test_sharded_training_matches_one_device(tmp_path):
   ]:
     sharded = _run_sharded(mesh_config, tmp_path / name, devices=8)
     assert sharded['devices'] == 8
-    assert sharded['wq_shard_shape'] == wq_shard_shape, name
+    assert sharded['wq'] == wq_shard_shape, name
+    np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
+
+
+def test_expert_sharded_moe_matches_one_device(tmp_path):
+  moe = dict(num_experts=8, top_k=2, expert_mlp_dim=32, capacity_factor=0.0)
+  single = _run_sharded(dict(data=1, fsdp=1, tensor=1, expert=1), tmp_path / 'single', 1, moe)
+  # Expert kernels are [experts 8, d_model 32, 2, expert_mlp_dim 32].
+  for name, mesh_config, wi_shard_shape in [
+      ('expert', dict(data=1, fsdp=1, tensor=1, expert=8), [1, 32, 2, 32]),
+      ('mixed', dict(data=2, fsdp=1, tensor=1, expert=4), [2, 32, 2, 32]),
+      ('all', dict(data=1, fsdp=2, tensor=2, expert=2), [4, 16, 2, 16]),
+  ]:
+    sharded = _run_sharded(mesh_config, tmp_path / name, 8, moe)
+    assert sharded['mlp_wi'] == wi_shard_shape, name
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)

@@ -1,0 +1,107 @@
+"""Mixture of experts against a NumPy reference of routing and combination, and its losses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gated_attention.metrics import read_metrics
+from gated_attention.model import apply
+from gated_attention.moe import MoE, expert_capacity, load_balance_loss, route
+from gated_attention.train import train
+from tests import helpers, reference
+
+
+def moe_config(num_experts=4, top_k=2, capacity_factor=0.0, **overrides):
+  cfg = helpers.model_config('none', **overrides)
+  cfg.moe.update(num_experts=num_experts, top_k=top_k, expert_mlp_dim=16,
+                 capacity_factor=capacity_factor)
+  return cfg
+
+
+def reference_moe(x, router, wi, wo, top_k, capacity, normalize=True):
+  """x [seq, embed] of one sequence; routing and combination written out token by token."""
+  logits = x @ router
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  choices = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]
+  weights = np.take_along_axis(probs, choices, axis=-1)
+  if normalize:
+    weights /= weights.sum(-1, keepdims=True)
+  filled = np.zeros(router.shape[1], int)
+  out = np.zeros_like(x)
+  for k in range(top_k):  # First choices of every token first, then second choices, ...
+    for t in range(x.shape[0]):
+      e = choices[t, k]
+      if filled[e] < capacity:
+        filled[e] += 1
+        gate, up = x[t] @ wi[e, :, 0], x[t] @ wi[e, :, 1]
+        out[t] += weights[t, k] * ((gate * reference.sigmoid(gate) * up) @ wo[e])
+  return out
+
+
+@pytest.mark.parametrize('top_k, capacity_factor', [(2, 0.0), (1, 0.0), (2, 1.0), (3, 0.5)])
+def test_moe_matches_numpy_reference(top_k, capacity_factor):
+  cfg = moe_config(num_experts=4, top_k=top_k, capacity_factor=capacity_factor)
+  layer = MoE(cfg, std=0.5, out_std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(1).normal(size=(3, 10, cfg.d_model)).astype(np.float32)
+  capacity = expert_capacity(10, top_k, 4, capacity_factor)
+  out = nnx.capture(layer, nnx.Intermediate)(jnp.asarray(x))[0]
+  router, wi, wo = (np.asarray(p[...], np.float64) for p in (layer.router, layer.wi, layer.wo))
+  for b in range(3):
+    np.testing.assert_allclose(np.asarray(out[b]),
+                               reference_moe(x[b].astype(np.float64), router, wi, wo, top_k,
+                                             capacity), rtol=2e-5, atol=2e-5)
+
+
+def test_every_token_reaches_exactly_top_k_experts_when_dropless():
+  logits = jax.random.normal(jax.random.key(0), (2, 64, 8))
+  expert, slot, weight, _ = route(logits, 3, expert_capacity(64, 3, 8, 0.0), True)
+  assert np.all(np.sum(np.asarray(weight) > 0, axis=1) == 3)
+  np.testing.assert_allclose(np.asarray(weight).sum(axis=1), 1.0, rtol=1e-6)
+  for b in range(2):  # Distinct experts per token, distinct slots per expert.
+    assert all(len(set(expert[b, :, t].tolist())) == 3 for t in range(64))
+    pairs = list(zip(expert[b].ravel().tolist(), slot[b].ravel().tolist()))
+    assert len(set(pairs)) == len(pairs)
+
+
+def test_capacity_drops_only_assignments_past_it():
+  logits = jnp.zeros((1, 8, 4)).at[:, :, 0].set(5.0)  # Every token's first choice: expert 0.
+  capacity = expert_capacity(8, 1, 4, 1.0)
+  assert capacity == 2
+  expert, slot, weight, _ = route(logits, 1, capacity, True)
+  kept = np.asarray(weight[0, 0]) > 0
+  np.testing.assert_array_equal(kept, [True, True] + [False] * 6)  # First come, first served.
+
+
+def test_load_balance_loss_at_a_uniform_router_is_its_minimum_one():
+  cfg = moe_config()
+  graphdef, params = nnx.split(helpers.transformer(cfg))
+  params = nnx.to_pure_dict(params)
+  for block in params['blocks'].values():
+    block['mlp']['router'] = jnp.zeros_like(block['mlp']['router'])
+  _, aux, _ = apply(graphdef, params, helpers.random_tokens(0))
+  np.testing.assert_allclose(aux['load_balance_loss'], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(aux['router_z_loss'], math.log(cfg.moe.num_experts) ** 2, rtol=1e-5)
+
+
+def test_load_balance_loss_of_collapsed_and_balanced_routing():
+  experts, seq = 4, 8
+  collapsed = jnp.zeros((2, seq, experts)).at[..., 0].set(1.0)
+  assert float(load_balance_loss(collapsed, jnp.zeros((2, 1, seq), jnp.int32))) == experts
+  # Probabilities uniform over two experts, tokens split evenly between them: 4 * 2 * 1/4 = 2.
+  halves = jnp.zeros((1, seq, experts)).at[..., :2].set(0.5)
+  split = jnp.tile(jnp.array([0, 1]), seq // 2).reshape(1, 1, seq)
+  np.testing.assert_allclose(load_balance_loss(halves, split), 2.0)
+
+
+def test_a_small_moe_model_trains_and_reports_its_losses(tmp_path):
+  config = helpers.run_config(steps=20, log_every=5, learning_rate=1e-2)
+  config.model.moe.update(num_experts=4, top_k=2, expert_mlp_dim=32, capacity_factor=1.25)
+  train(config, tmp_path)
+  records = read_metrics(tmp_path)
+  assert records[-1]['loss'] < records[0]['loss'] - 0.5
+  assert all(r['load_balance_loss'] >= 0.99 and r['router_z_loss'] > 0 for r in records)
