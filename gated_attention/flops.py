@@ -23,7 +23,7 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
 
 # Parameters that multiply activations once per token (the embedding only when it is tied, as
 # then it is also the output matmul; a lookup costs no FLOPs).
-_MATMUL_PARAM_NAMES = ('wq', 'wk', 'wv', 'wo', 'wi', 'kernel', 'lm_head')
+_MATMUL_PARAM_NAMES = ('wq', 'wk', 'wv', 'wo', 'wi', 'kernel', 'lm_head', 'router')
 
 
 def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
@@ -36,13 +36,22 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
   return None
 
 
-def matmul_params(flat_params, tie_embeddings: bool) -> int:
-  """Sum of sizes of matmul parameters; flat_params is an iterable of (path tuple, shape)."""
-  names = _MATMUL_PARAM_NAMES + (('embedding',) if tie_embeddings else ())
-  return sum(math.prod(shape) for path, shape in flat_params if path[-1] in names)
+def active_fraction(model_config, path, shape) -> float:
+  """Share of a parameter each token uses: top_k / num_experts for expert kernels (rank 3+), else 1."""
+  moe = model_config.moe
+  if moe.num_experts and path[-2:] in (('mlp', 'wi'), ('mlp', 'wo')) and len(shape) >= 3:
+    return moe.top_k / moe.num_experts
+  return 1.0
+
+
+def active_matmul_params(model_config, flat_params) -> float:
+  """Matmul parameters one token passes through; flat_params: iterable of (path, shape)."""
+  names = _MATMUL_PARAM_NAMES + (('embedding',) if model_config.tie_embeddings else ())
+  return sum(math.prod(shape) * active_fraction(model_config, path, shape)
+             for path, shape in flat_params if path[-1] in names)
 
 
 def flops_per_token(model_config, seq_len: int, flat_params) -> float:
   """Training FLOPs per token (forward and backward)."""
   attention = model_config.num_layers * model_config.num_heads * model_config.head_dim * seq_len
-  return 6 * matmul_params(flat_params, model_config.tie_embeddings) + 6 * attention
+  return 6 * active_matmul_params(model_config, flat_params) + 6 * attention
