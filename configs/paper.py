@@ -66,7 +66,7 @@ def get_config(arg: str = ''):
   config = config_lib.base_config(size='tiny', gate=args.gate)
   config.model.match_baseline_params = not is_moe
   if args.scale == 'full':
-    config.model.update(model, vocab_size=QWEN3_VOCAB_SIZE, dtype='bfloat16')
+    config.model.update(model, vocab_size=QWEN3_VOCAB_SIZE, dtype='bfloat16', remat=True)
     config.model.moe.update(moe)
     config.data.update(seq_len=4096, batch_size=1024)
     config.train.update(steps=95_367, warmup_steps=1_000, min_learning_rate=3e-5,

@@ -5,13 +5,14 @@ import sys
 
 from absl import flags, logging
 
+from gated_attention.aot import CompileError
 from gated_attention.checkpoint import CheckpointError
 from gated_attention.config import ConfigError
 from gated_attention.data import DataError
 from gated_attention.distributed import initialize
 from gated_attention.train import TrainingError
 
-KNOWN_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+KNOWN_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, CompileError)
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,

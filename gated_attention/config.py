@@ -83,6 +83,7 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       dtype='float32',
       param_dtype='float32',
       init_std=0.02,
+      remat=False,  # Recompute each block in the backward pass, keeping only its input.
       **SIZES[size]))
   config.model.gate = gate_config(gate)
   # Mixture of experts in place of the dense MLP when num_experts > 0 (gated_attention/moe.py).
@@ -101,6 +102,7 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       # A loss spike: a loss above the median of the previous loss_spike_window losses by
       # more than loss_spike_margin (relative).
       loss_spike_window=50, loss_spike_margin=0.25,
+      microbatches=1,  # Gradient accumulation: the batch is processed in this many parts.
       peak_flops_per_device=0.0))  # 0: look the device up in the table (mfu is null if unknown).
   config.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=16, analysis_batches=2))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
@@ -192,7 +194,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   train = config.train
   for key in ('steps', 'learning_rate', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-              'loss_spike_window', 'loss_spike_margin'):
+              'loss_spike_window', 'loss_spike_margin', 'microbatches'):
     _check_positive(f'train.{key}', train[key])
   if not 0 <= train.warmup_steps <= train.steps:
     raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps].')

@@ -158,6 +158,7 @@ class Transformer(nnx.Module):
     self.rotary_dim = int(cfg.head_dim * cfg.rope_fraction)
     self.rope_theta = cfg.rope_theta
     self.gated = canonical_gate_position(cfg.gate.position) != 'none'
+    self.remat = cfg.remat
 
   def __call__(self, tokens: jax.Array, analysis: bool = False):
     """tokens: int [batch, length]. Returns float32 logits [batch, length, vocab].
@@ -172,7 +173,10 @@ class Transformer(nnx.Module):
     sin, cos = rope_tables(jnp.arange(tokens.shape[1]), self.rotary_dim, self.rope_theta)
     per_layer = []
     for block in self.blocks:
-      x, stats = block(x, sin, cos, analysis)
+      if self.remat and not analysis:  # Keep only each block's input for the backward pass.
+        x, stats = nnx.remat(Block.__call__, static_argnums=(4,))(block, x, sin, cos, False)
+      else:
+        x, stats = block(x, sin, cos, analysis)
       per_layer.append(stats)
     x = self.final_norm(x)
     if self.lm_head is None:

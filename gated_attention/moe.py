@@ -9,7 +9,9 @@ capacity per expert,
 filled first by every token's first choice, then second choices, and so on, in token order;
 an assignment past an expert's capacity is dropped (that expert adds nothing for that token;
 the residual stream carries it). capacity_factor = 0 means dropless: capacity = seq_len, so no
-assignment is ever dropped (each token picks an expert at most once).
+assignment is ever dropped (each token picks an expert at most once); every expert then runs
+over seq_len slots, num_experts / top_k times the routed work, which suits small models and
+tests, not the paper's scale (its preset uses 1.25).
 
 Auxiliary losses, sown as nnx.Intermediate values `load_balance_loss` and `router_z_loss`:
   load balance   num_experts * sum_e f_e * P_e, with f_e the share of (token, choice)

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gated_attention.config import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 
 # Logical axis -> mesh axes it may use. A mesh axis already taken by an earlier dimension of the
@@ -60,15 +62,15 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   described = ', '.join(f'mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'{described}: each size must be a positive integer, with at most one -1.')
+    raise ConfigError(f'{described}: each size must be a positive integer, with at most one -1.')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'{described}: {num_devices} devices cannot be split with the given sizes '
+      raise ConfigError(f'{described}: {num_devices} devices cannot be split with the given sizes '
                        f'(their product {known} must divide the device count).')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'{described}: the product {math.prod(sizes)} must equal the device count '
+    raise ConfigError(f'{described}: the product {math.prod(sizes)} must equal the device count '
                      f'{num_devices} (set one axis to -1 to fill it in).')
   return tuple(sizes)
 
@@ -90,9 +92,9 @@ def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape=None, name: str 
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       ways = math.prod(mesh.shape[a] for a in axes)
       if size % ways:
-        raise ValueError(
+        raise ConfigError(
             f'{name or "array"} dimension {logical!r} of size {size} cannot be split {ways} ways '
-            f'over mesh axes {axes}; choose mesh sizes that divide it.')
+            f'over mesh axes {axes}; choose config.mesh sizes that divide it.')
   return NamedSharding(mesh, spec)
 
 

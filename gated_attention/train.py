@@ -52,26 +52,47 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
   return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(graphdef, optimizer, schedule, moe_config):
+def make_train_step(graphdef, optimizer, schedule, moe_config, microbatches: int = 1):
   """train_step(state, tokens [batch, seq_len + 1]) -> (state, metrics).
 
   The objective is the next-token cross-entropy (`loss`) plus, for mixture-of-experts models,
   load_balance_weight * load_balance_loss + router_z_weight * router_z_loss (both reported).
-  A step whose loss or gradient norm is not finite leaves parameters and optimizer state as
-  they were (its `finite` metric is False); the loop decides whether to stop or go on.
+  With microbatches > 1 the batch is split into that many equal parts whose gradients are
+  averaged (one optimizer update, activations of one part alive at a time); the losses are the
+  mean over parts. A step whose loss or gradient norm is not finite leaves parameters and
+  optimizer state as they were (its `finite` metric is False); the loop decides what to do.
   """
   aux_weights = {'load_balance_loss': moe_config.load_balance_weight,
                  'router_z_loss': moe_config.router_z_weight}
 
-  def train_step(state, tokens):
-    def objective(params):
-      logits, aux_losses, _ = apply(graphdef, params, tokens[:, :-1])
-      loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
-      loss = loss_sum / jnp.maximum(num_tokens, 1)
-      total = loss + sum(aux_weights[name] * value for name, value in aux_losses.items())
-      return total, {'loss': loss, **aux_losses}
+  def objective(params, tokens):
+    logits, aux_losses, _ = apply(graphdef, params, tokens[:, :-1])
+    loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
+    loss = loss_sum / jnp.maximum(num_tokens, 1)
+    total = loss + sum(aux_weights[name] * value for name, value in aux_losses.items())
+    return total, {'loss': loss, **aux_losses}
 
-    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state['params'])
+  gradients = jax.value_and_grad(objective, has_aux=True)
+
+  def accumulate(params, tokens):
+    """Mean gradients and metrics over microbatches, one microbatch alive at a time."""
+    batch = tokens.shape[0]
+    # Rows i, i + k, ... form microbatch i, so every device keeps an equal share of each.
+    parts = tokens.reshape(batch // microbatches, microbatches, -1).swapaxes(0, 1)
+    parts = sharding_lib.constrain(parts, (None, 'batch', 'length'))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(gradients, params, parts[0]))
+
+    def add(total, part):
+      return jax.tree.map(jnp.add, total, gradients(params, part)), None
+
+    ((_, metrics), grads), _ = jax.lax.scan(add, zeros, parts)
+    return jax.tree.map(lambda x: x / microbatches, (metrics, grads))
+
+  def train_step(state, tokens):
+    if microbatches == 1:
+      (_, metrics), grads = gradients(state['params'], tokens)
+    else:
+      metrics, grads = accumulate(state['params'], tokens)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     updated = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
@@ -110,14 +131,17 @@ def describe_memory(compiled) -> str:
 
 
 def check_batch(config, mesh) -> None:
-  """The global batch must split evenly over the batch mesh axes and over processes."""
-  batch_ways = mesh.shape['data'] * mesh.shape['fsdp']
-  for key in ('data.batch_size', 'eval.batch_size'):
-    size = config.data.batch_size if key == 'data.batch_size' else config.eval.batch_size
-    if size % batch_ways or size % jax.process_count():
+  """The global batch must split evenly over the batch mesh axes, microbatches and processes."""
+  batch_ways = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+  for key, size, ways in (
+      ('data.batch_size', config.data.batch_size, batch_ways * config.train.microbatches),
+      ('eval.batch_size', config.eval.batch_size, batch_ways)):
+    if size % ways or size % jax.process_count():
       raise config_lib.ConfigError(
-          f'{key}={size} must be a multiple of mesh data x fsdp = {batch_ways} and of the '
-          f'process count {jax.process_count()}.')
+          f'{key}={size} must be a multiple of mesh data x fsdp x expert = {batch_ways}'
+          + (f' times train.microbatches = {config.train.microbatches}'
+             if key == 'data.batch_size' and config.train.microbatches > 1 else '')
+          + f', and of the process count {jax.process_count()}.')
 
 
 def log(message: str) -> None:
@@ -171,7 +195,7 @@ def compile_train_step(config, setup: TrainSetup):
   """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
   step_fn = jax.jit(
       make_train_step(setup.graphdef, setup.optimizer, learning_rate_schedule(config.train),
-                      config.model.moe),
+                      config.model.moe, config.train.microbatches),
       in_shardings=(setup.state_shardings, setup.batch_sharding),
       out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)),
       donate_argnums=0)

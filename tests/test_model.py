@@ -93,3 +93,15 @@ def test_sandwich_norm_adds_one_norm_per_layer():
   sandwich = helpers.model_config('none', sandwich_norm=True)
   count = lambda c: sum(x.size for x in jax.tree.leaves(nnx.state(helpers.transformer(c))))
   assert count(sandwich) - count(plain) == plain.num_layers * plain.d_model
+
+
+def test_remat_gives_the_same_gradients():
+  tokens = helpers.random_tokens(6)
+  grads = {}
+  for remat in (False, True):
+    graphdef, params = nnx.split(helpers.transformer(helpers.model_config('g1_elementwise',
+                                                                          remat=remat)))
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
+    grads[remat] = jax.grad(loss)(nnx.to_pure_dict(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads[False], grads[True])

@@ -102,3 +102,15 @@ def test_non_finite_updates_can_be_skipped_and_counted(tmp_path):
   record = train(config, tmp_path)
   assert record['skipped_steps'] == 3
   assert [r['skipped_steps'] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
+  """Gradient accumulation over 4 parts == the whole batch at once (equal parts, no padding)."""
+  for microbatches in (1, 4):
+    train(helpers.run_config(steps=3, microbatches=microbatches), tmp_path / str(microbatches))
+  whole, parts = (read_metrics(tmp_path / name) for name in ('1', '4'))
+  np.testing.assert_allclose([r['loss'] for r in parts], [r['loss'] for r in whole], rtol=1e-5)
+  config = helpers.run_config(steps=3)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               helpers.final_params(tmp_path / '1', config),
+               helpers.final_params(tmp_path / '4', config))

@@ -1,0 +1,49 @@
+"""Compiles the train and eval steps for a TPU slice you do not have, and checks they fit:
+
+  python -m experiments.compile_only --config=configs/paper.py:model=dense_1p7b_28l \
+      --topology=v5p:4x4x4 [--num_slices=N] [--json]
+
+--topology=local compiles for the devices at hand. Needs the TPU runtime for TPU topologies
+(pip install -r requirements-tpu.txt). Exits 1 when the step does not fit in chip memory.
+"""
+
+import json
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import common
+from gated_attention import aot
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py', 'Experiment config file.')
+_TOPOLOGY = flags.DEFINE_string('topology', 'local', "A TPU topology such as 'v5p:4x4x4', or "
+                                "'local' for the devices at hand.")
+_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices of that topology (multi-slice).')
+_JSON = flags.DEFINE_bool('json', False, 'Print JSON.')
+
+
+def main(argv):
+  del argv
+  if _TOPOLOGY.value != 'local':
+    jax.config.update('jax_platforms', 'cpu')  # The slice is compiled for, never run here.
+
+  def run():
+    devices = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+    report = aot.compile_report(_CONFIG.value, devices)
+    print(json.dumps(report, indent=2) if _JSON.value else aot.format_report(report))
+    if report.get('fits') is False:
+      print(f'error: the train step needs {report["train_step"]["total"] / aot.GIB:.2f} GiB per '
+            f'device, more than the {report["device_memory_bytes"] / aot.GIB:.0f} GiB of a '
+            f'{report["device_kind"]}; {report["dominant"]} dominate. Shard more (a larger '
+            'mesh.fsdp or mesh.tensor), raise train.microbatches, lower data.batch_size, or '
+            'take a larger slice.',
+            file=sys.stderr)
+      sys.exit(1)
+
+  common.run_cleanly(run)
+
+
+if __name__ == '__main__':
+  app.run(main)

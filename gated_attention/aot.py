@@ -1,0 +1,153 @@
+"""Ahead-of-time compilation for a device topology you need not have: a TPU slice described by
+name (compiled here by libtpu, nothing allocated) or the local devices. The same mesh, sharding
+and step code as training, so what compiles here is what will run there."""
+
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gated_attention import config as config_lib
+from gated_attention import sharding as sharding_lib
+from gated_attention import state as state_lib
+from gated_attention.evaluate import make_eval_step
+from gated_attention.summary import summarize
+from gated_attention.train import (check_batch, compile_train_step, compiled_memory,
+                                   setup_train_state)
+
+GIB = 2**30
+# Memory per chip (HBM) by jax.Device.device_kind substring, first match.
+MEMORY_BY_DEVICE_KIND = (
+    ('TPU v6 lite', 32 * GIB),
+    ('TPU v5 lite', 16 * GIB),
+    ('TPU v5p', 95 * GIB),
+    ('TPU v5', 95 * GIB),
+    ('TPU v4', 32 * GIB),
+    ('H200', 141 * 10**9),
+    ('H100', 80 * GIB),
+    ('A100', 80 * GIB),
+)
+
+
+class CompileError(RuntimeError):
+  """The step does not compile for, or does not fit, the topology; the message says why."""
+
+
+def device_memory(device_kind: str) -> int | None:
+  for name, size in MEMORY_BY_DEVICE_KIND:
+    if name in device_kind:
+      return size
+  return None
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list:
+  """The devices of a TPU topology such as 'v5p:4x4x4' (compile-only), or 'local' for these."""
+  if topology == 'local':
+    return jax.devices()
+  # libtpu asks the host for these; off a TPU VM they only quiet warnings. Compile-only devices
+  # never touch a chip, so the lock that keeps two processes off one TPU is not needed.
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-4')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies
+  try:
+    kwargs = {'num_slices': num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(platform='tpu', topology_name=topology,
+                                             **kwargs).devices)
+  except Exception as error:  # libtpu raises plain runtime errors for unknown names.
+    raise CompileError(f'--topology={topology!r} is not a TPU topology libtpu knows (for '
+                       f'example v5e:2x2, v5p:4x4x4, v6e:8x8, v4:4x4x4): {error}') from None
+
+
+def _bytes_per_device(abstract_tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+             for leaf in jax.tree.leaves(abstract_tree))
+
+
+def _out_of_memory(error, setup, device_kind: str) -> Exception:
+  """A compiler out-of-memory error as the not-fit message; other errors pass through."""
+  message = str(error)
+  if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
+    return error
+  required = re.search(r'required for HLO temporaries \(([\d.]+)G\)', message)
+  parts = {'parameters': _bytes_per_device(setup.abstract_state['params']),
+           'optimizer state': _bytes_per_device(setup.abstract_state['opt_state']),
+           'activations and temporaries': float(required.group(1)) * GIB if required else 0}
+  dominant = max(parts, key=parts.get)
+  return CompileError(
+      f'the train step does not fit: {message.strip().splitlines()[-1][:300]} Per device: '
+      + ', '.join(f'{name} {size / GIB:.2f} GiB' for name, size in parts.items())
+      + f'; {dominant} dominate on a {device_kind}. Shard more (a larger mesh.fsdp or '
+      'mesh.tensor), raise train.microbatches, lower data.batch_size, or take a larger slice.')
+
+
+def compile_report(config, devices) -> dict:
+  """Compiles the train and eval steps for `devices`; returns per-device memory and FLOPs."""
+  config_lib.validate(config)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  check_batch(config, mesh)
+  setup = setup_train_state(config, mesh)
+  kind = devices[0].device_kind
+  started = time.perf_counter()
+  try:
+    train_step = compile_train_step(config, setup)
+  except jax.errors.JaxRuntimeError as error:
+    raise _out_of_memory(error, setup, kind) from None
+  train_seconds = time.perf_counter() - started
+  abstract_params = setup.abstract_state['params']
+  tokens = jax.ShapeDtypeStruct((config.eval.batch_size, config.data.seq_len + 1), jnp.int32,
+                                sharding=setup.batch_sharding)
+  with jax.set_mesh(mesh):
+    eval_step = jax.jit(make_eval_step(setup.graphdef, analysis=False)).lower(
+        abstract_params, tokens).compile()
+  summary = summarize(config)
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  cost = train_step.cost_analysis() or {}
+  # XLA's cost analysis counts a loop body once: the microbatch loop runs it microbatches times.
+  compiled_flops = cost.get('flops') and cost['flops'] * config.train.microbatches
+  report = {
+      'device_kind': kind, 'devices': len(devices), 'mesh': dict(mesh.shape),
+      'device_memory_bytes': device_memory(kind), 'compile_seconds': train_seconds,
+      'train_step': compiled_memory(train_step), 'eval_step': compiled_memory(eval_step),
+      'parameter_bytes': _bytes_per_device(abstract_params),
+      'optimizer_state_bytes': _bytes_per_device(setup.abstract_state['opt_state']),
+      'compiled_flops_per_device': compiled_flops,
+      'model_flops_per_device': summary['flops_per_token'] * tokens_per_step / len(devices),
+      'params_total': summary['params_total'],
+  }
+  train = report['train_step']
+  if train is not None:
+    report['activation_bytes'] = train['temporaries']
+    parts = {'parameters': report['parameter_bytes'],
+             'optimizer state': report['optimizer_state_bytes'],
+             'activations and temporaries': train['temporaries']}
+    report['dominant'] = max(parts, key=parts.get)
+    report['fits'] = (None if report['device_memory_bytes'] is None
+                      else train['total'] <= report['device_memory_bytes'])
+  return report
+
+
+def format_report(report: dict) -> str:
+  gib = lambda b: ('–' if b is None else f'{b / GIB:.2f} GiB' if b >= GIB / 10
+                   else f'{b / 2**20:.1f} MiB')
+  memory = report['device_memory_bytes']
+  lines = [f'{report["devices"]} x {report["device_kind"]}, mesh {report["mesh"]}, '
+           f'{report["params_total"] / 1e9:.3f}B parameters; train step compiled in '
+           f'{report["compile_seconds"]:.1f}s',
+           f'{"per device":28} {"train step":>12} {"eval step":>12}']
+  for key in ('arguments', 'outputs', 'temporaries', 'total'):
+    row = [report[step][key] if report[step] else None for step in ('train_step', 'eval_step')]
+    lines.append(f'{key:28} {gib(row[0]):>12} {gib(row[1]):>12}')
+  lines.append(f'{"chip memory":28} {gib(memory):>12}')
+  lines.append(f'of which parameters {gib(report["parameter_bytes"])}, optimizer state '
+               f'{gib(report["optimizer_state_bytes"])}, activations and temporaries '
+               f'{gib(report.get("activation_bytes"))}: {report.get("dominant", "–")} dominate')
+  compiled = report['compiled_flops_per_device']
+  lines.append(f'FLOPs per step per device: compiled {compiled:.4g} (recomputation included), '
+               f'model formula {report["model_flops_per_device"]:.4g}' if compiled else
+               f'FLOPs per step per device: model formula {report["model_flops_per_device"]:.4g}')
+  return '\n'.join(lines)
