@@ -7,7 +7,16 @@ budget; then each is evaluated. `--config.variants=none,g1_elementwise` picks a 
 `--config.learning_rates=2e-3,8e-3` sweeps the learning rate (the paper's stability result),
 and `--config.train.*` / `--config.model.*` apply to every run.
 
-Measured here: see the note at the end of this docstring and README.md.
+Measured here (2-core CPU, defaults: tiny, 500 steps of 16 x 128 tokens, LR 2e-3, seed 0; the
+sweep took about 35 minutes while the machine was shared, about 20 alone): held-out losses from
+1.878 (G1 headwise) to 1.925 (G1 additive SiLU), the baseline at 1.900 and G1 elementwise at
+1.894: differences of the size of seed noise at this budget. First-token attention stays near
+0.03 for every variant: the baseline forms no attention sink this small and short, so the
+paper's 0.47 -> 0.05 contrast cannot show. The mean of per-layer max activations is 3.6 for the
+baseline and 2.1-3.0 for the gates, lower as in the paper (at a scale where nothing is massive).
+Gate scores: 0.44 (G1 elementwise), 0.47 (headwise), 0.45 (head-shared), 0.71 (NS-sigmoid):
+elementwise sparsest and NS-sigmoid least sparse as in the paper, headwise and head-shared
+swapped, and all far less sparse than the paper's 0.12 at 400B tokens.
 """
 
 from gated_attention import config as config_lib

@@ -1,6 +1,7 @@
 """What every command-line main shares: multi-process start-up, and known errors as one clear
 line with exit status 1."""
 
+import os
 import sys
 
 from absl import flags, logging
@@ -27,17 +28,33 @@ _DISTRIBUTED = flags.DEFINE_enum(
     'auto: only when a coordinator address or process count above 1 is given; off: never.')
 
 
+def _is_closed_event_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)
+
+
+def _hide_closed_event_loop_reports() -> None:
+  """Drops 'Event loop is closed' reports: after a failed checkpoint read, the TensorStore reads
+  still in flight complete on orbax's closed loop and report it from their threads, burying the
+  one-line error that describes the actual failure."""
+  unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+  sys.unraisablehook = lambda report: (
+      None if _is_closed_event_loop(report.exc_value) else unraisable_hook(report))
+  sys.excepthook = lambda kind, exc, trace: (
+      None if _is_closed_event_loop(exc) else except_hook(kind, exc, trace))
+
+
 def run_cleanly(job):
   """Starts the process group if asked, runs job(); a known error prints 'error: message'
   (no traceback) and exits with status 1."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  _hide_closed_event_loop_reports()
   try:
     initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     return job()
   except KNOWN_ERRORS as error:
     print(f'error: {error}', file=sys.stderr, flush=True)
-    # A failed restore leaves sibling reads failing in orbax's background coroutines; they are
-    # the same error, already reported, so their teardown reports are dropped.
-    sys.unraisablehook = lambda unraisable: None
-    sys.exit(1)
+    sys.stdout.flush()
+    # Exit now: after a failed restore, orbax's background reads fail again during interpreter
+    # teardown and would bury the one-line error under reports of the same failure.
+    os._exit(1)

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from gated_attention import config as config_lib
 from gated_attention import sharding as sharding_lib
-from gated_attention import state as state_lib
 from gated_attention.evaluate import make_eval_step
 from gated_attention.summary import summarize
 from gated_attention.train import (check_batch, compile_train_step, compiled_memory,

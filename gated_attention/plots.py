@@ -60,7 +60,9 @@ def eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
 
 def ablation_figures(results: dict, out_dir: pathlib.Path) -> None:
   """loss_curves.png (every run's training loss) and first_token_attention.png (per layer)."""
+  colors = plt.cm.tab20.colors  # Enough distinct colours for the paper's eleven rows.
   figure, axis = plt.subplots(figsize=(7, 4.5))
+  axis.set_prop_cycle(color=colors)
   for name, row in results.items():
     if row['loss_curve']:
       steps, losses = zip(*row['loss_curve'])
@@ -73,6 +75,7 @@ def ablation_figures(results: dict, out_dir: pathlib.Path) -> None:
   _save(figure, out_dir / 'loss_curves.png')
 
   figure, axis = plt.subplots(figsize=(7, 4.5))
+  axis.set_prop_cycle(color=colors)
   for name, row in results.items():
     if row.get('eval'):
       per_layer = row['eval']['first_token_attention']['per_layer']

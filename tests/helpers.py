@@ -1,10 +1,13 @@
 """Small configs and model builders shared by the tests."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gated_attention import config as config_lib
+from gated_attention import sharding
+from gated_attention.evaluate import load_params
 from gated_attention.model import Attention, Transformer
 
 
@@ -45,9 +48,6 @@ def run_config(steps: int = 8, gate: str = 'g1_elementwise', **train):
 
 def final_params(workdir, config, step=None):
   """Parameters of a run's checkpoint as NumPy arrays."""
-  import jax
-  from gated_attention import sharding
-  from gated_attention.evaluate import load_params
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
   return jax.tree.map(np.asarray, load_params(workdir, config, mesh, step)[1])
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from configs import ablation as ablation_config
 from gated_attention import ablation
 from gated_attention import config as config_lib
 from tests import helpers
@@ -59,6 +60,5 @@ def test_bad_sweeps_are_named(variants, learning_rates, message):
 
 
 def test_default_ablation_config_covers_the_paper_rows():
-  from configs import ablation as ablation_config
   names = [name for name, _, _ in ablation.sweep(ablation_config.get_config())]
   assert names == list(ablation_config.PAPER_ROWS)

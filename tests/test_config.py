@@ -2,6 +2,7 @@
 
 import pytest
 
+from configs import lm
 from gated_attention import config as config_lib
 
 
@@ -64,7 +65,6 @@ def test_parse_arg():
 
 
 def test_lm_config_file_takes_size_and_gate():
-  from configs import lm
   config = lm.get_config('size=small,gate=g2_headwise')
   assert config.model.d_model == config_lib.SIZES['small']['d_model']
   assert (config.model.gate.position, config.model.gate.granularity) == ('value', 'headwise')

@@ -4,14 +4,16 @@ moment, a damaged checkpoint, and a checkpoint restored onto another mesh."""
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
-import pytest
 
+from gated_attention.checkpoint import Checkpointer, load_config
 from gated_attention.metrics import read_metrics
 from tests import helpers
 
@@ -48,12 +50,10 @@ def _losses(workdir):
 
 
 def _final_params(workdir, step=None):
-  from gated_attention.checkpoint import load_config
   return helpers.final_params(workdir, load_config(workdir), step)
 
 
 def _assert_same_params(a, b):
-  import jax
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
 
 
@@ -72,7 +72,6 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
       assert '[0] ' in result.stdout and '[1] ' in result.stdout
       # Process 0 alone writes the log: one line per step.
       assert [r['step'] for r in read_metrics(tmp_path / 'multi')] == [1, 2, 3, 4]
-      import shutil
       shutil.rmtree(tmp_path / 'multi' / 'checkpoints' / '4')  # Lost: resume from step 2.
   assert '[0] resumed from' in result.stdout
   single, multi = read_metrics(tmp_path / 'single'), read_metrics(tmp_path / 'multi')
@@ -125,7 +124,6 @@ def _completed(count):
 
 
 def test_kill_9_at_any_moment_resumes_from_a_complete_checkpoint(tmp_path):
-  from gated_attention.checkpoint import Checkpointer
   steps, workdir = 60, tmp_path / 'killed'
   checkpoints = workdir / 'checkpoints'
   command = _command('experiments.train', workdir, steps, 3, **{'train.keep_checkpoints': 100})
@@ -140,12 +138,17 @@ def test_kill_9_at_any_moment_resumes_from_a_complete_checkpoint(tmp_path):
 
 
 def test_a_half_written_checkpoint_is_never_taken_as_whole(tmp_path):
-  from gated_attention.checkpoint import Checkpointer
   _train(tmp_path, steps=4)
   partial = tmp_path / 'checkpoints' / '6.orbax-checkpoint-tmp-1234'
   partial.mkdir()
   (partial / 'state').mkdir()
   assert Checkpointer(tmp_path, read_only=True).latest_step() == 4
+  result = subprocess.run([sys.executable, '-m', 'experiments.eval', f'--workdir={tmp_path}',
+                           '--step=6'], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1
+  assert (f'error: No complete checkpoint for step 6 in {tmp_path / "checkpoints"} (complete '
+          'steps: [2, 4])') in result.stderr
 
 
 def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
@@ -160,7 +163,7 @@ def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
                             timeout=300)
     assert result.returncode == 1
     assert f'error: Checkpoint {tmp_path / "checkpoints" / "4"} is damaged' in result.stderr
-    assert 'Traceback' not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 def test_an_unreadable_data_file_is_one_clear_error(tmp_path):
@@ -181,7 +184,6 @@ def test_restore_onto_another_mesh_and_device_count(tmp_path):
   evaluated on 1 device: the same numbers as a run on one device throughout."""
   _train(tmp_path / 'one', steps=6, devices=1)
   _train(tmp_path / 'moved', steps=6, devices=8, **{'mesh.fsdp': 8, 'mesh.data': 1})
-  import shutil
   shutil.rmtree(tmp_path / 'moved' / 'checkpoints' / '6')  # Continue from step 4 elsewhere.
   _train(tmp_path / 'moved', steps=6, devices=8,
          **{'mesh.fsdp': 2, 'mesh.data': 2, 'mesh.tensor': 2})

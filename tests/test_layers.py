@@ -1,9 +1,9 @@
 """Layers against NumPy references and invariants."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from gated_attention import layers
 from tests import reference
@@ -58,7 +58,6 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv(impl):
 
 
 def test_swiglu_matches_reference():
-  from flax import nnx
   mlp = layers.SwiGLU(8, 16, std=0.5, out_std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = np.random.default_rng(3).normal(size=(1, 4, 8)).astype(np.float32)
   wi, wo = np.asarray(mlp.wi[...]), np.asarray(mlp.wo[...])
@@ -68,7 +67,6 @@ def test_swiglu_matches_reference():
 
 
 def test_rms_norm_plus_one_starts_as_identity_scale():
-  from flax import nnx
   norm = layers.RMSNorm(8, 'embed', eps=1e-6, plus_one=True, param_dtype=jnp.float32,
                         rngs=nnx.Rngs(0))
   x = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
