@@ -55,11 +55,13 @@ def parameter_count(model_config) -> int:
       state_lib.abstract_model(model_config)[1]))
 
 
-def run_variant(run_config, run_dir: pathlib.Path) -> dict:
-  """Trains (or resumes) and evaluates one run; returns its row of the table."""
+def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
+  """Trains (or resumes) and evaluates one run; returns its row of the table, or None when
+  SIGTERM stopped the training (the run is saved; a rerun continues it)."""
   diverged, diverged_at_step = None, None
   try:
-    train(run_config, run_dir)
+    if train(run_config, run_dir)['preempted']:
+      return None
   except TrainingError as error:
     diverged, diverged_at_step = str(error), error.step
   records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
@@ -86,8 +88,12 @@ def run_ablation(config, workdir) -> dict:
       results[name] = json.loads(done.read_text())
       continue
     log(f'[{index}/{len(runs)}] {name}: gate={variant}, learning_rate={rate:g}')
-    results[name] = run_variant(variant_config(config, variant, rate), run_dir)
-    done.write_text(json.dumps(results[name], indent=2))
+    row = run_variant(variant_config(config, variant, rate), run_dir)
+    if row is None:
+      log(f'preempted during {name}: rerun the same command to continue the sweep')
+      return results
+    results[name] = row
+    done.write_text(json.dumps(row, indent=2))
 
   baseline = next((r['params'] for r in results.values()
                    if r['variant']['position'] == 'none'

@@ -293,7 +293,8 @@ class StepLog:
 
 
 def train(config, workdir) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last logged record."""
+  """Trains (or resumes) the run in `workdir`; returns the last logged record, with
+  'preempted': True added when SIGTERM stopped the run early (after saving it)."""
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   train_config = config.train
@@ -336,7 +337,7 @@ def train(config, workdir) -> dict:
   # never stalls the device; a step is read before any checkpoint that would include it.
   step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
   preemption = PreemptionWatch()
-  pending = None
+  pending, preempted = None, False
   try:
     for step in range(start_step + 1, train_config.steps + 1):
       state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding))
@@ -360,4 +361,4 @@ def train(config, workdir) -> dict:
     checkpointer.wait()
     checkpointer.close()
     step_log.close()
-  return step_log.last_record
+  return {**step_log.last_record, 'preempted': preempted}

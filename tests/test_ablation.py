@@ -62,3 +62,10 @@ def test_bad_sweeps_are_named(variants, learning_rates, message):
 def test_default_ablation_config_covers_the_paper_rows():
   names = [name for name, _, _ in ablation.sweep(ablation_config.get_config())]
   assert names == list(ablation_config.PAPER_ROWS)
+
+
+def test_a_preempted_run_is_not_recorded_as_finished(tmp_path, monkeypatch):
+  monkeypatch.setattr(ablation, 'train', lambda config, workdir: {'preempted': True})
+  assert ablation.run_ablation(_ablation_config('none,g1_headwise'), tmp_path) == {}
+  assert not (tmp_path / 'runs' / 'none' / 'result.json').exists()
+  assert not (tmp_path / 'report.md').exists()

@@ -9,6 +9,7 @@ import pytest
 from configs import paper
 from gated_attention import aot
 from gated_attention import config as config_lib
+from gated_attention import sharding
 
 pytest.importorskip('libtpu', reason='the TPU runtime (requirements-tpu.txt) is not installed')
 V5E_2X2 = 'v5e:2x2'
@@ -71,3 +72,11 @@ def test_local_topology_compiles_for_the_devices_at_hand():
   report = aot.compile_report(config, aot.topology_devices('local'))
   assert report['device_kind'] == 'cpu' and report['train_step']['total'] > 0
   assert report['fits'] is None  # No memory table entry for a CPU.
+
+
+def test_multi_slice_topology_puts_the_data_axis_across_slices():
+  devices = aot.topology_devices(V5E_2X2, num_slices=2)
+  assert [device.slice_index for device in devices] == [0] * 4 + [1] * 4
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1), devices)
+  for row, slice_index in zip(mesh.devices.reshape(2, -1), (0, 1)):
+    assert {device.slice_index for device in row} == {slice_index}  # fsdp stays within a slice.

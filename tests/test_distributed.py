@@ -45,10 +45,6 @@ def _train(workdir, steps=6, checkpoint_every=2, devices=1, **flags):
   return result.stdout + result.stderr
 
 
-def _losses(workdir):
-  return {r['step']: r['loss'] for r in read_metrics(workdir)}
-
-
 def _final_params(workdir, step=None):
   return helpers.final_params(workdir, load_config(workdir), step)
 
@@ -196,3 +192,24 @@ def test_restore_onto_another_mesh_and_device_count(tmp_path):
                    cwd=REPO, env=_env(1), check=True, capture_output=True, timeout=300)
     results[name] = json.loads((tmp_path / name / 'eval' / 'step_6.json').read_text())
   np.testing.assert_allclose(results['moved']['loss'], results['one']['loss'], rtol=1e-5)
+
+
+def test_sigterm_to_a_multi_process_job_saves_one_agreed_step(tmp_path):
+  """The launcher passes SIGTERM on; jax's preemption service picks one step for both."""
+  launch = [sys.executable, '-m', 'experiments.launch_local', '--num_processes=2',
+            '--devices_per_process=2', '--',
+            *_command('experiments.train', tmp_path, 400, 10_000,
+                      **{'mesh.fsdp': 4, 'mesh.data': 1})[3:]]
+  process = subprocess.Popen(launch, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.monotonic() + 180
+  while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=180)
+  assert process.returncode == 0, output[-3000:]
+  saved = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir()]
+  assert len(saved) == 1 and 3 <= saved[0] < 400
+  assert f'[0] preempted (SIGTERM): saved step {saved[0]}' in output
