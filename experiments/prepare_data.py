@@ -33,9 +33,9 @@ def main(argv):
     output = pathlib.Path(_OUTPUT_DIR.value)
     output.mkdir(parents=True, exist_ok=True)
     for split in ('train', 'heldout'):
-      count = data.write_array_record(data.load_split(data_config, split),
-                                      output / f'{split}.array_record')
-      print(f'{output / f"{split}.array_record"}: {count:,} examples of {_SEQ_LEN.value + 1} tokens')
+      path = output / f'{split}.array_record'
+      count = data.write_array_record(data.load_split(data_config, split), path)
+      print(f'{path}: {count:,} examples of {_SEQ_LEN.value + 1} tokens')
 
   common.run_cleanly(prepare)
 

@@ -7,7 +7,6 @@ goes non-finite is reported as diverged (at which step) instead of stopping the 
 """
 
 import json
-import math
 import pathlib
 
 from gated_attention import config as config_lib
@@ -50,11 +49,6 @@ def variant_config(config, variant: str, learning_rate: float):
   return run
 
 
-def parameter_count(model_config) -> int:
-  return sum(math.prod(shape) for _, shape in state_lib.flat_param_shapes(
-      state_lib.abstract_model(model_config)[1]))
-
-
 def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
   """Trains (or resumes) and evaluates one run; returns its row of the table, or None when
   SIGTERM stopped the training (the run is saved; a rerun continues it)."""
@@ -65,9 +59,10 @@ def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
   except TrainingError as error:
     diverged, diverged_at_step = str(error), error.step
   records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
-  row = {'variant': run_config.model.gate.to_dict(), 'learning_rate': run_config.train.learning_rate,
-         'params': parameter_count(run_config.model), 'diverged': diverged,
-         'diverged_at_step': diverged_at_step,
+  row = {'variant': run_config.model.gate.to_dict(),
+         'learning_rate': run_config.train.learning_rate,
+         'params': state_lib.num_params(state_lib.abstract_model(run_config.model)[1]),
+         'diverged': diverged, 'diverged_at_step': diverged_at_step,
          'loss_spikes': records[-1]['loss_spikes'] if records else 0,
          'loss_curve': [[r['step'], r['loss']] for r in records]}
   if diverged is None:

@@ -28,11 +28,10 @@ def save_config(workdir, config: ml_collections.ConfigDict) -> None:
   if path.exists():
     saved = load_config(workdir)
     if saved.model.to_dict() != config.model.to_dict():
-      differing = sorted(k for k in set(saved.model) | set(config.model)
-                         if saved.model.get(k) != config.model.get(k))
-      raise CheckpointError(
-          f'{workdir} holds a run with a different model config (model.{", model.".join(differing)} '
-          'differ); use a new --workdir or the same config.')
+      differing = ', '.join(f'model.{k}' for k in sorted(set(saved.model) | set(config.model))
+                            if saved.model.get(k) != config.model.get(k))
+      raise CheckpointError(f'{workdir} holds a run with a different model config ({differing} '
+                            'differ); use a new --workdir or the same config.')
     return
   path.parent.mkdir(parents=True, exist_ok=True)
   temporary = path.with_suffix('.tmp')

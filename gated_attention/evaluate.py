@@ -117,7 +117,8 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
       from gated_attention import plots  # matplotlib only where figures are drawn.
       plots.eval_figures(result, out_dir, title=f'{workdir.name} step {step}')
   log(f'step {step}: held-out loss {loss:.4f}, perplexity {result["perplexity"]:.3f} over '
-      f'{num_tokens:,} tokens; first-token attention {result["first_token_attention"]["mean"]:.3f}; '
+      f'{num_tokens:,} tokens; first-token attention '
+      f'{result["first_token_attention"]["mean"]:.3f}; '
       f'mean max activation {result["max_activation"]["mean_of_layer_max"]:.1f}'
       + (f'; gate score {result["gate_score"]["mean"]:.3f}' if result['gate_score'] else ''))
   return result

@@ -3,8 +3,8 @@
 mfu = flops_per_token * tokens_per_sec / (peak_flops_per_device * device_count), with
 flops_per_token = 6 * (parameters used in matmuls) + 6 * layers * heads * head_dim * seq_len:
 2 FLOPs per multiply-add, forward + backward = 3 x forward, and causal attention (QK^T and AV,
-each heads * head_dim * seq_len / 2 multiply-adds per token) counted at half the square. Remat recomputation is not counted (that is MFU, not
-hardware utilisation).
+each heads * head_dim * seq_len / 2 multiply-adds per token) counted at half the square. Remat
+recomputation is not counted (that is MFU, not hardware utilisation).
 """
 
 import math
@@ -37,7 +37,7 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
 
 
 def active_fraction(model_config, path, shape) -> float:
-  """Share of a parameter each token uses: top_k / num_experts for expert kernels (rank 3+), else 1."""
+  """Share of a parameter each token uses: top_k / num_experts for expert kernels, else 1."""
   moe = model_config.moe
   if moe.num_experts and path[-2:] in (('mlp', 'wi'), ('mlp', 'wo')) and len(shape) >= 3:
     return moe.top_k / moe.num_experts

@@ -84,7 +84,8 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
               axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape=None, name: str = '') -> NamedSharding:
+def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape=None,
+                   name: str = '') -> NamedSharding:
   """NamedSharding for logical axes; with `shape`, checks every sharded dimension divides evenly."""
   spec = logical_to_spec(logical_axes)
   if shape is not None:

@@ -5,6 +5,8 @@ and abstract variables; parameters travel as a plain nested dict (`nnx.merge(gra
 rebuilds the module inside jitted code). Shardings come from each parameter's logical axes.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,6 +25,10 @@ def abstract_model(model_config):
 def flat_param_shapes(abstract_state) -> list[tuple[tuple, tuple[int, ...]]]:
   """[(path, shape)] of every parameter, path a tuple of attribute names and layer indices."""
   return [(path, variable.shape) for path, variable in nnx.to_flat_state(abstract_state)]
+
+
+def num_params(abstract_state) -> int:
+  return sum(math.prod(shape) for _, shape in flat_param_shapes(abstract_state))
 
 
 def _nested(flat_items) -> dict:

@@ -13,7 +13,6 @@ part in checkpoint saves (orbax coordinates them).
 
 import collections
 import dataclasses
-import math
 import pathlib
 import sys
 import time
@@ -163,8 +162,7 @@ class TrainSetup:
 
   @property
   def num_params(self) -> int:
-    return sum(math.prod(shape) for _, shape in state_lib.flat_param_shapes(
-        self.abstract_variables))
+    return state_lib.num_params(self.abstract_variables)
 
 
 def setup_train_state(config, mesh) -> TrainSetup:
@@ -283,7 +281,8 @@ class StepLog:
         **{name: float(metrics[name]) for name in ('load_balance_loss', 'router_z_loss')
            if name in metrics}}
     self.writer.write(self.last_record)
-    self.progress.set_postfix(loss=f'{self.last_record["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}')
+    self.progress.set_postfix(loss=f'{self.last_record["loss"]:.3f}',
+                              tok_s=f'{tokens_per_sec:,.0f}')
     if jax.process_index() == 0:
       self.progress.write(format_record(self.last_record))
 

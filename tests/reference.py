@@ -83,7 +83,8 @@ def attention_block(x, weights, cfg, gate_config):
     q, k = rms_norm(q, weights['q_norm']), rms_norm(k, weights['k_norm'])
   positions = np.arange(x.shape[0])
   rotary = int(cfg['head_dim'] * cfg['rope_fraction'])
-  q, k = rope(q, positions, rotary, cfg['rope_theta']), rope(k, positions, rotary, cfg['rope_theta'])
+  q = rope(q, positions, rotary, cfg['rope_theta'])
+  k = rope(k, positions, rotary, cfg['rope_theta'])
   y, _ = causal_softmax_attention(q, k, v)
   if position == 'sdpa':
     y = gate(y, gate_logits, gate_config)
