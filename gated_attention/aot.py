@@ -91,6 +91,8 @@ def compile_report(config, devices) -> dict:
   check_batch(config, mesh)
   setup = setup_train_state(config, mesh)
   kind = devices[0].device_kind
+  print(f'compiling the train step for {len(devices)} x {kind} (minutes for paper-scale models)',
+        flush=True)
   started = time.perf_counter()
   try:
     train_step = compile_train_step(config, setup)

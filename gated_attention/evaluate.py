@@ -11,10 +11,12 @@ training path is untouched.
 
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
@@ -94,9 +96,11 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
            for analysis in (False, True)}
   loss_sum, num_tokens, measured = 0.0, 0, []
   with jax.set_mesh(mesh):
-    for index, local in enumerate(data_lib.heldout_batches(
-        source, config.eval.batch_size, config.eval.batches, jax.process_index(),
-        jax.process_count())):
+    batches = data_lib.heldout_batches(source, config.eval.batch_size, config.eval.batches,
+                                       jax.process_index(), jax.process_count())
+    for index, local in enumerate(tqdm(batches, desc='eval', unit='batch', file=sys.stdout,
+                                       total=config.eval.batches,
+                                       disable=jax.process_index() != 0)):
       analysis = index < config.eval.analysis_batches
       out = jax.device_get(steps[analysis](params, global_batch(local, batch_sharding)))
       loss_sum += float(out['loss_sum'])
