@@ -80,6 +80,7 @@ def ablation_figures(results: dict, out_dir: pathlib.Path) -> None:
     if row.get('eval'):
       per_layer = row['eval']['first_token_attention']['per_layer']
       axis.plot(range(len(per_layer)), per_layer, marker='o', label=name, linewidth=1)
+      axis.set_xticks(range(len(per_layer)))
   axis.set_xlabel('layer')
   axis.set_ylabel('attention on first token')
   axis.legend(fontsize=7)
