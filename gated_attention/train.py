@@ -350,14 +350,15 @@ def train(config, workdir) -> dict:
         checkpointer.save(step, state, {'iterator': iterator.get_state(),
                                         'loop': step_log.state()})
       if preempted:
-        log(f'preempted (SIGTERM): saved step {step}; run the same command to resume')
         break
-    else:
-      log(f'done: step {train_config.steps}, {step_log.loss_spikes} loss spike(s), '
-          f'{step_log.skipped_steps} skipped step(s); checkpoints in {checkpointer.directory}')
   finally:
     preemption.close()
     checkpointer.wait()
     checkpointer.close()
     step_log.close()
+  if preempted:
+    log(f'preempted (SIGTERM): saved step {step}; run the same command to resume')
+  else:
+    log(f'done: step {train_config.steps}, {step_log.loss_spikes} loss spike(s), '
+        f'{step_log.skipped_steps} skipped step(s); checkpoints in {checkpointer.directory}')
   return {**step_log.last_record, 'preempted': preempted}
