@@ -17,6 +17,10 @@ baseline and 2.1-3.0 for the gates, lower as in the paper (at a scale where noth
 Gate scores: 0.44 (G1 elementwise), 0.47 (headwise), 0.45 (head-shared), 0.71 (NS-sigmoid):
 elementwise sparsest and NS-sigmoid least sparse as in the paper, headwise and head-shared
 swapped, and all far less sparse than the paper's 0.12 at 400B tokens.
+
+Longer context (README.md, one seed): seq_len 512, 1500 steps, LR 4e-3, baseline against G1
+elementwise: held-out loss 1.304 / 1.288, mean max activation 51.2 / 24.6 (86 / 37 in the last
+layer), first-token attention 0.012 / 0.010, gate score 0.33.
 """
 
 from gated_attention import config as config_lib
