@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gated_attention.config import canonical_gate_position
 from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
 from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, causal_attention, param,
                                     rope_tables)
@@ -157,7 +156,6 @@ class Transformer(nnx.Module):
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), param_dtype, cfg.init_std)
     self.rotary_dim = int(cfg.head_dim * cfg.rope_fraction)
     self.rope_theta = cfg.rope_theta
-    self.gated = canonical_gate_position(cfg.gate.position) != 'none'
     self.remat = cfg.remat
 
   def __call__(self, tokens: jax.Array, analysis: bool = False):

@@ -16,7 +16,8 @@ from tests import helpers
 def _measure(model, tokens):
   graphdef, params = nnx.split(model)
   out = make_eval_step(graphdef, analysis=True)(nnx.to_pure_dict(params), tokens)
-  activation = model.blocks[0].attention.gate.activation if model.gated else None
+  gate = model.blocks[0].attention.gate
+  activation = gate.activation if gate.enabled else None
   return summarize_measurements([jax.device_get(out)], activation)
 
 
