@@ -120,9 +120,9 @@ class Gate(nnx.Module):
     return jnp.einsum('bte,ew->btw', x, self.kernel[...].astype(x.dtype))
 
   def __call__(self, y: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gates y with act(logits); returns (gated y, gate score) with the score broadcastable to y."""
+    """Gates y with act(logits); returns (gated y, the gate score applied to each element of y)."""
     if self.head_shared:
       logits = jnp.mean(logits, axis=-2, keepdims=True)
     score = _ACTIVATIONS[self.activation](logits)
     gated = y * score if self.mode == 'multiplicative' else y + score
-    return gated, score
+    return gated, jnp.broadcast_to(score, gated.shape)  # Free in training: nothing reads it.

@@ -73,7 +73,6 @@ class Attention(nnx.Module):
       logits = gate.logits(x)
     if gate.position in projections:  # G2, G3, G4 gate a projection's output directly.
       projections[gate.position], score = gate(projections[gate.position], logits)
-      gated_shape = projections[gate.position].shape
 
     q = constrain(projections['query'], ('batch', 'length', 'heads', 'head_dim'))
     k = constrain(projections['key'], ('batch', 'length', 'kv_heads', 'head_dim'))
@@ -86,22 +85,20 @@ class Attention(nnx.Module):
     y = sdpa_nonlinearity(y, self.sdpa_nonlinearity, self.eps)
     if gate.position == 'sdpa':
       y, score = gate(y, logits)
-      gated_shape = y.shape
     out = jnp.einsum('bthd,hde->bte', y, self.wo[...].astype(x.dtype))
     if gate.position == 'dense':
       out, score = gate(out, logits)
-      gated_shape = out.shape
 
     stats = {}
     if analysis:
       # Queries 1.. only: query 0 can attend to nothing but the first token.
       stats['first_token_attention'] = jnp.mean(probs[:, :, 1:, 0], axis=(0, 2))
       if score is not None:
-        score = jnp.broadcast_to(score, gated_shape).astype(jnp.float32)
+        score = score.astype(jnp.float32)
+        edges = gate_histogram_edges(gate.activation)
         stats['gate_score_mean'] = jnp.mean(score)
-        stats['gate_score_histogram'] = jnp.histogram(
-            jnp.clip(score, *gate_histogram_edges(gate.activation)[[0, -1]]),
-            bins=gate_histogram_edges(gate.activation))[0]
+        stats['gate_score_histogram'] = jnp.histogram(jnp.clip(score, edges[0], edges[-1]),
+                                                      bins=edges)[0]
     return constrain(out, ACTIVATION_AXES), stats
 
 
