@@ -65,8 +65,9 @@ def get_config(arg: str = ''):
   model, moe = dict(MODELS[args.model], **_COMMON), (MOE if is_moe else {})
   config = config_lib.base_config(size='tiny', gate=args.gate)
   config.model.match_baseline_params = not is_moe
+  config.model.scan_layers = True
   if args.scale == 'full':
-    config.model.update(model, vocab_size=QWEN3_VOCAB_SIZE, dtype='bfloat16', remat=True)
+    config.model.update(model, vocab_size=QWEN3_VOCAB_SIZE, dtype='bfloat16', remat='full')
     config.model.moe.update(moe)
     config.data.update(seq_len=4096, batch_size=1024)
     config.train.update(steps=95_367, warmup_steps=1_000, min_learning_rate=3e-5,

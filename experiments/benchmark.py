@@ -1,53 +1,143 @@
-"""Train-step speed per gate variant, and the gate's overhead against the baseline:
+"""Train-step speed and memory, one row per combination of the axes given:
 
-  python -m experiments.benchmark --config=configs/lm.py:size=small --gates=none,g1_elementwise
+  python -m experiments.benchmark --config=configs/lm.py:size=small \
+      --gates=none,g1_elementwise,g1_headwise --attention_impls=xla,chunked [--scan=false,true]
+      [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] [--json]
+
+Each row: parameters, ms/step, tokens/s, MFU (gate FLOPs included), compiled memory per device,
+and the overhead against the ungated row of the same settings. --torch_python runs the PyTorch
+reference (../shared/bench/torch_lm.py, in its own environment) on the same shape in the same
+run, eager and with torch.compile. --attention_memory=512,...,16384 prints the compiled memory
+of one attention layer's forward and backward pass per implementation and length.
 """
 
+import itertools
 import json
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
+from gated_attention import benchmark
 from gated_attention import config as config_lib
-from gated_attention.benchmark import benchmark_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py', 'Experiment config file.')
 _GATES = flags.DEFINE_list('gates', ['none', 'g1_elementwise', 'g1_headwise'],
                            'Gate variants (names of gated_attention.config.GATE_PRESETS).')
+_ATTENTION = flags.DEFINE_list('attention_impls', [], 'model.attention_impl values to compare '
+                               '(default: the config\'s).')
+_SCAN = flags.DEFINE_list('scan', [], 'model.scan_layers values to compare: false, true.')
+_MOE = flags.DEFINE_list('moe_impls', [], 'model.moe.impl values to compare (MoE configs).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.')
 _TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median step time is reported.')
+_TORCH = flags.DEFINE_string('torch_python', None, 'Python of a PyTorch environment: also time '
+                             'the PyTorch reference of the same shape (eager and compiled).')
+_TORCH_SCRIPT = flags.DEFINE_string('torch_script', '../shared/bench/torch_lm.py',
+                                    'The PyTorch reference script.')
+_MEMORY = flags.DEFINE_list('attention_memory', [], 'Sequence lengths: print the compiled memory '
+                            'of one attention layer per implementation instead of timing steps.')
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
+
+# The gates the PyTorch reference implements (G1 on the SDPA output).
+_TORCH_GATES = ('none', 'g1_elementwise', 'g1_headwise')
+
+
+def _parse_bool(text: str, key: str) -> bool:
+  if text.lower() not in ('true', 'false'):
+    raise config_lib.ConfigError(f'--{key}={text!r}: expected true or false.')
+  return text.lower() == 'true'
+
+
+def _rows(config) -> list[dict]:
+  """One dict of axis values per combination; an empty axis keeps the config's value."""
+  values = {
+      'gate': _GATES.value,
+      'attention': _ATTENTION.value or [config.model.attention_impl],
+      'scan': [_parse_bool(v, 'scan') for v in _SCAN.value] or [config.model.scan_layers],
+      'moe': _MOE.value or [config.model.moe.impl],
+  }
+  return [dict(zip(values, combination)) for combination in itertools.product(*values.values())]
+
+
+def _row_config(config, row: dict):
+  run = config.copy_and_resolve_references()
+  run.model.gate = config_lib.gate_config(row['gate'])
+  run.model.attention_impl, run.model.scan_layers = row['attention'], row['scan']
+  run.model.moe.impl = row['moe']
+  config_lib.validate(run)
+  return run
+
+
+def _print_table(config, rows: list[dict], torch: dict) -> None:
+  first = rows[0]['result']
+  print(f'\n{first["devices"]} x {first["device_kind"]}, batch {config.data.batch_size} x seq '
+        f'{config.data.seq_len}, dtype {config.model.dtype}')
+  print(f'{"gate":22} {"attention":>10} {"scan":>5} {"moe":>9} {"params":>11} {"ms/step":>9} '
+        f'{"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10}')
+  for row in rows:
+    r = row['result']
+    mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a'
+    overhead = f'{r["overhead_vs_none"]:+.1%}' if r['overhead_vs_none'] is not None else 'n/a'
+    memory = f'{r["memory_bytes"]["total"] / 2**20:.0f}' if r['memory_bytes'] else 'n/a'
+    print(f'{row["gate"]:22} {row["attention"]:>10} {str(row["scan"]):>5} {row["moe"]:>9} '
+          f'{r["params"]:>11,} {r["step_time_s"] * 1e3:>9.1f} {r["tokens_per_sec"]:>9,.0f} '
+          f'{mfu:>6} {overhead:>8} {memory:>10}')
+  for name, r in torch.items():
+    print(f'{name:22} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
+          f'{r["step_time_s"] * 1e3:>9.1f} {r["tokens_per_sec"]:>9,.0f}')
+  if torch:
+    print('(torch: PyTorch reference of the same shape, its own process; vocabulary and gate as '
+          'above, G1 only)')
+
+
+def _attention_memory(config) -> None:
+  impls = _ATTENTION.value or ['xla', 'dot_product', 'chunked']
+  lengths = [int(length) for length in _MEMORY.value]
+  model = config.model
+  table = {impl: {length: benchmark.attention_memory(impl, length, model.num_heads,
+                                                     model.head_dim)
+                  for length in lengths} for impl in impls}
+  if _JSON.value:
+    print(json.dumps(table, indent=2))
+    return
+  print(f'one attention layer, forward and backward, batch 1, {model.num_heads} heads of '
+        f'{model.head_dim}, float32: compiled temporaries (MiB)')
+  print(f'{"length":>8} ' + ' '.join(f'{impl:>12}' for impl in impls))
+  for length in lengths:
+    print(f'{length:>8} ' + ' '.join(f'{table[impl][length] / 2**20:>12.1f}' for impl in impls))
 
 
 def main(argv):
   del argv
+  config = _CONFIG.value
 
   def run():
-    results = {}
-    for gate in _GATES.value:
-      config = _CONFIG.value.copy_and_resolve_references()
-      config.model.gate = config_lib.gate_config(gate)
-      results[gate] = benchmark_train_step(config, _STEPS.value, _TRIALS.value)
-      print(f'  {gate}: {results[gate]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
-    baseline = results.get('none')
-    for result in results.values():
-      result['overhead_vs_none'] = (result['step_time_s'] / baseline['step_time_s'] - 1
-                                    if baseline else None)
+    if _MEMORY.value:
+      return _attention_memory(config)
+    rows = _rows(config)
+    for row in rows:
+      row['result'] = benchmark.benchmark_train_step(_row_config(config, row), _STEPS.value,
+                                                     _TRIALS.value)
+      print(f'  {row}: {row["result"]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
+    for row in rows:  # Overhead against the ungated row with the same other settings.
+      baseline = next((other['result'] for other in rows if other['gate'] == 'none' and all(
+          other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
+      row['result']['overhead_vs_none'] = (
+          row['result']['step_time_s'] / baseline['step_time_s'] - 1 if baseline else None)
+    torch = {}
+    for gate in (_GATES.value if _TORCH.value else []):
+      if gate not in _TORCH_GATES:
+        continue
+      for compile_mode in (False, True):
+        name = f'torch {"compile" if compile_mode else "eager"} {gate}'
+        torch[name] = benchmark.torch_reference(
+            _TORCH.value, _TORCH_SCRIPT.value, _row_config(config, dict(rows[0], gate=gate)),
+            compile_mode)
+        print(f'  {name}: {torch[name]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
     if _JSON.value:
-      print(json.dumps(results, indent=2))
-      return
-    first = next(iter(results.values()))
-    print(f'\n{first["devices"]} x {first["device_kind"]}, batch {_CONFIG.value.data.batch_size}'
-          f' x seq {_CONFIG.value.data.seq_len}, dtype {_CONFIG.value.model.dtype}')
-    print(f'{"gate":24} {"params":>12} {"ms/step":>9} {"tokens/s":>10} {"mfu":>6} '
-          f'{"vs none":>8} {"MiB/device":>11}')
-    for gate, r in results.items():
-      mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a'
-      overhead = f'{r["overhead_vs_none"]:+.1%}' if r['overhead_vs_none'] is not None else 'n/a'
-      memory = f'{r["memory_bytes"]["total"] / 2**20:.0f}' if r['memory_bytes'] else 'n/a'
-      print(f'{gate:24} {r["params"]:>12,} {r["step_time_s"] * 1e3:>9.1f} '
-            f'{r["tokens_per_sec"]:>10,.0f} {mfu:>6} {overhead:>8} {memory:>11}')
+      print(json.dumps({'rows': rows, 'torch': torch}, indent=2))
+    else:
+      _print_table(config, rows, torch)
 
   common.run_cleanly(run)
 

@@ -1,11 +1,16 @@
-"""Speed of the compiled train step, alone (random tokens, no input pipeline), per gate variant:
-the paper claims the G1 gate costs under 2% wall time."""
+"""Speed and memory, measured: the compiled train step alone (random tokens, no input pipeline)
+for any config, the compiled memory of one attention layer by implementation and length, and
+the PyTorch reference's step beside it (run in its own interpreter, never imported)."""
 
+import re
+import subprocess
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention.train import (check_batch, compile_train_step, compiled_memory,
@@ -40,3 +45,38 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
           'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': compile_s,
           'memory_bytes': compiled_memory(compiled), 'device_kind': jax.devices()[0].device_kind,
           'devices': jax.device_count()}
+
+
+def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
+                     batch: int = 1, dtype=jnp.float32) -> int:
+  """Compiled temporary bytes of one attention layer's forward and backward pass (compiled,
+  never run: lengths far beyond this machine's memory are fine)."""
+  shape = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype)
+  loss = lambda q, k, v: jnp.sum(attention_lib.attention(q, k, v, impl).astype(jnp.float32))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return step.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+
+
+def torch_reference(python: str, script: str, config, compile_mode: bool = False,
+                    timeout_s: float = 1200) -> dict:
+  """Runs the PyTorch reference of the same shape (`script`, e.g. ../shared/bench/torch_lm.py)
+  under `python` (its own virtual environment) and parses its one-line result."""
+  model, data = config.model, config.data
+  gate = config_lib.canonical_gate_position(model.gate.position)
+  env = {'D': model.d_model, 'LAYERS': model.num_layers, 'HEADS': model.num_heads,
+         'KV_HEADS': model.num_kv_heads, 'HEAD_DIM': model.head_dim, 'MLP': model.mlp_dim,
+         'SEQ': data.seq_len, 'BATCH': data.batch_size,
+         'GATE': 'none' if gate == 'none' else model.gate.granularity,
+         'COMPILE': int(compile_mode)}
+  result = subprocess.run([python, script], capture_output=True, text=True, timeout=timeout_s,
+                          env={'PATH': '/usr/bin:/bin', **{k: str(v) for k, v in env.items()}})
+  line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
+  found = re.search(r'params=([\d,]+) ms/step=([\d.]+)', line)
+  if result.returncode or not found:
+    raise config_lib.ConfigError(f'the PyTorch reference {script} failed under {python}: '
+                                 f'{(result.stderr or line).strip().splitlines()[-1:]}')
+  step_time = float(found.group(2)) / 1e3
+  return {'params': int(found.group(1).replace(',', '')), 'step_time_s': step_time,
+          'tokens_per_sec': data.batch_size * data.seq_len / step_time, 'line': line}
+
+

@@ -12,7 +12,10 @@ GATE_GRANULARITIES = ('elementwise', 'headwise')
 GATE_MODES = ('multiplicative', 'additive')
 GATE_ACTIVATIONS = ('sigmoid', 'silu', 'identity', 'ns_sigmoid')
 SDPA_NONLINEARITIES = ('none', 'rms_norm', 'silu')
-ATTENTION_IMPLS = ('auto', 'xla', 'dot_product')
+ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'chunked', 'splash')
+SPLASH_BLOCK = 128  # The splash kernel's smallest block along the sequence.
+REMAT_POLICIES = ('none', 'full', 'save_dots')
+MOE_IMPLS = ('capacity', 'ragged')
 DTYPES = ('float32', 'bfloat16', 'float16')
 DATA_SOURCES = ('embedded', 'text_files', 'array_record')
 ON_NONFINITE = ('stop', 'skip')
@@ -83,13 +86,17 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       dtype='float32',
       param_dtype='float32',
       init_std=0.02,
-      remat=False,  # Recompute each block in the backward pass, keeping only its input.
+      # What a block keeps for the backward pass: everything ('none'), only its input
+      # ('full'), or its weight matmuls' outputs ('save_dots'); see gated_attention.model.
+      remat='none',
+      scan_layers=False,  # Stack the layers' parameters and run one block under lax.scan.
       **SIZES[size]))
   config.model.gate = gate_config(gate)
   # Mixture of experts in place of the dense MLP when num_experts > 0 (gated_attention/moe.py).
   config.model.moe = ml_collections.ConfigDict(dict(
       num_experts=0, top_k=2, expert_mlp_dim=64, capacity_factor=0.0, normalize_top_k=True,
-      load_balance_weight=0.01, router_z_weight=0.001))
+      load_balance_weight=0.01, router_z_weight=0.001, impl='capacity',
+      shared_expert_dim=0))  # > 0: a shared expert of this width with a sigmoid gate.
   # Narrow a gated model's dense MLP so its parameters equal the ungated model's (the paper's
   # dense comparisons); see gated_attention.model.mlp_width.
   config.model.match_baseline_params = False
@@ -152,6 +159,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'head_dim={model.head_dim}; it must be a positive even number.')
   _check_positive('model.rope_theta', model.rope_theta)
   _check_choice('model.attention_impl', model.attention_impl, ATTENTION_IMPLS)
+  if isinstance(model.remat, bool):
+    raise ConfigError(f'model.remat={model.remat!r}: model.remat now names a policy, one of '
+                      f'{list(REMAT_POLICIES)} (True was \'full\', False \'none\').')
+  _check_choice('model.remat', model.remat, REMAT_POLICIES)
   _check_choice('model.dtype', model.dtype, DTYPES)
   _check_choice('model.param_dtype', model.param_dtype, DTYPES)
 
@@ -176,6 +187,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if moe.capacity_factor < 0:
       raise ConfigError(f'model.moe.capacity_factor={moe.capacity_factor} must be 0 (dropless) '
                         'or positive.')
+    _check_choice('model.moe.impl', moe.impl, MOE_IMPLS)
+    if moe.shared_expert_dim < 0:
+      raise ConfigError(f'model.moe.shared_expert_dim={moe.shared_expert_dim} must be 0 (no '
+                        'shared expert) or positive.')
   if model.match_baseline_params and moe.num_experts:
     raise ConfigError('model.match_baseline_params narrows the dense MLP; it does not apply to '
                       'a mixture-of-experts model (model.moe.num_experts > 0).')
@@ -185,6 +200,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if data.source != 'embedded' and not data.path:
     raise ConfigError(f'data.path is empty; data.source={data.source!r} needs a file glob.')
   _check_positive('data.seq_len', data.seq_len)
+  if model.attention_impl == 'splash' and data.seq_len % SPLASH_BLOCK:
+    raise ConfigError(f'data.seq_len={data.seq_len}: model.attention_impl=splash needs a '
+                      f'multiple of {SPLASH_BLOCK} (the kernel\'s block length).')
   _check_positive('data.batch_size', data.batch_size)
   if not 0 < data.heldout_fraction < 1:
     raise ConfigError(f'data.heldout_fraction={data.heldout_fraction} must be in (0, 1).')

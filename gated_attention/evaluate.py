@@ -14,6 +14,7 @@ import pathlib
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -28,10 +29,17 @@ from gated_attention.train import check_batch, cross_entropy, global_batch, log
 
 
 def make_eval_step(graphdef, analysis: bool):
-  """eval_step(params, tokens) -> {'loss_sum', 'tokens'} plus per-layer stats with analysis."""
+  """eval_step(params, tokens) -> {'loss_sum', 'tokens'} plus, with analysis, per-layer stats:
+  first_token_attention [layers, heads] (mean over sequences and queries 1..: query 0 can
+  attend to nothing but the first token), max_activation, gate scores."""
   def eval_step(params, tokens):
-    logits, _, stats = apply(graphdef, params, tokens[:, :-1], analysis)
-    loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
+    output = apply(graphdef, params, tokens[:, :-1], analysis=analysis)
+    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:])
+    stats = dict(output.stats)
+    if analysis:
+      stats['first_token_attention'] = jnp.mean(stats['first_token_attention'][..., 1:],
+                                                 axis=(1, 3))
+      del stats['attention_map'], stats['value_norm']
     return {'loss_sum': loss_sum, 'tokens': num_tokens, **stats}
   return eval_step
 

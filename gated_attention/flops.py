@@ -23,7 +23,8 @@ PEAK_FLOPS_BY_DEVICE_KIND = (
 
 # Parameters that multiply activations once per token (the embedding only when it is tied, as
 # then it is also the output matmul; a lookup costs no FLOPs).
-_MATMUL_PARAM_NAMES = ('wq', 'wk', 'wv', 'wo', 'wi', 'kernel', 'lm_head', 'router')
+_MATMUL_PARAM_NAMES = ('wq', 'wk', 'wv', 'wo', 'wi', 'kernel', 'lm_head', 'router',
+                       'shared_expert_gate')
 
 
 def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
@@ -36,10 +37,10 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
   return None
 
 
-def active_fraction(model_config, path, shape) -> float:
+def active_fraction(model_config, path) -> float:
   """Share of a parameter each token uses: top_k / num_experts for expert kernels, else 1."""
   moe = model_config.moe
-  if moe.num_experts and path[-2:] in (('mlp', 'wi'), ('mlp', 'wo')) and len(shape) >= 3:
+  if moe.num_experts and path[-2:] in (('mlp', 'wi'), ('mlp', 'wo')):
     return moe.top_k / moe.num_experts
   return 1.0
 
@@ -47,7 +48,7 @@ def active_fraction(model_config, path, shape) -> float:
 def active_matmul_params(model_config, flat_params) -> float:
   """Matmul parameters one token passes through; flat_params: iterable of (path, shape)."""
   names = _MATMUL_PARAM_NAMES + (('embedding',) if model_config.tie_embeddings else ())
-  return sum(math.prod(shape) * active_fraction(model_config, path, shape)
+  return sum(math.prod(shape) * active_fraction(model_config, path)
              for path, shape in flat_params if path[-1] in names)
 
 

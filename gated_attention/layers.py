@@ -1,5 +1,5 @@
-"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE, SwiGLU, and
-scaled dot-product attention (SDPA) in two implementations."""
+"""Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE and SwiGLU.
+Scaled dot-product attention lives in `gated_attention.attention`."""
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +38,20 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(positions: jax.Array, rotary_dim: int, theta: float):
-  """sin and cos of shape [length, rotary_dim // 2] for rotate-half RoPE."""
+  """sin and cos of shape [batch or 1, length, rotary_dim // 2] for rotate-half RoPE at
+  positions [batch or 1, length]."""
   inv_freq = theta ** (-jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
-  angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
   return jnp.sin(angles), jnp.cos(angles)
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotate-half RoPE on the first 2 * sin.shape[-1] dims of x [batch, length, heads, head_dim];
-  the remaining dims pass through (partial rotary)."""
+  """Rotate-half RoPE on the first 2 * sin.shape[-1] dims of x [batch, length, heads, head_dim]
+  (sin, cos from rope_tables); the remaining dims pass through (partial rotary)."""
   half = sin.shape[-1]
   x32 = x.astype(jnp.float32)
   x1, x2, rest = x32[..., :half], x32[..., half:2 * half], x32[..., 2 * half:]
-  sin, cos = sin[None, :, None, :], cos[None, :, None, :]
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
   return rotated.astype(x.dtype)
 
@@ -67,30 +68,3 @@ class SwiGLU(nnx.Module):
     h = jnp.einsum('bte,ecm->btcm', x, self.wi[...].astype(x.dtype))
     h = constrain(jax.nn.silu(h[:, :, 0]) * h[:, :, 1], ('batch', 'length', 'mlp'))
     return jnp.einsum('btm,me->bte', h, self.wo[...].astype(x.dtype))
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str,
-                     return_probs: bool = False):
-  """Causal SDPA with grouped-query attention.
-
-  q: [batch, length, heads, head_dim]; k, v: [batch, length, kv_heads, head_dim], where query
-  head h reads KV head h // (heads // kv_heads). Scale head_dim ** -0.5.
-  impl: 'xla' (explicit softmax in float32) or 'dot_product' (jax.nn.dot_product_attention,
-  which uses cuDNN flash attention on a GPU when the dtype allows).
-  Returns out [batch, length, heads, head_dim] and, when return_probs (xla only), the attention
-  probabilities [batch, heads, query, key] in float32.
-  """
-  if impl == 'dot_product':
-    assert not return_probs, 'attention probabilities need the xla implementation'
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True), None
-  batch, length, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-  logits = jnp.einsum('bqkgd,bskd->bkgqs', q, k, preferred_element_type=jnp.float32)
-  logits = logits * head_dim ** -0.5
-  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-  logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum('bkgqs,bskd->bqkgd', probs.astype(v.dtype), v)
-  out = out.reshape(batch, length, heads, head_dim)
-  return out, (probs.reshape(batch, heads, length, length) if return_probs else None)

@@ -1,24 +1,39 @@
 """Decoder-only language model with gated attention: embedding, pre-norm blocks (attention with
-its gate, SwiGLU MLP), final RMSNorm, logits.
+its gate, SwiGLU MLP or mixture of experts), final RMSNorm, logits.
 
-`Transformer(config.model, rngs=...)(tokens)` returns float32 logits. With `analysis=True` it also
-returns the per-layer measurements the paper reports (see `Transformer.__call__`); the training
-path never computes them.
+`Transformer(config.model, rngs=...)(tokens)` returns a `ModelOutput` whose `logits` are float32.
+The same call serves training, evaluation with the paper's measurements (`analysis=True`; the
+training path never computes them) and generation (`cache=`, a `KVCache`).
+
+Layers are a Python loop over `blocks` or, with `model.scan_layers`, one block whose parameters
+are stacked on a leading `layers` axis (`layers`), run under jax.lax.scan: one block body is
+compiled whatever the depth. Both layouts run the same block code and convert into each other
+(`gated_attention.state.convert_layers`).
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gated_attention import attention as attention_lib
 from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
-from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, causal_attention, param,
-                                    rope_tables)
+from gated_attention.layers import RMSNorm, SwiGLU, apply_rope, param, rope_tables
 from gated_attention.moe import MoE
-from gated_attention.sharding import constrain
+from gated_attention.sharding import constrain, splits_evenly
 
 GATE_HISTOGRAM_BINS = 40
+ATTENTION_MAP_SIZE = 64  # analysis: attention maps of the first positions, as the paper's Fig. 2.
 ACTIVATION_AXES = ('batch', 'length', 'embed')
+# What each block keeps for the backward pass (model.remat): everything, only its input
+# (recompute the rest), or the outputs of its weight matmuls (recompute the cheap rest).
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def gate_histogram_edges(activation: str) -> np.ndarray:
@@ -28,11 +43,37 @@ def gate_histogram_edges(activation: str) -> np.ndarray:
   return np.linspace(low, high, GATE_HISTOGRAM_BINS + 1, dtype=np.float32)
 
 
-def resolve_attention_impl(impl: str) -> str:
-  """'auto' is jax.nn.dot_product_attention (cuDNN flash) on GPU and explicit softmax elsewhere."""
-  if impl == 'auto':
-    return 'dot_product' if jax.default_backend() == 'gpu' else 'xla'
-  return impl
+class KVCache(NamedTuple):
+  """Keys and values of every layer for generation: slot j holds position j.
+
+  key, value: [layers, batch, max_length, kv_heads, head_dim]; length: int [batch], the
+  positions filled so far (where the next tokens go)."""
+  key: jax.Array
+  value: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def empty(cls, cfg, batch: int, max_length: int, dtype) -> 'KVCache':
+    shape = (cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+class ModelOutput(NamedTuple):
+  """logits: float32 [batch, length, vocab].
+  aux_losses: mixture-of-experts load_balance_loss and router_z_loss, mean over layers ({} for
+    a dense model).
+  stats: with analysis=True, per-layer arrays (leading axis: layers):
+    first_token_attention [layers, batch, heads, length]: each query's attention on token 0;
+    attention_map [layers, heads, m, m]: attention among the first m = min(64, length)
+      positions, mean over the batch;
+    value_norm [layers, batch, length, kv_heads]: |v| of each position's value state;
+    max_activation [layers]: max |hidden state| of the residual stream after each layer;
+    gate_score_mean [layers], gate_score_histogram [layers, bins] (gated models only).
+  cache: the updated KVCache when one was given, else None."""
+  logits: jax.Array
+  aux_losses: dict
+  stats: dict
+  cache: KVCache | None
 
 
 class Attention(nnx.Module):
@@ -55,12 +96,14 @@ class Attention(nnx.Module):
     norm = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, param_dtype=dtype, rngs=rngs)
     self.q_norm = RMSNorm(d, 'head_dim', **norm) if cfg.qk_norm else None
     self.k_norm = RMSNorm(d, 'head_dim', **norm) if cfg.qk_norm else None
-    self.impl = resolve_attention_impl(cfg.attention_impl)
+    self.impl = cfg.attention_impl
     self.sdpa_nonlinearity = cfg.gate.sdpa_nonlinearity
     self.eps = cfg.norm_eps
 
-  def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, analysis: bool = False):
-    """x: normed block input [batch, length, embed]. Returns ([batch, length, embed], stats)."""
+  def __call__(self, x: jax.Array, rope, cache=None, analysis: bool = False):
+    """x: normed block input [batch, length, embed]; rope: (sin, cos) at x's positions;
+    cache: None, or this layer's (key, value, length) to write into and attend over.
+    Returns ([batch, length, embed], outputs: stats and, with a cache, 'key' and 'value')."""
     projections = {
         'query': jnp.einsum('bte,ehd->bthd', x, self.wq[...].astype(x.dtype)),
         'key': jnp.einsum('bte,ehd->bthd', x, self.wk[...].astype(x.dtype)),
@@ -79,9 +122,28 @@ class Attention(nnx.Module):
     v = constrain(projections['value'], ('batch', 'length', 'kv_heads', 'head_dim'))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-    y, probs = causal_attention(q, k, v, 'xla' if analysis else self.impl, return_probs=analysis)
+    outputs, q_offset = {}, None
+    if cache is not None:
+      cache_key, cache_value, q_offset = cache
+      write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
+      k = outputs['key'] = write(cache_key, k.astype(cache_key.dtype), q_offset)
+      v = outputs['value'] = write(cache_value, v.astype(cache_value.dtype), q_offset)
+    if not splits_evenly('kv_heads', k.shape[2]):
+      # Tensor parallelism past the KV heads: each shard reads the query heads' copies.
+      group = q.shape[2] // k.shape[2]
+      k = constrain(jnp.repeat(k, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
+      v = constrain(jnp.repeat(v, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
+
+    if analysis:
+      y, probs = attention_lib.softmax_attention(q, k, v, q_offset)
+      m = min(ATTENTION_MAP_SIZE, probs.shape[-1])
+      outputs.update(first_token_attention=probs[..., 0],
+                     attention_map=jnp.mean(probs[:, :, :m, :m], axis=0),
+                     value_norm=jnp.linalg.norm(v.astype(jnp.float32), axis=-1))
+    else:
+      y = attention_lib.attention(q, k, v, self.impl, q_offset)
     y = sdpa_nonlinearity(y, self.sdpa_nonlinearity, self.eps)
     if gate.position == 'sdpa':
       y, score = gate(y, logits)
@@ -89,17 +151,13 @@ class Attention(nnx.Module):
     if gate.position == 'dense':
       out, score = gate(out, logits)
 
-    stats = {}
-    if analysis:
-      # Queries 1.. only: query 0 can attend to nothing but the first token.
-      stats['first_token_attention'] = jnp.mean(probs[:, :, 1:, 0], axis=(0, 2))
-      if score is not None:
-        score = score.astype(jnp.float32)
-        edges = gate_histogram_edges(gate.activation)
-        stats['gate_score_mean'] = jnp.mean(score)
-        stats['gate_score_histogram'] = jnp.histogram(jnp.clip(score, edges[0], edges[-1]),
+    if analysis and score is not None:
+      score = score.astype(jnp.float32)
+      edges = gate_histogram_edges(gate.activation)
+      outputs['gate_score_mean'] = jnp.mean(score)
+      outputs['gate_score_histogram'] = jnp.histogram(jnp.clip(score, edges[0], edges[-1]),
                                                       bins=edges)[0]
-    return constrain(out, ACTIVATION_AXES), stats
+    return constrain(out, ACTIVATION_AXES), outputs
 
 
 def mlp_width(cfg) -> int:
@@ -127,15 +185,34 @@ class Block(nnx.Module):
       self.mlp = SwiGLU(cfg.d_model, mlp_width(cfg), std=cfg.init_std, out_std=out_std,
                         param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, sin, cos, analysis: bool = False):
-    attended, stats = self.attention(self.attention_norm(x), sin, cos, analysis)
+  def __call__(self, x, rope, cache=None, analysis: bool = False):
+    """Returns (x, outputs): the attention's outputs, MoE auxiliary losses, max_activation."""
+    attended, outputs = self.attention(self.attention_norm(x), rope, cache, analysis)
     if self.sandwich_norm is not None:
       attended = self.sandwich_norm(attended)
     x = x + attended
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ACTIVATION_AXES)
+    mlp = self.mlp(self.mlp_norm(x))
+    if isinstance(self.mlp, MoE):
+      mlp, aux_losses = mlp
+      outputs.update(aux_losses)
+    x = constrain(x + mlp, ACTIVATION_AXES)
     if analysis:
-      stats['max_activation'] = jnp.max(jnp.abs(x.astype(jnp.float32)))
-    return x, stats
+      outputs['max_activation'] = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    return x, outputs
+
+
+def _stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters carry a leading `layers` axis of num_layers."""
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(rngs):
+    return Block(cfg, rngs=rngs)
+
+  blocks = create(rngs)
+  for _, variable in nnx.iter_graph(blocks):
+    if isinstance(variable, nnx.Param):
+      variable.set_metadata(logical_axes=('layers', *variable.get_metadata()['logical_axes']))
+  return blocks
 
 
 class Transformer(nnx.Module):
@@ -146,33 +223,31 @@ class Transformer(nnx.Module):
     param_dtype = jnp.dtype(cfg.param_dtype)
     self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), param_dtype,
                            cfg.init_std)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers, self.blocks = _stacked_blocks(cfg, rngs), None
+    else:
+      self.layers = None
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, 'embed', eps=cfg.norm_eps,
                               plus_one=cfg.norm_plus_one, param_dtype=param_dtype, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), param_dtype, cfg.init_std)
     self.rotary_dim = int(cfg.head_dim * cfg.rope_fraction)
     self.rope_theta = cfg.rope_theta
-    self.remat = cfg.remat
+    self.remat_policy = cfg.remat
 
-  def __call__(self, tokens: jax.Array, analysis: bool = False):
-    """tokens: int [batch, length]. Returns float32 logits [batch, length, vocab].
-
-    With analysis=True returns (logits, stats), stats holding per-layer arrays:
-      first_token_attention [layers, heads]: mean attention probability on token 0 (queries 1..);
-      max_activation [layers]: max |hidden state| of the residual stream after each layer;
-      gate_score_mean [layers], gate_score_histogram [layers, bins] (gated models only).
-    """
+  def __call__(self, tokens: jax.Array, cache: KVCache | None = None,
+               analysis: bool = False) -> ModelOutput:
+    """tokens: int [batch, length]; with a cache, placed at positions cache.length onwards."""
+    assert not (analysis and cache is not None), 'analysis runs on whole sequences'
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, ACTIVATION_AXES)
-    sin, cos = rope_tables(jnp.arange(tokens.shape[1]), self.rotary_dim, self.rope_theta)
-    per_layer = []
-    for block in self.blocks:
-      if self.remat and not analysis:  # Keep only each block's input for the backward pass.
-        x, stats = nnx.remat(Block.__call__, static_argnums=(4,))(block, x, sin, cos, False)
-      else:
-        x, stats = block(x, sin, cos, analysis)
-      per_layer.append(stats)
+    positions = jnp.arange(tokens.shape[1])[None, :]
+    if cache is not None:
+      positions = cache.length[:, None] + positions
+    rope = rope_tables(positions, self.rotary_dim, self.rope_theta)
+    x, per_layer = self._layers(x, rope, cache, analysis)
+
     x = self.final_norm(x)
     if self.lm_head is None:
       logits = jnp.einsum('bte,ve->btv', x, self.embedding[...].astype(self.dtype),
@@ -181,23 +256,43 @@ class Transformer(nnx.Module):
       logits = jnp.einsum('bte,ev->btv', x, self.lm_head[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     logits = constrain(logits, ('batch', 'length', 'vocab'))
-    if not analysis:
-      return logits
-    return logits, {key: jnp.stack([s[key] for s in per_layer]) for key in per_layer[0]}
+    aux_losses = {name: jnp.mean(per_layer.pop(name))
+                  for name in ('load_balance_loss', 'router_z_loss') if name in per_layer}
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(per_layer.pop('key'), per_layer.pop('value'),
+                          cache.length + tokens.shape[1])
+    return ModelOutput(logits, aux_losses, per_layer if analysis else {}, new_cache)
+
+  def _layers(self, x, rope, cache, analysis):
+    """Runs every block; returns x and the blocks' outputs stacked over layers."""
+    def block_fn(graphdef):
+      def layer(x, rope, length, inputs):
+        params, key, value = inputs
+        layer_cache = None if key is None else (key, value, length)
+        return nnx.merge(graphdef, params)(x, rope, layer_cache, analysis)
+      policy = REMAT_POLICIES[self.remat_policy]
+      if policy is None or analysis:
+        return layer
+      return jax.checkpoint(layer, policy=policy, prevent_cse=self.layers is None)
+
+    length = None if cache is None else cache.length
+    caches = (None, None) if cache is None else (cache.key, cache.value)
+    if self.layers is not None:
+      graphdef, params = nnx.split(self.layers)
+      layer = block_fn(graphdef)
+      return jax.lax.scan(lambda x, inputs: layer(x, rope, length, inputs), x,
+                          (params, *caches))
+    per_layer = []
+    for index, block in enumerate(self.blocks):
+      graphdef, params = nnx.split(block)
+      layer_caches = [None if c is None else c[index] for c in caches]
+      x, outputs = block_fn(graphdef)(x, rope, length, (params, *layer_caches))
+      per_layer.append(outputs)
+    return x, jax.tree.map(lambda *values: jnp.stack(values), *per_layer)
 
 
-def apply(graphdef, params, tokens: jax.Array, analysis: bool = False):
-  """Runs the model functionally (the one way training and evaluation call it).
-
-  Returns (logits, aux_losses, stats): aux_losses maps each sown auxiliary loss name
-  (mixture-of-experts: load_balance_loss, router_z_loss) to its mean over layers; stats are the
-  per-layer analysis arrays when analysis=True, else {}.
-  """
-  model = nnx.merge(graphdef, params)
-  out, intermediates = nnx.capture(model, nnx.Intermediate)(tokens, analysis=analysis)
-  logits, stats = out if analysis else (out, {})
-  sown: dict[str, list] = {}
-  for path, variable in nnx.to_flat_state(intermediates):
-    sown.setdefault(path[-1], []).extend(variable.get_value())
-  aux_losses = {name: jnp.mean(jnp.stack(values)) for name, values in sown.items()}
-  return logits, aux_losses, stats
+def apply(graphdef, params, tokens: jax.Array, cache: KVCache | None = None,
+          analysis: bool = False) -> ModelOutput:
+  """Runs the model functionally: the one way training, evaluation and generation call it."""
+  return nnx.merge(graphdef, params)(tokens, cache=cache, analysis=analysis)

@@ -1,19 +1,26 @@
 """Mixture-of-experts feed-forward layer (`config.model.moe`, used when num_experts > 0).
 
 Softmax router over experts, top-k experts per token (weights renormalised over the chosen k
-when `normalize_top_k`), SwiGLU experts. Tokens are routed within each sequence with a fixed
-capacity per expert,
+when `normalize_top_k`), SwiGLU experts, and optionally a shared expert that every token passes
+through, scaled by a sigmoid gate of its own (`shared_expert_dim` > 0, as Qwen3-Next).
 
-    capacity = ceil(capacity_factor * seq_len * top_k / num_experts),
+Two ways to run the routed experts (`impl`):
+  capacity  tokens are routed within each sequence into a fixed number of slots per expert,
 
-filled first by every token's first choice, then second choices, and so on, in token order;
-an assignment past an expert's capacity is dropped (that expert adds nothing for that token;
-the residual stream carries it). capacity_factor = 0 means dropless: capacity = seq_len, so no
-assignment is ever dropped (each token picks an expert at most once); every expert then runs
-over seq_len slots, num_experts / top_k times the routed work, which suits small models and
-tests, not the paper's scale (its preset uses 1.25).
+                capacity = ceil(capacity_factor * seq_len * top_k / num_experts),
 
-Auxiliary losses, sown as nnx.Intermediate values `load_balance_loss` and `router_z_loss`:
+            filled first by every token's first choice, then second choices, and so on, in
+            token order; an assignment past an expert's capacity is dropped (the residual
+            stream carries that token). capacity_factor = 0 is dropless (capacity = seq_len):
+            every expert then runs over seq_len slots, num_experts / top_k times the routed
+            work. Experts are sharded over the `expert` mesh axis and run where they live.
+  ragged    dropless grouped matmuls: each device sorts its own tokens' assignments by expert
+            and runs jax.lax.ragged_dot (one GEMM per expert over exactly its rows), so the
+            work is the routed work. Expert weights are gathered where they are sharded over
+            `expert` or `fsdp` (as FSDP gathers dense weights), and stay split over `tensor`.
+            On TPU and GPU ragged_dot is a grouped GEMM; on CPU XLA expands it densely.
+
+Auxiliary losses (returned with the output, averaged over layers by the model):
   load balance   num_experts * sum_e f_e * P_e, with f_e the share of (token, choice)
                  assignments sent to expert e and P_e the mean router probability of e, both
                  over the whole global batch (jit sees the global batch, so this is one global
@@ -27,9 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gated_attention.layers import param
-from gated_attention.sharding import constrain
-
+from gated_attention.layers import SwiGLU, param
+from gated_attention.sharding import constrain, logical_to_spec
 
 def expert_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
   """Slots per expert per sequence; seq_len (dropless) when capacity_factor is 0."""
@@ -38,24 +44,23 @@ def expert_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor:
   return min(seq_len, math.ceil(capacity_factor * seq_len * top_k / num_experts))
 
 
-def route(router_logits: jax.Array, top_k: int, capacity: int, normalize_top_k: bool):
-  """Top-k routing with capacity, per sequence.
-
-  router_logits: float32 [batch, seq, experts].
-  Returns (expert [batch, k, seq] int, slot [batch, k, seq] int, weight [batch, k, seq] float32
-  with dropped assignments at weight 0, probs [batch, seq, experts]).
-  """
-  num_experts = router_logits.shape[-1]
+def route(router_logits: jax.Array, top_k: int, normalize_top_k: bool):
+  """Top-k routing. router_logits: float32 [batch, seq, experts].
+  Returns (expert [batch, k, seq] int, weight [batch, k, seq] float32, probs [batch, seq,
+  experts]), choice-major: all first choices, then all second choices."""
   probs = jax.nn.softmax(router_logits, axis=-1)
   weight, expert = jax.lax.top_k(probs, top_k)  # [batch, seq, k]
   if normalize_top_k:
     weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
-  expert, weight = jnp.swapaxes(expert, 1, 2), jnp.swapaxes(weight, 1, 2)  # Choice-major order.
-  batch, _, seq = expert.shape
+  return jnp.swapaxes(expert, 1, 2), jnp.swapaxes(weight, 1, 2), probs
+
+
+def capacity_slots(expert: jax.Array, num_experts: int) -> jax.Array:
+  """Each assignment's slot in its expert's buffer, in choice-major then token order:
+  expert [batch, k, seq] -> slot [batch, k, seq]."""
+  batch, top_k, seq = expert.shape
   chosen = jax.nn.one_hot(expert.reshape(batch, top_k * seq), num_experts, dtype=jnp.int32)
-  slot = jnp.sum((jnp.cumsum(chosen, axis=1) - 1) * chosen, axis=-1).reshape(batch, top_k, seq)
-  weight = jnp.where(slot < capacity, weight, 0.0)
-  return expert, slot, weight, probs
+  return jnp.sum((jnp.cumsum(chosen, axis=1) - 1) * chosen, axis=-1).reshape(batch, top_k, seq)
 
 
 def load_balance_loss(probs: jax.Array, expert: jax.Array) -> jax.Array:
@@ -68,30 +73,68 @@ def load_balance_loss(probs: jax.Array, expert: jax.Array) -> jax.Array:
   return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
 
 
+def _swiglu_rows(h: jax.Array) -> jax.Array:
+  """silu(gate) * up of fused [..., 2, mlp] projections."""
+  return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+
+
+def _ragged_experts(x, expert, weight, wi, wo):
+  """Dropless routed experts on one device's tokens, sorted by expert into ragged_dot groups.
+  x [b, t, e]; expert, weight [b, k, t]; wi [E, e, 2, m]; wo [E, m, e]. Returns [b, t, e]."""
+  batch, top_k, seq = expert.shape
+  num_experts, embed, _, mlp = wi.shape
+  flat_expert = expert.reshape(-1)
+  order = jnp.argsort(flat_expert, stable=True)
+  token = (order // (top_k * seq)) * seq + order % seq  # Choice-major index -> token index.
+  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+  rows = x.reshape(batch * seq, embed)[token]
+  h = jax.lax.ragged_dot(rows, wi.reshape(num_experts, embed, 2 * mlp), group_sizes)
+  h = _swiglu_rows(h.reshape(-1, 2, mlp))
+  out = jax.lax.ragged_dot(h, wo, group_sizes) * weight.reshape(-1)[order, None].astype(x.dtype)
+  return jnp.zeros((batch * seq, embed), x.dtype).at[token].add(out).reshape(batch, seq, embed)
+
+
 class MoE(nnx.Module):
-  """Routed SwiGLU experts: [batch, seq, embed] -> [batch, seq, embed]."""
+  """Routed SwiGLU experts (and an optional shared expert): [batch, seq, embed] -> same."""
 
   def __init__(self, cfg, *, std: float, out_std: float, param_dtype, rngs: nnx.Rngs):
     moe = cfg.moe
-    self.num_experts, self.top_k = moe.num_experts, moe.top_k
+    self.num_experts, self.top_k, self.impl = moe.num_experts, moe.top_k, moe.impl
     self.capacity_factor, self.normalize_top_k = moe.capacity_factor, moe.normalize_top_k
     self.router = param(rngs, (cfg.d_model, moe.num_experts), ('embed', None), param_dtype, std)
     self.wi = param(rngs, (moe.num_experts, cfg.d_model, 2, moe.expert_mlp_dim),
                     ('expert', 'embed', None, 'mlp'), param_dtype, std)
     self.wo = param(rngs, (moe.num_experts, moe.expert_mlp_dim, cfg.d_model),
                     ('expert', 'mlp', 'embed'), param_dtype, out_std)
+    if moe.shared_expert_dim:
+      self.shared_expert = SwiGLU(cfg.d_model, moe.shared_expert_dim, std=std, out_std=out_std,
+                                  param_dtype=param_dtype, rngs=rngs)
+      self.shared_expert_gate = param(rngs, (cfg.d_model, 1), ('embed', None), param_dtype, std)
+    else:
+      self.shared_expert = self.shared_expert_gate = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    batch, seq, embed = x.shape
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+    """Returns (output, {'load_balance_loss', 'router_z_loss'})."""
     logits = jnp.einsum('bte,ex->btx', x, self.router[...].astype(x.dtype),
                         preferred_element_type=jnp.float32)
+    expert, weight, probs = route(logits, self.top_k, self.normalize_top_k)
+    aux = {'load_balance_loss': load_balance_loss(probs, expert),
+           'router_z_loss': jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))}
+    wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
+    if self.impl == 'ragged':
+      out = self._ragged(x, expert, weight, wi, wo)
+    else:
+      out = self._capacity(x, expert, weight, wi, wo)
+    if self.shared_expert is not None:
+      shared_gate = jax.nn.sigmoid(x @ self.shared_expert_gate[...].astype(x.dtype))
+      out = out + shared_gate * self.shared_expert(x)
+    return out, aux
+
+  def _capacity(self, x, expert, weight, wi, wo):
+    batch, seq, embed = x.shape
     capacity = expert_capacity(seq, self.top_k, self.num_experts, self.capacity_factor)
-    expert, slot, weight, probs = route(logits, self.top_k, capacity, self.normalize_top_k)
-
-    self.sow(nnx.Intermediate, 'load_balance_loss', load_balance_loss(probs, expert))
-    self.sow(nnx.Intermediate, 'router_z_loss',
-             jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))))
-
+    slot = capacity_slots(expert, self.num_experts)
+    weight = jnp.where(slot < capacity, weight, 0.0)
     # Scatter each kept (token, choice) into its expert's buffer; dropped ones go to a spare row.
     flat_slot = jnp.where(weight > 0, expert * capacity + slot, self.num_experts * capacity)
     flat_slot = flat_slot.reshape(batch, self.top_k * seq)
@@ -101,11 +144,38 @@ class MoE(nnx.Module):
     buffer = buffer[:, :-1].reshape(batch, self.num_experts, capacity, embed)
     buffer = constrain(jnp.swapaxes(buffer, 0, 1), ('expert', 'batch', None, 'embed'))
 
-    h = jnp.einsum('xbce,xeim->xbcim', buffer, self.wi[...].astype(x.dtype))
-    h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
-    out = jnp.einsum('xbcm,xme->xbce', h, self.wo[...].astype(x.dtype))
+    h = _swiglu_rows(jnp.einsum('xbce,xeim->xbcim', buffer, wi))
+    out = jnp.einsum('xbcm,xme->xbce', h, wo)
     out = jnp.swapaxes(out, 0, 1).reshape(batch, self.num_experts * capacity, embed)
     out = jnp.concatenate([out, jnp.zeros((batch, 1, embed), x.dtype)], axis=1)
     gathered = jnp.take_along_axis(out, flat_slot[..., None], axis=1)  # [b, k * t, e]
     gathered = gathered.reshape(batch, self.top_k, seq, embed)
     return jnp.einsum('bkte,bkt->bte', gathered, weight.astype(x.dtype))
+
+  def _ragged(self, x, expert, weight, wi, wo):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return _ragged_experts(x, expert, weight, wi, wo)
+    tokens_spec = logical_to_spec(('batch', None, None))
+    wi_spec = logical_to_spec(('expert', 'embed', None, 'mlp'))
+    wo_spec = logical_to_spec(('expert', 'mlp', 'embed'))
+
+    def local(x, expert, weight, wi, wo):
+      # Gather whole experts and the embedding width; keep this shard's part of the mlp width
+      # and sum the partial outputs over it.
+      wi = _all_gather(wi, wi_spec, (0, 1))
+      wo = _all_gather(wo, wo_spec, (0, 2))
+      out = _ragged_experts(x, expert, weight, wi, wo)
+      return jax.lax.psum(out, wi_spec[3]) if wi_spec[3] else out
+
+    return jax.shard_map(local, in_specs=(tokens_spec, tokens_spec, tokens_spec, wi_spec,
+                                          wo_spec),
+                         out_specs=tokens_spec, check_vma=False)(x, expert, weight, wi, wo)
+
+
+def _all_gather(w, spec, dims):
+  """Gathers w over the mesh axes that shard its dimensions `dims` (tiled, in place)."""
+  for dim in dims:
+    if spec[dim]:
+      w = jax.lax.all_gather(w, spec[dim], axis=dim, tiled=True)
+  return w

@@ -1,10 +1,14 @@
 """Logical axis names, the one table that maps them to mesh axes, and the mesh itself.
 
 Layers name logical axes only (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `vocab`, `expert`); `LOGICAL_AXIS_RULES` below decides which mesh axis shards each. The
-mesh axes are `data` (pure data parallel), `fsdp` (data parallel that also shards parameters and
-optimizer state), `tensor` (heads and MLP width) and `expert` (mixture-of-experts experts; the
-batch is split over it too, outside the experts).
+`mlp`, `vocab`, `expert`, `layers`); `LOGICAL_AXIS_RULES` below decides which mesh axis shards
+each. The mesh axes are `data` (pure data parallel), `fsdp` (data parallel that also shards
+parameters and optimizer state), `tensor` (heads and MLP width) and `expert` (mixture-of-experts
+experts; the batch is split over it too, outside the experts).
+
+`kv_heads` is replicated over `tensor` when it does not divide it (say 2 KV heads on
+tensor=4): the KV projections are then computed whole on every tensor shard and the keys and
+values repeated to the query heads, as MaxText and Megatron do.
 """
 
 import math
@@ -30,23 +34,38 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     'embed': ('fsdp',),
     'length': (),
     'head_dim': (),
+    'layers': (),  # The stacked layer axis of scanned blocks (model.scan_layers).
 }
+# Logical axes that fall back to replication on a mesh axis they do not divide.
+REPLICATED_WHEN_INDIVISIBLE = ('kv_heads',)
 
 LogicalAxes = tuple[str | None, ...]
 
 
-def logical_to_spec(logical_axes: LogicalAxes) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec through `LOGICAL_AXIS_RULES`."""
+def logical_to_spec(logical_axes: LogicalAxes, shape=None, mesh=None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec through `LOGICAL_AXIS_RULES`. With `shape`, a
+  dimension in REPLICATED_WHEN_INDIVISIBLE stays whole where its mesh axes do not divide it
+  (mesh: the given one, else the current abstract mesh)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   used: set[str] = set()
   spec = []
-  for name in logical_axes:
+  for index, name in enumerate(logical_axes):
     if name is not None and name not in LOGICAL_AXIS_RULES:
       raise ValueError(f'Unknown logical axis {name!r}; known: {sorted(LOGICAL_AXIS_RULES)}.')
     mesh_axes = () if name is None else tuple(
         axis for axis in LOGICAL_AXIS_RULES[name] if axis not in used)
+    if (shape is not None and name in REPLICATED_WHEN_INDIVISIBLE and not mesh.empty
+        and shape[index] % math.prod(mesh.shape[axis] for axis in mesh_axes)):
+      mesh_axes = ()
     used.update(mesh_axes)
     spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
   return PartitionSpec(*spec)
+
+
+def splits_evenly(logical_axis: str, size: int) -> bool:
+  """Whether a dimension of `size` is sharded, not replicated, on the current mesh's axes for
+  `logical_axis` (True outside a mesh context)."""
+  return logical_to_spec((logical_axis,), (size,)) == logical_to_spec((logical_axis,))
 
 
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
@@ -54,7 +73,14 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
+def target_platform() -> str:
+  """The platform being compiled for: that of the current mesh's devices (so compiling for a
+  TPU topology on a CPU host says 'tpu'), else the default backend. Works inside jit."""
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  return jax.default_backend() if device is None else device.platform
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -86,8 +112,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape=None,
                    name: str = '') -> NamedSharding:
-  """NamedSharding for logical axes; with `shape`, checks every sharded dimension divides evenly."""
-  spec = logical_to_spec(logical_axes)
+  """NamedSharding for logical axes; with `shape`, checks every sharded dimension divides evenly
+  (or, for REPLICATED_WHEN_INDIVISIBLE axes, replicates it)."""
+  spec = logical_to_spec(logical_axes, shape, mesh)
   if shape is not None:
     for size, axes, logical in zip(shape, spec, logical_axes):
       axes = (axes,) if isinstance(axes, str) else (axes or ())

@@ -41,6 +41,29 @@ def _nested(flat_items) -> dict:
   return nested
 
 
+def convert_layers(tree, scan_layers: bool):
+  """Converts every params-shaped dict in `tree` (the parameters, and the optimizer's moments,
+  which mirror them) to one layer layout: unrolled {'blocks': {0: block, 1: ...}} or scanned
+  {'layers': block with a leading layers axis}. Dicts already in that layout pass unchanged."""
+  def convert(node):
+    if not isinstance(node, dict):
+      return node
+    rest = {key: value for key, value in node.items() if key not in ('blocks', 'layers')}
+    if scan_layers and 'blocks' in node:
+      blocks = node['blocks']
+      return {**rest, 'layers': jax.tree.map(lambda *layers: jnp.stack(layers),
+                                              *(blocks[i] for i in sorted(blocks, key=int)))}
+    if not scan_layers and 'layers' in node:
+      layers = node['layers']
+      count = jax.tree.leaves(layers)[0].shape[0]
+      return {**rest, 'blocks': {i: jax.tree.map(lambda x, i=i: x[i], layers)
+                                 for i in range(count)}}
+    return node
+
+  return jax.tree.map(convert, tree, is_leaf=lambda node: isinstance(node, dict) and (
+      'blocks' in node or 'layers' in node))
+
+
 def param_shardings(mesh: Mesh, abstract_state) -> dict:
   """NamedSharding per parameter (same nesting as the params dict), checked to divide evenly."""
   return _nested(

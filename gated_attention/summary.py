@@ -21,6 +21,8 @@ def part_of(path, model_config) -> str:
     return 'output head'
   if name == 'scale':
     return 'norms'
+  if 'shared_expert' in path or name == 'shared_expert_gate':
+    return 'shared expert'
   if 'gate' in path:
     return 'gate'
   if 'attention' in path:
@@ -40,7 +42,7 @@ def summarize(config) -> dict:
   for path, shape in flat:
     row = parts.setdefault(part_of(path, model), {'params': 0, 'active': 0.0})
     row['params'] += math.prod(shape)
-    row['active'] += math.prod(shape) * flops_lib.active_fraction(model, path, shape)
+    row['active'] += math.prod(shape) * flops_lib.active_fraction(model, path)
 
   # A fused gate lives in the columns of the projection it shares; move it to its own row.
   position = config_lib.canonical_gate_position(model.gate.position)

@@ -65,11 +65,11 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, microbatches: int
                  'router_z_loss': moe_config.router_z_weight}
 
   def objective(params, tokens):
-    logits, aux_losses, _ = apply(graphdef, params, tokens[:, :-1])
-    loss_sum, num_tokens = cross_entropy(logits, tokens[:, 1:])
+    output = apply(graphdef, params, tokens[:, :-1])
+    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:])
     loss = loss_sum / jnp.maximum(num_tokens, 1)
-    total = loss + sum(aux_weights[name] * value for name, value in aux_losses.items())
-    return total, {'loss': loss, **aux_losses}
+    total = loss + sum(aux_weights[name] * value for name, value in output.aux_losses.items())
+    return total, {'loss': loss, **output.aux_losses}
 
   gradients = jax.value_and_grad(objective, has_aux=True)
 

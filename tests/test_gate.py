@@ -43,8 +43,8 @@ def test_attention_block_matches_numpy_reference(variant):
   module.k_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(6), (cfg.head_dim,))
   x = np.random.default_rng(0).normal(size=(2, 7, cfg.d_model)).astype(np.float32)
 
-  sin, cos = rope_tables(jnp.arange(7), int(cfg.head_dim * cfg.rope_fraction), cfg.rope_theta)
-  out, _ = module(jnp.asarray(x), sin, cos)
+  rope = rope_tables(jnp.arange(7)[None], int(cfg.head_dim * cfg.rope_fraction), cfg.rope_theta)
+  out, _ = module(jnp.asarray(x), rope)
 
   gate_config = dict(cfg.gate, position=config_lib.canonical_gate_position(cfg.gate.position))
   weights = reference_weights(module, cfg)
@@ -70,9 +70,9 @@ def test_sdpa_nonlinearity_variants_are_parameter_free(kind):
   count = lambda c: sum(x.size for x in jax.tree.leaves(nnx.state(helpers.attention(c))))
   assert count(plain) == count(variant)
   x, = np.random.default_rng(0).normal(size=(1, 2, 5, plain.d_model)).astype(np.float32)
-  sin, cos = rope_tables(jnp.arange(5), 4, 10_000.0)
-  assert not np.allclose(helpers.attention(plain)(x, sin, cos)[0],
-                         helpers.attention(variant)(x, sin, cos)[0])
+  rope = rope_tables(jnp.arange(5)[None], 4, 10_000.0)
+  assert not np.allclose(helpers.attention(plain)(x, rope)[0],
+                         helpers.attention(variant)(x, rope)[0])
 
 
 # PAPER.md's 15B-A2.5B MoE attention: 24 layers, d_model 2048, 32 query heads, 4 KV heads,

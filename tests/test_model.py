@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gated_attention import config as config_lib
+from gated_attention import state as state_lib
 from gated_attention.config import GATE_PRESETS
+from gated_attention.model import KVCache
+from gated_attention.optimizer import make_optimizer
 from tests import helpers
 
 
@@ -17,7 +21,7 @@ def test_causality(variant, impl):
   model = helpers.transformer(helpers.model_config(variant, attention_impl=impl))
   tokens = helpers.random_tokens(0)
   changed = tokens.at[:, 6:].set(helpers.random_tokens(1)[:, 6:])
-  before, after = model(tokens), model(changed)
+  before, after = model(tokens).logits, model(changed).logits
   np.testing.assert_allclose(np.asarray(before[:, :6]), np.asarray(after[:, :6]), atol=1e-6)
   assert not np.allclose(np.asarray(before[:, 6:]), np.asarray(after[:, 6:]))
 
@@ -27,7 +31,8 @@ def test_xla_and_dot_product_models_agree(variant):
   xla = helpers.transformer(helpers.model_config(variant, attention_impl='xla'))
   dot = helpers.transformer(helpers.model_config(variant, attention_impl='dot_product'))
   tokens = helpers.random_tokens(2)
-  np.testing.assert_allclose(np.asarray(xla(tokens)), np.asarray(dot(tokens)), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(xla(tokens).logits), np.asarray(dot(tokens).logits),
+                             atol=2e-5)
 
 
 def test_identity_gate_equals_plain_model_with_same_weights():
@@ -41,8 +46,8 @@ def test_identity_gate_equals_plain_model_with_same_weights():
     wq = block['attention']['wq']
     block['attention']['wq'] = jnp.concatenate([wq, jnp.zeros_like(wq)], axis=-1)
   tokens = helpers.random_tokens(3)
-  np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, params)(tokens)),
-                             np.asarray(plain(tokens)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, params)(tokens).logits),
+                             np.asarray(plain(tokens).logits), atol=1e-6)
 
 
 @pytest.mark.parametrize('variant', ['g1_elementwise', 'g1_headwise', 'g2_elementwise', 'g5',
@@ -54,7 +59,7 @@ def test_gradients_reach_the_gate(variant):
   tokens = helpers.random_tokens(4)
 
   def loss(p):
-    logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+    logits = nnx.merge(graphdef, p)(tokens[:, :-1]).logits
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
   grads = jax.grad(loss)(params)['blocks'][0]['attention']
@@ -74,7 +79,7 @@ def test_bfloat16_compute_with_float32_params_stays_close():
                                                   dtype='bfloat16'))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16)))
   tokens = helpers.random_tokens(5)
-  low, high = bf16(tokens), f32(tokens)
+  low, high = bf16(tokens).logits, f32(tokens).logits
   assert low.dtype == jnp.float32  # Logits are accumulated in float32.
   np.testing.assert_allclose(np.asarray(low), np.asarray(high), atol=0.05)
   p_low, p_high = jax.nn.softmax(low), jax.nn.softmax(high)
@@ -95,13 +100,75 @@ def test_sandwich_norm_adds_one_norm_per_layer():
   assert count(sandwich) - count(plain) == plain.num_layers * plain.d_model
 
 
-def test_remat_gives_the_same_gradients():
-  tokens = helpers.random_tokens(6)
-  grads = {}
-  for remat in (False, True):
-    graphdef, params = nnx.split(helpers.transformer(helpers.model_config('g1_elementwise',
-                                                                          remat=remat)))
-    loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)
-    grads[remat] = jax.grad(loss)(nnx.to_pure_dict(params))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               grads[False], grads[True])
+def _loss_and_grads(model_cfg, params=None, tokens=None):
+  graphdef, initial = nnx.split(helpers.transformer(model_cfg))
+  params = nnx.to_pure_dict(initial) if params is None else params
+  tokens = helpers.random_tokens(6) if tokens is None else tokens
+  loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens).logits ** 2)
+  return jax.value_and_grad(loss)(params)
+
+
+def test_remat_policies_and_scanned_layers_give_the_same_loss_and_gradients():
+  """Every (remat, scan_layers) pair: the same function of the same weights (the unrolled
+  model's, converted to the scanned layout where needed)."""
+  unrolled = nnx.to_pure_dict(nnx.state(helpers.transformer(helpers.model_config(
+      'g1_elementwise'))))
+  expected_loss, expected_grads = _loss_and_grads(helpers.model_config('g1_elementwise'))
+  for remat in ('full', 'save_dots', 'none'):
+    for scan in (False, True):
+      cfg = helpers.model_config('g1_elementwise', remat=remat, scan_layers=scan)
+      loss, grads = _loss_and_grads(cfg, state_lib.convert_layers(unrolled, scan))
+      np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                   state_lib.convert_layers(grads, False), expected_grads)
+
+
+def test_layer_layouts_convert_both_ways_with_the_optimizer_state():
+  cfg = helpers.model_config('g2_headwise', num_layers=3)
+  params = nnx.to_pure_dict(nnx.state(helpers.transformer(cfg)))
+  train_state = state_lib.init_train_state(params, make_optimizer(config_lib.base_config().train))
+  scanned = state_lib.convert_layers(train_state, True)
+  assert 'blocks' not in scanned['params'] and scanned['params']['layers']['attention'][
+      'wq'].shape == (3, *params['blocks'][0]['attention']['wq'].shape)
+  scanned_model = helpers.transformer(helpers.model_config('g2_headwise', num_layers=3,
+                                                           scan_layers=True))
+  fresh = state_lib.init_train_state(nnx.to_pure_dict(nnx.state(scanned_model)),
+                                     make_optimizer(config_lib.base_config().train))
+  assert jax.tree.structure(scanned) == jax.tree.structure(fresh)
+  jax.tree.map(np.testing.assert_array_equal, state_lib.convert_layers(scanned, False),
+               train_state)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_analysis_reports_every_layer_under_either_layout(scan):
+  cfg = helpers.model_config('g1_elementwise', num_layers=3, scan_layers=scan)
+  stats = helpers.transformer(cfg)(helpers.random_tokens(7), analysis=True).stats
+  assert stats['first_token_attention'].shape == (3, 2, cfg.num_heads, 12)
+  assert stats['attention_map'].shape == (3, cfg.num_heads, 12, 12)
+  assert stats['value_norm'].shape == (3, 2, 12, cfg.num_kv_heads)
+  assert stats['max_activation'].shape == (3,) and stats['gate_score_mean'].shape == (3,)
+  np.testing.assert_allclose(np.asarray(stats['attention_map']).sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant, scan', [('g1_elementwise', False), ('g2_headwise', True),
+                                           ('g5', False), ('none', True)])
+def test_prefill_then_decode_with_a_kv_cache_equals_the_full_forward(variant, scan):
+  """Logits of a prompt prefilled into a cache, then one token at a time, with two sequences at
+  different lengths, equal the logits of running each whole sequence at once."""
+  cfg = helpers.model_config(variant, scan_layers=scan, attention_impl='chunked')
+  model = helpers.transformer(cfg)
+  tokens = helpers.random_tokens(8, length=10)
+  full = model(tokens).logits
+  cache = KVCache.empty(cfg, batch=2, max_length=16, dtype=jnp.float32)
+  out = model(tokens[:, :4], cache=cache)  # Both prompts 4 long...
+  np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full[:, :4]), atol=2e-5)
+  cache = out.cache._replace(length=jnp.array([4, 3]))  # ...then sequence 1 steps back one.
+  for step in range(5):
+    positions = cache.length
+    next_tokens = jnp.take_along_axis(tokens, positions[:, None], axis=1)
+    out = model(next_tokens, cache=cache)
+    expected = jnp.take_along_axis(full, positions[:, None, None], axis=1)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(expected), atol=2e-5,
+                               err_msg=f'step {step}')
+    cache = out.cache
+  np.testing.assert_array_equal(np.asarray(cache.length), [9, 8])

@@ -10,7 +10,7 @@ from flax import nnx
 
 from gated_attention.metrics import read_metrics
 from gated_attention.model import apply
-from gated_attention.moe import MoE, expert_capacity, load_balance_loss, route
+from gated_attention.moe import MoE, capacity_slots, expert_capacity, load_balance_loss, route
 from gated_attention.train import train
 from tests import helpers, reference
 
@@ -49,7 +49,7 @@ def test_moe_matches_numpy_reference(top_k, capacity_factor):
   layer = MoE(cfg, std=0.5, out_std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = np.random.default_rng(1).normal(size=(3, 10, cfg.d_model)).astype(np.float32)
   capacity = expert_capacity(10, top_k, 4, capacity_factor)
-  out = nnx.capture(layer, nnx.Intermediate)(jnp.asarray(x))[0]
+  out, _ = layer(jnp.asarray(x))
   router, wi, wo = (np.asarray(p[...], np.float64) for p in (layer.router, layer.wi, layer.wo))
   for b in range(3):
     np.testing.assert_allclose(np.asarray(out[b]),
@@ -59,7 +59,8 @@ def test_moe_matches_numpy_reference(top_k, capacity_factor):
 
 def test_every_token_reaches_exactly_top_k_experts_when_dropless():
   logits = jax.random.normal(jax.random.key(0), (2, 64, 8))
-  expert, slot, weight, _ = route(logits, 3, expert_capacity(64, 3, 8, 0.0), True)
+  expert, weight, _ = route(logits, 3, True)
+  slot = capacity_slots(expert, 8)
   assert np.all(np.sum(np.asarray(weight) > 0, axis=1) == 3)
   np.testing.assert_allclose(np.asarray(weight).sum(axis=1), 1.0, rtol=1e-6)
   for b in range(2):  # Distinct experts per token, distinct slots per expert.
@@ -72,8 +73,8 @@ def test_capacity_drops_only_assignments_past_it():
   logits = jnp.zeros((1, 8, 4)).at[:, :, 0].set(5.0)  # Every token's first choice: expert 0.
   capacity = expert_capacity(8, 1, 4, 1.0)
   assert capacity == 2
-  expert, slot, weight, _ = route(logits, 1, capacity, True)
-  kept = np.asarray(weight[0, 0]) > 0
+  expert, _, _ = route(logits, 1, True)
+  kept = np.asarray(capacity_slots(expert, 4)[0, 0]) < capacity
   np.testing.assert_array_equal(kept, [True, True] + [False] * 6)  # First come, first served.
 
 
@@ -83,7 +84,7 @@ def test_load_balance_loss_at_a_uniform_router_is_its_minimum_one():
   params = nnx.to_pure_dict(params)
   for block in params['blocks'].values():
     block['mlp']['router'] = jnp.zeros_like(block['mlp']['router'])
-  _, aux, _ = apply(graphdef, params, helpers.random_tokens(0))
+  aux = apply(graphdef, params, helpers.random_tokens(0)).aux_losses
   np.testing.assert_allclose(aux['load_balance_loss'], 1.0, rtol=1e-6)
   np.testing.assert_allclose(aux['router_z_loss'], math.log(cfg.moe.num_experts) ** 2, rtol=1e-5)
 
@@ -105,3 +106,47 @@ def test_a_small_moe_model_trains_and_reports_its_losses(tmp_path):
   records = read_metrics(tmp_path)
   assert records[-1]['loss'] < records[0]['loss'] - 0.5
   assert all(r['load_balance_loss'] >= 0.99 and r['router_z_loss'] > 0 for r in records)
+
+
+def _moe_output_and_grads(cfg, x, params=None):
+  graphdef, initial = nnx.split(MoE(cfg, std=0.2, out_std=0.2, param_dtype=jnp.float32,
+                                    rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(initial) if params is None else params
+
+  def loss(p, x):
+    out, aux = nnx.merge(graphdef, p)(x)
+    weights = jnp.cos(jnp.arange(out.size).reshape(out.shape))  # Weighs every output.
+    return jnp.sum(out * weights) + aux['load_balance_loss'], out
+  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+  return out, grads
+
+
+@pytest.mark.parametrize('top_k', [1, 2, 3])
+def test_ragged_grouped_matmuls_equal_the_dropless_capacity_path(top_k):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 10, 32)).astype(np.float32))
+  results = {}
+  for impl in ('capacity', 'ragged'):
+    cfg = moe_config(num_experts=4, top_k=top_k, capacity_factor=0.0)
+    cfg.moe.impl = impl
+    results[impl] = _moe_output_and_grads(cfg, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               results['ragged'], results['capacity'])
+
+
+def test_shared_expert_adds_its_sigmoid_gated_swiglu():
+  cfg = moe_config(num_experts=4, top_k=2)
+  cfg.moe.shared_expert_dim = 24
+  layer = MoE(cfg, std=0.5, out_std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(3).normal(size=(2, 6, cfg.d_model)).astype(np.float32)
+  out, _ = layer(jnp.asarray(x))
+  router, wi, wo = (np.asarray(p[...], np.float64) for p in (layer.router, layer.wi, layer.wo))
+  shared_wi = np.asarray(layer.shared_expert.wi[...], np.float64)
+  shared_wo = np.asarray(layer.shared_expert.wo[...], np.float64)
+  shared_gate = np.asarray(layer.shared_expert_gate[...], np.float64)
+  for b in range(2):
+    xb = x[b].astype(np.float64)
+    gate, up = xb @ shared_wi[:, 0], xb @ shared_wi[:, 1]
+    shared = reference.sigmoid(xb @ shared_gate) * ((gate * reference.sigmoid(gate) * up)
+                                                     @ shared_wo)
+    expected = reference_moe(xb, router, wi, wo, top_k=2, capacity=6) + shared
+    np.testing.assert_allclose(np.asarray(out[b]), expected, rtol=2e-5, atol=2e-5)

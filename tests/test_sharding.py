@@ -69,26 +69,29 @@ _SHARDED_RUN = textwrap.dedent('''
     from gated_attention.metrics import read_metrics
     from gated_attention.train import train
     from tests import helpers
-    mesh_config, moe_config, workdir = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    mesh_config, overrides, workdir = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     config = helpers.run_config(steps=3)
     config.model.update(num_heads=4, num_kv_heads=4)
-    config.model.moe.update(moe_config)
+    config.update_from_flattened_dict(overrides)
     config.mesh.update(mesh_config)
     train(config, workdir)
     _, params, _ = load_params(workdir, config, sharding.make_mesh(config.mesh))
     layer = params['blocks'][0]
-    shapes = {'wq': layer['attention']['wq'], 'mlp_wi': layer['mlp']['wi']}
+    shapes = {'wq': layer['attention']['wq'], 'wk': layer['attention']['wk'],
+              'mlp_wi': layer['mlp']['wi']}
     print(json.dumps({'losses': [r['loss'] for r in read_metrics(workdir)],
                       **{k: v.sharding.shard_shape(v.shape) for k, v in shapes.items()},
                       'devices': jax.device_count()}))
 ''')
 
 
-def _run_sharded(mesh_config, workdir, devices, moe_config=None):
+def _run_sharded(mesh_config, workdir, devices, overrides=None):
+  """Trains helpers.run_config (4 heads, 4 KV heads) with `overrides` ({'model.x': value})
+  on `devices` CPU devices in a fresh process; returns its losses and parameter shard shapes."""
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _SHARDED_RUN, json.dumps(mesh_config),
-                           json.dumps(moe_config or {}), str(workdir)],
+                           json.dumps(overrides or {}), str(workdir)],
                           capture_output=True, text=True, timeout=300, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
@@ -109,15 +112,29 @@ def test_sharded_training_matches_one_device(tmp_path):
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
 
 
+def test_tensor_parallelism_past_the_kv_heads_and_splash_match_one_device(tmp_path):
+  """tensor=4 over 2 KV heads: the KV projections are replicated over the tensor shards that
+  share a KV head; the splash kernel runs per shard under shard_map (interpret mode here)."""
+  model = {'model.num_kv_heads': 2, 'model.attention_impl': 'xla', 'data.seq_len': 128}
+  single = _run_sharded(dict(data=1, fsdp=1, tensor=1), tmp_path / 'single', 1, model)
+  for name, impl in [('xla', 'xla'), ('splash', 'splash')]:
+    sharded = _run_sharded(dict(data=2, fsdp=1, tensor=4), tmp_path / name, 8,
+                           {**model, 'model.attention_impl': impl})
+    assert sharded['wq'] == [32, 1, 16] and sharded['wk'] == [32, 2, 8], name  # wk: whole.
+    np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
+
+
 def test_expert_sharded_moe_matches_one_device(tmp_path):
   moe = dict(num_experts=8, top_k=2, expert_mlp_dim=32, capacity_factor=0.0)
+  moe = {f'model.moe.{key}': value for key, value in moe.items()}
   single = _run_sharded(dict(data=1, fsdp=1, tensor=1, expert=1), tmp_path / 'single', 1, moe)
   # Expert kernels are [experts 8, d_model 32, 2, expert_mlp_dim 32].
-  for name, mesh_config, wi_shard_shape in [
-      ('expert', dict(data=1, fsdp=1, tensor=1, expert=8), [1, 32, 2, 32]),
-      ('mixed', dict(data=2, fsdp=1, tensor=1, expert=4), [2, 32, 2, 32]),
-      ('all', dict(data=1, fsdp=2, tensor=2, expert=2), [4, 16, 2, 16]),
+  for name, mesh_config, wi_shard_shape, impl in [
+      ('expert', dict(data=1, fsdp=1, tensor=1, expert=8), [1, 32, 2, 32], 'capacity'),
+      ('mixed', dict(data=2, fsdp=1, tensor=1, expert=4), [2, 32, 2, 32], 'capacity'),
+      ('all', dict(data=1, fsdp=2, tensor=2, expert=2), [4, 16, 2, 16], 'capacity'),
+      ('ragged', dict(data=1, fsdp=2, tensor=2, expert=2), [4, 16, 2, 16], 'ragged'),
   ]:
-    sharded = _run_sharded(mesh_config, tmp_path / name, 8, moe)
+    sharded = _run_sharded(mesh_config, tmp_path / name, 8, {**moe, 'model.moe.impl': impl})
     assert sharded['mlp_wi'] == wi_shard_shape, name
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)

@@ -1,0 +1,280 @@
+"""Scaled dot-product attention (SDPA): every implementation behind one signature, chosen in one
+place (`resolve`). The gate sits outside, in the attention block, so every gate variant works
+with every implementation.
+
+    implementation(q, k, v, q_offset) -> out [batch, q_len, heads, head_dim]
+
+q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; query head h
+reads KV head h // (heads // kv_heads) (grouped-query attention); scale head_dim ** -0.5;
+logits and softmax in float32.
+q_offset None is causal self-attention (q_len == kv_len, query i sees keys 0..i). An int array
+[batch] places query i of sequence b at position q_offset[b] + i over a KV cache whose slot j
+holds position j: it sees slots 0..q_offset[b] + i.
+
+  xla          explicit softmax over the whole [q_len, kv_len] logits; the reference, and the
+               one that returns attention probabilities (the paper's measurements).
+  dot_product  jax.nn.dot_product_attention with XLA's own choice of kernel.
+  cudnn        jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention
+               (NVIDIA GPUs, 16-bit dtypes).
+  chunked      blockwise attention with an online softmax and a custom VJP that recomputes each
+               block in the backward pass (FlashAttention-2's algorithm) in plain JAX: memory
+               linear in length on any backend, and masked blocks above the diagonal skipped.
+  splash       the Pallas TPU splash-attention kernel (forward and backward), run per shard
+               with shard_map over the batch and head mesh axes; in Pallas interpret mode
+               elsewhere (tests).
+  auto         splash on TPU, cudnn on GPU, chunked on CPU (the fastest there: see README).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gated_attention.config import SPLASH_BLOCK
+from gated_attention.sharding import logical_to_spec, target_platform
+
+# Implementations that take a q_offset (a KV cache); the others serve training and prefill.
+CACHE_IMPLEMENTATIONS = ('xla', 'chunked')
+AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'chunked'}
+CHUNK = 128  # Block length of `chunked` along queries and keys.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)  # Finite: exp(masked - max) is exactly 0.
+
+
+def resolve(impl: str, cached: bool = False, platform: str | None = None,
+            length: int | None = None) -> str:
+  """The implementation to run: 'auto' by platform (chunked where splash's blocks do not
+  divide the length); with a KV cache, one that takes offsets."""
+  if impl == 'auto':
+    impl = AUTO.get(platform or target_platform(), 'xla')
+    if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
+      impl = 'chunked'
+  if cached and impl not in CACHE_IMPLEMENTATIONS:
+    return 'chunked'
+  return impl
+
+
+def attention(q, k, v, impl: str, q_offset=None):
+  """SDPA with the named implementation (see the module docstring); `impl` is resolved here."""
+  impl = resolve(impl, cached=q_offset is not None, length=q.shape[1])
+  return _IMPLEMENTATIONS[impl](q, k, v, q_offset)
+
+
+def _positions(q_len: int, q_offset):
+  """Query positions [batch or 1, q_len]."""
+  offset = jnp.zeros((1,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
+  return offset[:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]
+
+
+def _grouped(q, kv_heads: int):
+  """[b, t, heads, d] -> [b, kv_heads, group, t, d]."""
+  batch, length, heads, head_dim = q.shape
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  return q.transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(out):
+  """[b, kv_heads, group, t, d] -> [b, t, heads, d]."""
+  batch, kv_heads, group, length, head_dim = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, kv_heads * group, head_dim)
+
+
+def softmax_attention(q, k, v, q_offset=None):
+  """The `xla` implementation; returns (out, probabilities [batch, heads, q_len, kv_len])."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  logits = jnp.einsum('bkgqd,bskd->bkgqs', _grouped(q, kv_heads), k,
+                      preferred_element_type=jnp.float32) * head_dim ** -0.5
+  visible = _positions(q_len, q_offset)[:, :, None] >= jnp.arange(k.shape[1])[None, None, :]
+  logits = jnp.where(visible[:, None, None], logits, _MASKED)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = _ungrouped(jnp.einsum('bkgqs,bskd->bkgqd', probs.astype(v.dtype), v))
+  return out, probs.reshape(batch, heads, q_len, k.shape[1])
+
+
+def _dot_product(implementation):
+  def attend(q, k, v, q_offset):
+    assert q_offset is None, 'a KV cache resolves to a cache implementation'
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+  return attend
+
+
+# ---- chunked: FlashAttention-2 in plain JAX ------------------------------------------------
+
+
+def _pad_to(x, axis: int, multiple: int):
+  pad = -x.shape[axis] % multiple
+  if not pad:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def _block(x, index, size: int, axis: int):
+  return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis)
+
+
+def _block_logits(q_block, k_block, q_pos, k_start, scale):
+  """Masked float32 logits [b, kv, g, bq, bk] of one block pair; q_pos [b, bq]."""
+  logits = jnp.einsum('bkgqd,bksd->bkgqs', q_block, k_block,
+                      preferred_element_type=jnp.float32) * scale
+  k_pos = k_start + jnp.arange(k_block.shape[2])
+  visible = q_pos[:, :, None] >= k_pos[None, None, :]
+  return jnp.where(visible[:, None, None], logits, _MASKED)
+
+
+def _chunked_forward(q, k, v, q_pos, chunks):
+  """q [b, kv, g, T, d], k/v [b, kv, S, d] (T, S multiples of the chunks), q_pos [b, T].
+  Returns out [b, kv, g, T, d] and the rows' log-sum-exp [b, kv, g, T] (float32)."""
+  q_chunk, kv_chunk = chunks
+  scale = q.shape[-1] ** -0.5
+
+  def query_block(index):
+    q_block, pos = _block(q, index, q_chunk, 3), _block(q_pos, index, q_chunk, 1)
+
+    def kv_step(j, carry):
+      out, row_max, row_sum = carry
+      logits = _block_logits(q_block, _block(k, j, kv_chunk, 2), pos, j * kv_chunk, scale)
+      new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+      correction = jnp.exp(row_max - new_max)
+      probs = jnp.exp(logits - new_max[..., None])
+      row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
+      out = out * correction[..., None] + jnp.einsum(
+          'bkgqs,bksd->bkgqd', probs.astype(v.dtype), _block(v, j, kv_chunk, 2),
+          preferred_element_type=jnp.float32)
+      return out, new_max, row_sum
+
+    shape = q_block.shape[:-1]
+    init = (jnp.zeros(q_block.shape, jnp.float32), jnp.full(shape, _MASKED, jnp.float32),
+            jnp.zeros(shape, jnp.float32))
+    # Causal skip: key blocks after the block's last query position hold nothing it may see.
+    needed = jnp.minimum(jnp.max(pos) // kv_chunk + 1, k.shape[2] // kv_chunk)
+    out, row_max, row_sum = jax.lax.fori_loop(0, needed, kv_step, init)
+    return (out / row_sum[..., None]).astype(q.dtype), row_max + jnp.log(row_sum)
+
+  out, lse = jax.lax.map(query_block, jnp.arange(q.shape[3] // q_chunk))
+  # map stacks the blocks first: [n, b, kv, g, chunk, ...] -> [b, kv, g, n * chunk, ...].
+  return (jnp.moveaxis(out, 0, 3).reshape(q.shape),
+          jnp.moveaxis(lse, 0, 3).reshape(q.shape[:-1]))
+
+
+def _chunked_backward(q, k, v, q_pos, out, lse, d_out, chunks):
+  """(dq, dk, dv), recomputing each block's probabilities from lse: one pass over key blocks,
+  each visiting only the query blocks that can see it."""
+  q_chunk, kv_chunk = chunks
+  scale = q.shape[-1] ** -0.5
+  num_q_blocks = q.shape[3] // q_chunk
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  last_position = jnp.max(q_pos.reshape(q_pos.shape[0], num_q_blocks, q_chunk), axis=(0, 2))
+
+  def kv_block(dq, j):
+    k_block, v_block = _block(k, j, kv_chunk, 2), _block(v, j, kv_chunk, 2)
+
+    def q_step(i, carry):
+      dq, dk, dv = carry
+      q_block, pos = _block(q, i, q_chunk, 3), _block(q_pos, i, q_chunk, 1)
+      d_out_block = _block(d_out, i, q_chunk, 3)
+      logits = _block_logits(q_block, k_block, pos, j * kv_chunk, scale)
+      probs = jnp.exp(logits - _block(lse, i, q_chunk, 3)[..., None])
+      dv = dv + jnp.einsum('bkgqs,bkgqd->bksd', probs.astype(d_out.dtype), d_out_block,
+                           preferred_element_type=jnp.float32)
+      d_probs = jnp.einsum('bkgqd,bksd->bkgqs', d_out_block, v_block,
+                           preferred_element_type=jnp.float32)
+      d_logits = (probs * (d_probs - _block(delta, i, q_chunk, 3)[..., None]) * scale
+                  ).astype(q.dtype)
+      dk = dk + jnp.einsum('bkgqs,bkgqd->bksd', d_logits, q_block,
+                           preferred_element_type=jnp.float32)
+      dq_block = _block(dq, i, q_chunk, 3) + jnp.einsum(
+          'bkgqs,bksd->bkgqd', d_logits, k_block, preferred_element_type=jnp.float32)
+      return jax.lax.dynamic_update_slice_in_dim(dq, dq_block, i * q_chunk, 3), dk, dv
+
+    # Query blocks that end before this key block starts see none of it (causal).
+    first = jnp.sum(last_position < j * kv_chunk)
+    zeros = jnp.zeros(k_block.shape, jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(first, num_q_blocks, q_step, (dq, zeros, zeros))
+    return dq, (dk, dv)
+
+  dq, (dk, dv) = jax.lax.scan(kv_block, jnp.zeros(q.shape, jnp.float32),
+                              jnp.arange(k.shape[2] // kv_chunk))
+  dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
+  dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_core(q, k, v, q_pos, chunks):
+  return _chunked_forward(q, k, v, q_pos, chunks)[0]
+
+
+def _chunked_core_fwd(q, k, v, q_pos, chunks):
+  out, lse = _chunked_forward(q, k, v, q_pos, chunks)
+  return out, (q, k, v, q_pos, out, lse)
+
+
+def _chunked_core_bwd(chunks, residuals, d_out):
+  return (*_chunked_backward(*residuals, d_out, chunks), None)
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+
+
+def chunked_attention(q, k, v, q_offset=None, chunk: int = CHUNK):
+  """The `chunked` implementation (FlashAttention-2's forward and backward in plain JAX)."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  chunks = (min(chunk, q_len), min(chunk, k.shape[1]))
+  # Padded queries (position 0) are cut off; padded keys lie after every real query (masked).
+  q_pos = _pad_to(jnp.broadcast_to(_positions(q_len, q_offset), (batch, q_len)), 1, chunks[0])
+  q = _pad_to(_grouped(q, kv_heads), 3, chunks[0])
+  k = _pad_to(k.transpose(0, 2, 1, 3), 2, chunks[1])
+  v = _pad_to(v.transpose(0, 2, 1, 3), 2, chunks[1])
+  return _ungrouped(_chunked_core(q, k, v, q_pos, chunks)[:, :, :, :q_len])
+
+
+# ---- splash: the Pallas TPU kernel -----------------------------------------------------------
+
+
+def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+  # The largest of 512, 256, 128 that divides the length (validated: a multiple of 128).
+  block = next(size for size in (4 * SPLASH_BLOCK, 2 * SPLASH_BLOCK, SPLASH_BLOCK)
+               if q_len % size == 0)
+  sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  mask = masks.MultiHeadMask([masks.CausalMask((q_len, kv_len)) for _ in range(heads)])
+  return kernel.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+
+
+def splash_attention(q, k, v, q_offset=None):
+  """The `splash` implementation: the kernel on each device's batch and head shard."""
+  assert q_offset is None, 'a KV cache resolves to a cache implementation'
+  interpret = target_platform() != 'tpu'
+  head_dim = q.shape[-1]
+
+  def local(q, k, v):
+    # The kernel reads [heads, length, head_dim] per sequence and does not scale the logits.
+    kernel = _splash_kernel(q.shape[2], q.shape[1], k.shape[1], interpret)
+    q = (q * head_dim ** -0.5).astype(q.dtype).transpose(0, 2, 1, 3)
+    out = jax.vmap(kernel)(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return out.transpose(0, 2, 1, 3)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  q_spec = logical_to_spec(('batch', 'length', 'heads', 'head_dim'))
+  kv_spec = logical_to_spec(('batch', 'length', 'kv_heads', 'head_dim'), k.shape)
+  return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v)
+
+
+_IMPLEMENTATIONS = {
+    'xla': lambda q, k, v, q_offset: softmax_attention(q, k, v, q_offset)[0],
+    'dot_product': _dot_product(None),
+    'cudnn': _dot_product('cudnn'),
+    'chunked': chunked_attention,
+    'splash': splash_attention,
+}
