@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gated_attention.config import SPLASH_BLOCK
+from gated_attention.config import SPLASH_BLOCK, ConfigError
 from gated_attention.sharding import logical_to_spec, target_platform
 
 # Implementations that take a q_offset (a KV cache); the others serve training and prefill.
@@ -45,10 +45,14 @@ def resolve(impl: str, cached: bool = False, platform: str | None = None,
             length: int | None = None) -> str:
   """The implementation to run: 'auto' by platform (chunked where splash's blocks do not
   divide the length); with a KV cache, one that takes offsets."""
+  platform = platform or target_platform()
   if impl == 'auto':
-    impl = AUTO.get(platform or target_platform(), 'xla')
+    impl = AUTO.get(platform, 'xla')
     if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
       impl = 'chunked'
+  if impl == 'cudnn' and platform != 'gpu':
+    raise ConfigError(f'model.attention_impl=cudnn runs on NVIDIA GPUs only; this program is '
+                      f'compiled for {platform}: choose auto, chunked, xla or dot_product.')
   if cached and impl not in CACHE_IMPLEMENTATIONS:
     return 'chunked'
   return impl

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gated_attention import attention
+from gated_attention.config import ConfigError
 from tests import reference
 
 
@@ -83,11 +84,14 @@ def test_queries_over_a_kv_cache_equal_the_rows_of_full_attention(impl):
 
 
 def test_a_cache_resolves_to_an_implementation_that_takes_offsets():
-  for impl in ('dot_product', 'cudnn', 'splash', 'chunked'):
+  for impl in ('dot_product', 'splash', 'chunked'):
     assert attention.resolve(impl, cached=True) == 'chunked'
   assert attention.resolve('xla', cached=True) == 'xla'
   assert [attention.resolve('auto', platform=p) for p in ('tpu', 'gpu', 'cpu')] == [
       'splash', 'cudnn', 'chunked']
+  assert attention.resolve('auto', platform='tpu', length=200) == 'chunked'  # Not 128-blocks.
+  with pytest.raises(ConfigError, match='model.attention_impl=cudnn runs on NVIDIA GPUs only'):
+    attention.resolve('cudnn', platform='cpu')
 
 
 def _temporaries(impl: str, length: int) -> int:
