@@ -12,6 +12,7 @@ GATE_GRANULARITIES = ('elementwise', 'headwise')
 GATE_MODES = ('multiplicative', 'additive')
 GATE_ACTIVATIONS = ('sigmoid', 'silu', 'identity', 'ns_sigmoid')
 SDPA_NONLINEARITIES = ('none', 'rms_norm', 'silu')
+ROPE_SCALING_TYPES = ('none', 'linear', 'yarn')
 ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'chunked', 'splash')
 SPLASH_BLOCK = 128  # The splash kernel's smallest block along the sequence.
 REMAT_POLICIES = ('none', 'full', 'save_dots')
@@ -92,6 +93,12 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       scan_layers=False,  # Stack the layers' parameters and run one block under lax.scan.
       **SIZES[size]))
   config.model.gate = gate_config(gate)
+  # RoPE scaling for longer contexts (gated_attention.layers.ROPE_SCALINGS): 'linear' divides
+  # every frequency by factor; 'yarn' as the YaRN paper and Hugging Face's rope_type 'yarn'
+  # (attention_factor 0: derived from factor, or from mscale / mscale_all_dim when both set).
+  config.model.rope_scaling = ml_collections.ConfigDict(dict(
+      type='none', factor=1.0, original_max_position=0, beta_fast=32.0, beta_slow=1.0,
+      attention_factor=0.0, mscale=0.0, mscale_all_dim=0.0, truncate=True))
   # Mixture of experts in place of the dense MLP when num_experts > 0 (gated_attention/moe.py).
   config.model.moe = ml_collections.ConfigDict(dict(
       num_experts=0, top_k=2, expert_mlp_dim=64, capacity_factor=0.0, normalize_top_k=True,
@@ -158,6 +165,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.rope_fraction={model.rope_fraction} gives {rotary} rotary dims of '
                       f'head_dim={model.head_dim}; it must be a positive even number.')
   _check_positive('model.rope_theta', model.rope_theta)
+  scaling = model.rope_scaling
+  _check_choice('model.rope_scaling.type', scaling.type, ROPE_SCALING_TYPES)
+  if scaling.type != 'none' and not scaling.factor >= 1:
+    raise ConfigError(f'model.rope_scaling.factor={scaling.factor} must be >= 1 for '
+                      f'model.rope_scaling.type={scaling.type!r}.')
+  if scaling.type == 'yarn':
+    _check_positive('model.rope_scaling.original_max_position', scaling.original_max_position)
+    if not scaling.beta_fast > scaling.beta_slow > 0:
+      raise ConfigError(f'model.rope_scaling.beta_fast={scaling.beta_fast} must exceed '
+                        f'model.rope_scaling.beta_slow={scaling.beta_slow} > 0.')
   _check_choice('model.attention_impl', model.attention_impl, ATTENTION_IMPLS)
   if isinstance(model.remat, bool):
     raise ConfigError(f'model.remat={model.remat!r}: model.remat now names a policy, one of '

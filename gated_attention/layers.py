@@ -1,8 +1,11 @@
 """Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE and SwiGLU.
 Scaled dot-product attention lives in `gated_attention.attention`."""
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gated_attention.sharding import LogicalAxes, constrain
@@ -37,12 +40,53 @@ class RMSNorm(nnx.Module):
     return (rms_norm(x, self.eps).astype(jnp.float32) * scale).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, rotary_dim: int, theta: float):
+def _yarn_frequencies(inv_freq: np.ndarray, rotary_dim: int, theta: float, scaling):
+  """YaRN (Peng et al. 2023, arXiv 2309.00071): dimensions that rotate fewer than beta_slow
+  times over the original context are interpolated (divided by factor), those rotating more than
+  beta_fast times are kept, with a linear ramp between; logits are tempered by the attention
+  factor 0.1 ln(factor) + 1 (or mscale's ratio, or the value given)."""
+  def correction_dim(rotations):  # The dimension that turns `rotations` times over the context.
+    return (rotary_dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi))
+            / (2 * math.log(theta)))
+  low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+  if scaling.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
+  ramp = np.clip((np.arange(rotary_dim // 2, dtype=np.float32) - low)
+                 / (high - low if high != low else 0.001), 0, 1)
+  inv_freq = (inv_freq / scaling.factor) * ramp + inv_freq * (1 - ramp)
+
+  attention_factor = scaling.attention_factor
+  if not attention_factor:
+    def temperature(mscale: float) -> float:  # YaRN's sqrt(1 / t) = 0.1 mscale ln(s) + 1.
+      return 0.1 * mscale * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    attention_factor = (temperature(scaling.mscale) / temperature(scaling.mscale_all_dim)
+                        if scaling.mscale and scaling.mscale_all_dim else temperature(1.0))
+  return inv_freq.astype(np.float32), float(attention_factor)
+
+
+# model.rope_scaling.type -> (inverse frequencies, rotary dim, theta, scaling) -> (inverse
+# frequencies, attention factor that multiplies sin and cos).
+ROPE_SCALINGS = {
+    'none': lambda inv_freq, rotary_dim, theta, scaling: (inv_freq, 1.0),
+    'linear': lambda inv_freq, rotary_dim, theta, scaling: (inv_freq / np.float32(
+        scaling.factor), 1.0),
+    'yarn': _yarn_frequencies,
+}
+
+
+def rope_frequencies(rotary_dim: int, theta: float, scaling) -> tuple[np.ndarray, float]:
+  """(inverse frequencies [rotary_dim // 2] float32, attention factor) for the RoPE scaling
+  `scaling` (config.model.rope_scaling; its `type` picks the entry of ROPE_SCALINGS)."""
+  inv_freq = (1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+  return ROPE_SCALINGS[scaling.type](inv_freq.astype(np.float32), rotary_dim, theta, scaling)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float = 1.0):
   """sin and cos of shape [batch or 1, length, rotary_dim // 2] for rotate-half RoPE at
-  positions [batch or 1, length]."""
-  inv_freq = theta ** (-jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.sin(angles), jnp.cos(angles)
+  positions [batch or 1, length], scaled by the attention factor (YaRN)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return jnp.sin(angles) * attention_factor, jnp.cos(angles) * attention_factor
 
 
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:

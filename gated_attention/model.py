@@ -20,7 +20,8 @@ from flax import nnx
 
 from gated_attention import attention as attention_lib
 from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
-from gated_attention.layers import RMSNorm, SwiGLU, apply_rope, param, rope_tables
+from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, param, rope_frequencies,
+                                    rope_tables)
 from gated_attention.moe import MoE
 from gated_attention.sharding import constrain, splits_evenly
 
@@ -232,8 +233,9 @@ class Transformer(nnx.Module):
                               plus_one=cfg.norm_plus_one, param_dtype=param_dtype, rngs=rngs)
     self.lm_head = None if cfg.tie_embeddings else param(
         rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), param_dtype, cfg.init_std)
-    self.rotary_dim = int(cfg.head_dim * cfg.rope_fraction)
-    self.rope_theta = cfg.rope_theta
+    inv_freq, attention_factor = rope_frequencies(int(cfg.head_dim * cfg.rope_fraction),
+                                                  cfg.rope_theta, cfg.rope_scaling)
+    self.rope = (tuple(inv_freq.tolist()), attention_factor)  # Static: hashable numbers.
     self.remat_policy = cfg.remat
 
   def __call__(self, tokens: jax.Array, cache: KVCache | None = None,
@@ -245,7 +247,7 @@ class Transformer(nnx.Module):
     positions = jnp.arange(tokens.shape[1])[None, :]
     if cache is not None:
       positions = cache.length[:, None] + positions
-    rope = rope_tables(positions, self.rotary_dim, self.rope_theta)
+    rope = rope_tables(positions, np.asarray(self.rope[0], np.float32), self.rope[1])
     x, per_layer = self._layers(x, rope, cache, analysis)
 
     x = self.final_norm(x)

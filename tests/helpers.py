@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from gated_attention import config as config_lib
-from gated_attention import sharding
+from gated_attention import layers, sharding
 from gated_attention.evaluate import load_params
 from gated_attention.model import Attention, Transformer
 
@@ -28,6 +28,13 @@ def attention(model_cfg, seed: int = 0) -> Attention:
 
 def transformer(model_cfg, seed: int = 0) -> Transformer:
   return Transformer(model_cfg, rngs=nnx.Rngs(seed))
+
+
+def rope(length: int, model_cfg):
+  """(sin, cos) tables for positions 0..length-1 of a model config."""
+  return layers.rope_tables(jnp.arange(length)[None], *layers.rope_frequencies(
+      int(model_cfg.head_dim * model_cfg.rope_fraction), model_cfg.rope_theta,
+      model_cfg.rope_scaling))
 
 
 def random_tokens(seed: int, batch: int = 2, length: int = 12, vocab: int = 259):

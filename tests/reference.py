@@ -92,3 +92,22 @@ def attention_block(x, weights, cfg, gate_config):
   if position == 'dense':
     out = gate(out[:, None, :], (x @ weights['gate'])[:, None, :], gate_config)[:, 0, :]
   return out
+
+
+def yarn(rotary_dim, theta, factor, original_max_position, beta_fast=32.0, beta_slow=1.0):
+  """YaRN's inverse frequencies and attention factor, dimension by dimension in float64: the
+  frequency of pair i turns r_i = L / (2 pi theta^(2i/D)) times over the original context L;
+  the ramp runs linearly over pair indices from the (floored) index turning beta_fast times to
+  the (ceiled) index turning beta_slow times; below it frequencies are kept, above it divided
+  by the factor; the attention factor is 0.1 ln(factor) + 1."""
+  def index_turning(rotations):
+    return rotary_dim * np.log(original_max_position / (rotations * 2 * np.pi)) / (
+        2 * np.log(theta))
+  low = max(np.floor(index_turning(beta_fast)), 0)
+  high = min(np.ceil(index_turning(beta_slow)), rotary_dim - 1)
+  inv_freq = []
+  for i in range(rotary_dim // 2):
+    base = theta ** (-2.0 * i / rotary_dim)
+    interpolated = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: kept, 1: divided.
+    inv_freq.append(base / factor * interpolated + base * (1 - interpolated))
+  return np.array(inv_freq), 0.1 * np.log(factor) + 1.0

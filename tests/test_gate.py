@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 
 from gated_attention import config as config_lib
-from gated_attention.layers import rope_tables
 from tests import helpers, reference
 
 REFERENCE_VARIANTS = ['none', 'g1_elementwise', 'g1_headwise', 'g2_elementwise', 'g2_headwise',
@@ -43,7 +42,7 @@ def test_attention_block_matches_numpy_reference(variant):
   module.k_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(6), (cfg.head_dim,))
   x = np.random.default_rng(0).normal(size=(2, 7, cfg.d_model)).astype(np.float32)
 
-  rope = rope_tables(jnp.arange(7)[None], int(cfg.head_dim * cfg.rope_fraction), cfg.rope_theta)
+  rope = helpers.rope(7, cfg)
   out, _ = module(jnp.asarray(x), rope)
 
   gate_config = dict(cfg.gate, position=config_lib.canonical_gate_position(cfg.gate.position))
@@ -70,7 +69,7 @@ def test_sdpa_nonlinearity_variants_are_parameter_free(kind):
   count = lambda c: sum(x.size for x in jax.tree.leaves(nnx.state(helpers.attention(c))))
   assert count(plain) == count(variant)
   x, = np.random.default_rng(0).normal(size=(1, 2, 5, plain.d_model)).astype(np.float32)
-  rope = rope_tables(jnp.arange(5)[None], 4, 10_000.0)
+  rope = helpers.rope(5, plain)
   assert not np.allclose(helpers.attention(plain)(x, rope)[0],
                          helpers.attention(variant)(x, rope)[0])
 

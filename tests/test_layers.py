@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gated_attention import config as config_lib
 from gated_attention import layers
 from tests import reference
 
@@ -18,7 +19,8 @@ def test_rms_norm_matches_reference():
 @pytest.mark.parametrize('rotary_dim', [8, 4])
 def test_partial_rope_matches_reference(rotary_dim):
   x = np.random.default_rng(1).normal(size=(1, 6, 2, 8)).astype(np.float32)
-  sin, cos = layers.rope_tables(jnp.arange(6)[None], rotary_dim, 10_000.0)
+  sin, cos = layers.rope_tables(jnp.arange(6)[None], *layers.rope_frequencies(
+      rotary_dim, 10_000.0, config_lib.base_config().model.rope_scaling))
   out = np.asarray(layers.apply_rope(jnp.asarray(x), sin, cos))
   np.testing.assert_allclose(out[0], reference.rope(x[0], range(6), rotary_dim, 10_000.0),
                              rtol=1e-5, atol=1e-6)
@@ -40,3 +42,52 @@ def test_rms_norm_plus_one_starts_as_identity_scale():
   x = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(norm.scale[...]), 0.0)
   np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), reference.rms_norm(x), rtol=1e-5)
+
+
+def _scaling(**fields):
+  scaling = config_lib.base_config().model.rope_scaling
+  scaling.update(fields)
+  return scaling
+
+
+@pytest.mark.parametrize('rotary_dim, theta, factor, original', [
+    (64, 10_000.0, 4.0, 256), (32, 1e6, 8.0, 4096), (16, 10_000.0, 2.0, 64)])
+def test_yarn_matches_a_reference_written_from_its_formulas(rotary_dim, theta, factor,
+                                                            original):
+  inv_freq, attention_factor = layers.rope_frequencies(rotary_dim, theta, _scaling(
+      type='yarn', factor=factor, original_max_position=original))
+  expected, expected_factor = reference.yarn(rotary_dim, theta, factor, original)
+  np.testing.assert_allclose(inv_freq, expected, rtol=2e-6)
+  np.testing.assert_allclose(attention_factor, expected_factor, rtol=1e-12)
+  # Fast dimensions keep their frequency, slow ones are interpolated by the factor.
+  base = layers.rope_frequencies(rotary_dim, theta, _scaling())[0]
+  assert inv_freq[0] == base[0] and inv_freq[-1] == pytest.approx(base[-1] / factor)
+
+
+def test_linear_scaling_is_position_interpolation():
+  """Position p under linear scaling by s is unscaled RoPE at position p / s."""
+  scaled = layers.rope_frequencies(16, 10_000.0, _scaling(type='linear', factor=4.0))
+  plain = layers.rope_frequencies(16, 10_000.0, _scaling())
+  positions = jnp.arange(0, 64, 4)[None]
+  for got, want in zip(layers.rope_tables(positions, *scaled),
+                       layers.rope_tables(positions // 4, *plain)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize('rope_type, extra', [
+    ('yarn', dict(original_max_position_embeddings=128, beta_fast=16.0, beta_slow=2.0)),
+    ('yarn', dict(original_max_position_embeddings=512, mscale=0.707, mscale_all_dim=1.0)),
+    ('linear', {})])
+def test_rope_scaling_matches_transformers(rope_type, extra):
+  transformers = pytest.importorskip('transformers')
+  hf = transformers.Qwen3Config(head_dim=32, hidden_size=64, num_attention_heads=2,
+                                rope_parameters=dict(rope_type=rope_type, rope_theta=50_000.0,
+                                                     factor=8.0, **extra))
+  rotary = transformers.models.qwen3.modeling_qwen3.Qwen3RotaryEmbedding(hf)
+  ours = _scaling(type=rope_type, factor=8.0,
+                  original_max_position=extra.get('original_max_position_embeddings', 0),
+                  beta_fast=extra.get('beta_fast', 32.0), beta_slow=extra.get('beta_slow', 1.0),
+                  mscale=extra.get('mscale', 0.0), mscale_all_dim=extra.get('mscale_all_dim', 0.0))
+  inv_freq, attention_factor = layers.rope_frequencies(32, 50_000.0, ours)
+  np.testing.assert_allclose(inv_freq, rotary.inv_freq.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(attention_factor, rotary.attention_scaling, rtol=1e-6)
