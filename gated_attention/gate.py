@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gated_attention.config import canonical_gate_position
-from gated_attention.layers import param, rms_norm
+from gated_attention.layers import dense, param, rms_norm
 
 _ACTIVATIONS = {
     'sigmoid': jax.nn.sigmoid,
@@ -117,7 +117,7 @@ class Gate(nnx.Module):
     """Gate logits of an unfused gate (G5, or input-independent) from X [batch, length, embed]."""
     if not self.input_dependent:
       return self.score[...].astype(x.dtype)
-    return jnp.einsum('bte,ew->btw', x, self.kernel[...].astype(x.dtype))
+    return dense(x, self.kernel[...].astype(x.dtype))
 
   def __call__(self, y: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gates y with act(logits); returns (gated y, the gate score applied to each element of y)."""

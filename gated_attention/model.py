@@ -20,7 +20,7 @@ from flax import nnx
 
 from gated_attention import attention as attention_lib
 from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
-from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, param, rope_frequencies,
+from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, rope_frequencies,
                                     rope_tables)
 from gated_attention.moe import MoE
 from gated_attention.sharding import constrain, splits_evenly
@@ -106,9 +106,9 @@ class Attention(nnx.Module):
     cache: None, or this layer's (key, value, length) to write into and attend over.
     Returns ([batch, length, embed], outputs: stats and, with a cache, 'key' and 'value')."""
     projections = {
-        'query': jnp.einsum('bte,ehd->bthd', x, self.wq[...].astype(x.dtype)),
-        'key': jnp.einsum('bte,ehd->bthd', x, self.wk[...].astype(x.dtype)),
-        'value': jnp.einsum('bte,ehd->bthd', x, self.wv[...].astype(x.dtype)),
+        'query': dense(x, self.wq[...].astype(x.dtype)),
+        'key': dense(x, self.wk[...].astype(x.dtype)),
+        'value': dense(x, self.wv[...].astype(x.dtype)),
     }
     gate, logits, score = self.gate, None, None
     if gate.fused_into:
@@ -148,7 +148,7 @@ class Attention(nnx.Module):
     y = sdpa_nonlinearity(y, self.sdpa_nonlinearity, self.eps)
     if gate.position == 'sdpa':
       y, score = gate(y, logits)
-    out = jnp.einsum('bthd,hde->bte', y, self.wo[...].astype(x.dtype))
+    out = dense(y, self.wo[...].astype(x.dtype), contract=2)
     if gate.position == 'dense':
       out, score = gate(out, logits)
 
@@ -255,8 +255,7 @@ class Transformer(nnx.Module):
       logits = jnp.einsum('bte,ve->btv', x, self.embedding[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     else:
-      logits = jnp.einsum('bte,ev->btv', x, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = dense(x, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ('batch', 'length', 'vocab'))
     aux_losses = {name: jnp.mean(per_layer.pop(name))
                   for name in ('load_balance_loss', 'router_z_loss') if name in per_layer}
