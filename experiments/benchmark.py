@@ -5,18 +5,18 @@
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention import config as config_lib
 from gated_attention.benchmark import benchmark_train_step
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py', 'Experiment config file.')
+_CONFIG = cli.define_config('configs/lm.py')
 _GATES = flags.DEFINE_list('gates', ['none', 'g1_elementwise', 'g1_headwise'],
                            'Gate variants (names of gated_attention.config.GATE_PRESETS).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.')
-_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median step time is reported.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.', lower_bound=1)
+_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median step time is reported.',
+                              lower_bound=1)
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
 
 
@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
