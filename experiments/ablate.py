@@ -5,13 +5,12 @@
 Writes WORKDIR/report.md, WORKDIR/results.json and PNGs; rerunning resumes the sweep.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention.ablation import run_ablation
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/ablation.py', 'Ablation config.')
+_CONFIG = cli.define_config('configs/ablation.py', 'Ablation config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory.', required=True)
 
 
@@ -21,4 +20,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

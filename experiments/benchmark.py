@@ -14,22 +14,22 @@ of one attention layer's forward and backward pass per implementation and length
 import itertools
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention import benchmark
 from gated_attention import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py', 'Experiment config file.')
+_CONFIG = cli.define_config('configs/lm.py')
 _GATES = flags.DEFINE_list('gates', ['none', 'g1_elementwise', 'g1_headwise'],
                            'Gate variants (names of gated_attention.config.GATE_PRESETS).')
 _ATTENTION = flags.DEFINE_list('attention_impls', [], 'model.attention_impl values to compare '
                                '(default: the config\'s).')
 _SCAN = flags.DEFINE_list('scan', [], 'model.scan_layers values to compare: false, true.')
 _MOE = flags.DEFINE_list('moe_impls', [], 'model.moe.impl values to compare (MoE configs).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.')
-_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median step time is reported.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.', lower_bound=1)
+_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median step time is reported.',
+                               lower_bound=1)
 _TORCH = flags.DEFINE_string('torch_python', None, 'Python of a PyTorch environment: also time '
                              'the PyTorch reference of the same shape (eager and compiled).')
 _TORCH_SCRIPT = flags.DEFINE_string('torch_script', '../shared/bench/torch_lm.py',
@@ -143,4 +143,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -1,11 +1,12 @@
-"""What every command-line main shares: multi-process start-up, and known errors as one clear
-line with exit status 1."""
+"""What every command-line main that uses jax shares: multi-process start-up, and every known
+failure as one line `error: ...` with exit status 1."""
 
-import os
+import logging as std_logging
 import sys
 
 from absl import flags, logging
 
+from experiments.cli import fail
 from gated_attention.aot import CompileError
 from gated_attention.checkpoint import CheckpointError
 from gated_attention.config import ConfigError
@@ -19,13 +20,23 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None,
     'host:port of process 0 for multi-process runs (default: $JAX_COORDINATOR_ADDRESS).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None,
-                                      'Processes in the job (default: $JAX_NUM_PROCESSES).')
+                                      'Processes in the job (default: $JAX_NUM_PROCESSES).',
+                                      lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer('process_id', None,
-                                   'This process\'s rank (default: $JAX_PROCESS_ID).')
+                                   'This process\'s rank (default: $JAX_PROCESS_ID).',
+                                   lower_bound=0)
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'on', 'off'],
     'on: call jax.distributed.initialize (on TPU pods and SLURM it finds its arguments itself); '
     'auto: only when a coordinator address or process count above 1 is given; off: never.')
+
+
+class _HideBackgroundTracebacks(std_logging.Filter):
+  """Drops orbax's reports of failures in its background threads, traceback included: the main
+  thread reports the same failure in one line, naming what it means for the run."""
+
+  def filter(self, record):
+    return not (record.exc_info and 'orbax' in record.pathname)
 
 
 def _is_closed_event_loop(exc) -> bool:
@@ -44,17 +55,19 @@ def _hide_closed_event_loop_reports() -> None:
 
 
 def run_cleanly(job):
-  """Starts the process group if asked, runs job(); a known error prints 'error: message'
-  (no traceback) and exits with status 1."""
+  """Starts the process group if asked, runs job(); a known error, any OS error, and Ctrl-C
+  outside the training loop print one line 'error: message' (no traceback) and exit with
+  status 1 (130 for Ctrl-C)."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  logging.get_absl_handler().addFilter(_HideBackgroundTracebacks())
   _hide_closed_event_loop_reports()
   try:
     initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     return job()
   except KNOWN_ERRORS as error:
-    print(f'error: {error}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Exit now: after a failed restore, orbax's background reads fail again during interpreter
-    # teardown and would bury the one-line error under reports of the same failure.
-    os._exit(1)
+    fail(str(error))
+  except OSError as error:  # A file or directory the environment refuses, named by the error.
+    fail(str(error))
+  except KeyboardInterrupt:
+    fail('interrupted (SIGINT); nothing was saved after the last complete checkpoint.', 130)

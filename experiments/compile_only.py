@@ -11,16 +11,16 @@ import json
 import sys
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention import aot
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py', 'Experiment config file.')
+_CONFIG = cli.define_config('configs/lm.py')
 _TOPOLOGY = flags.DEFINE_string('topology', 'local', "A TPU topology such as 'v5p:4x4x4', or "
                                 "'local' for the devices at hand.")
-_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices of that topology (multi-slice).')
+_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices of that topology (multi-slice).',
+                                  lower_bound=1)
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON.')
 
 
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

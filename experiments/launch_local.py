@@ -9,13 +9,16 @@ JAX_PROCESS_ID; its output is prefixed with its rank; if one fails the others ar
 
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 from gated_attention.launch import launch_local
 
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 2, 'Processes to start.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 2, 'Processes to start.', lower_bound=1)
 _DEVICES = flags.DEFINE_integer('devices_per_process', None,
-                                'CPU devices per process (forces the CPU platform).')
+                                'CPU devices per process (forces the CPU platform).',
+                                lower_bound=1)
 _MODULE = flags.DEFINE_string('module', 'experiments.train', 'Python module each process runs.')
 
 
@@ -24,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,17 +10,20 @@ split and examples that data.source=text_files would give; then train with
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention import config as config_lib
 from gated_attention import data
 
 _INPUT = flags.DEFINE_string('input', None, 'Glob of text files (** allowed).', required=True)
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory for the ArrayRecord files.',
                                   required=True)
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 256, 'Tokens per example (the model reads seq_len).')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 256, 'Tokens per example (the model reads seq_len).',
+                               lower_bound=1)
 _HELDOUT = flags.DEFINE_float('heldout_fraction', 0.05, 'Fraction of documents held out.')
+flags.register_validator('heldout_fraction', lambda fraction: 0 < fraction < 1,
+                         '--heldout_fraction must be in (0, 1).')
 
 
 def main(argv):
@@ -34,11 +37,12 @@ def main(argv):
     output.mkdir(parents=True, exist_ok=True)
     for split in ('train', 'heldout'):
       path = output / f'{split}.array_record'
-      count = data.write_array_record(data.load_split(data_config, split), path)
+      examples = data.load_split(data_config, split, data.TOKENIZER_VOCAB_SIZE)
+      count = data.write_array_record(examples, path)
       print(f'{path}: {count:,} examples of {_SEQ_LEN.value + 1} tokens')
 
   common.run_cleanly(prepare)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

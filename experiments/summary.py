@@ -5,13 +5,12 @@
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention.summary import format_summary, summarize
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py', 'Experiment config file.')
+_CONFIG = cli.define_config('configs/lm.py')
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON.')
 
 
@@ -22,4 +21,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ import pathlib
 
 from gated_attention import config as config_lib
 from gated_attention import state as state_lib
+from gated_attention import workdir as workdir_lib
 from gated_attention.evaluate import evaluate
 from gated_attention.metrics import read_metrics
 from gated_attention.train import TrainingError, log, train
@@ -71,11 +72,17 @@ def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
 
 
 def run_ablation(config, workdir) -> dict:
-  """Runs the whole sweep (skipping finished runs) and writes report.md, results.json, PNGs."""
-  workdir = pathlib.Path(workdir)
-  runs = sweep(config)
+  """Runs the whole sweep (skipping finished runs) and writes report.md, results.json, PNGs;
+  every run's config is validated first, and the sweep holds its workdir alone throughout."""
+  runs = [(name, variant, rate, variant_config(config, variant, rate))
+          for name, variant, rate in sweep(config)]
+  with workdir_lib.hold(workdir):
+    return _run_sweep(config, runs, pathlib.Path(workdir))
+
+
+def _run_sweep(config, runs, workdir: pathlib.Path) -> dict:
   results = {}
-  for index, (name, variant, rate) in enumerate(runs, start=1):
+  for index, (name, variant, rate, run_config) in enumerate(runs, start=1):
     run_dir = workdir / 'runs' / name
     done = run_dir / 'result.json'
     if done.exists():
@@ -83,7 +90,7 @@ def run_ablation(config, workdir) -> dict:
       results[name] = json.loads(done.read_text())
       continue
     log(f'[{index}/{len(runs)}] {name}: gate={variant}, learning_rate={rate:g}')
-    row = run_variant(variant_config(config, variant, rate), run_dir)
+    row = run_variant(run_config, run_dir)
     if row is None:
       log(f'preempted during {name}: rerun the same command to continue the sweep')
       return results

@@ -1,21 +1,39 @@
-"""Orbax checkpoints: one manager per run holding the train state (step, parameters, optimizer
-state) and the host's state (the data iterator's position and the loop's counters, as JSON),
-plus the run's config as JSON beside them.
+"""Orbax checkpoints: one manager per run. Each step holds four items:
+
+  state      the train state (step, parameters, optimizer state);
+  host       the data iterator's position and the loop's counters (JSON);
+  config     the full config the step was trained with (JSON), so a resume or an evaluation
+             knows the model whatever became of WORKDIR/config.json;
+  checksums  per array of `state`, a checksum of its bits computed on device at save time (JSON).
+
+A restore recomputes the checksums and refuses an array whose bits changed, or one holding
+non-finite values: such a checkpoint is damaged. WORKDIR/config.json holds the latest run's
+config for people and tools.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves no directory that `latest_step` would take as whole.
+mid-save leaves no directory that `latest_step` would take as whole. A failed asynchronous save
+is raised by `raise_if_save_failed` (and by the next save or `wait`), naming the last good step.
 """
 
 import json
+import math
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+
+ITEMS = ('state', 'host', 'config', 'checksums')
+READ_ATTEMPTS = 5
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint or workdir that cannot be used; the message names the path."""
+
+
+class CheckpointVanished(CheckpointError):
+  """A complete checkpoint that was removed while it was read (its trainer rotated it away)."""
 
 
 def config_path(workdir) -> pathlib.Path:
@@ -23,17 +41,8 @@ def config_path(workdir) -> pathlib.Path:
 
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/config.json, or checks that the model config matches the one there."""
+  """Writes WORKDIR/config.json atomically."""
   path = config_path(workdir)
-  if path.exists():
-    saved = load_config(workdir)
-    if saved.model.to_dict() != config.model.to_dict():
-      differing = ', '.join(f'model.{k}' for k in sorted(set(saved.model) | set(config.model))
-                            if saved.model.get(k) != config.model.get(k))
-      raise CheckpointError(f'{workdir} holds a run with a different model config ({differing} '
-                            'differ); use a new --workdir or the same config.')
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
   temporary = path.with_suffix('.tmp')
   temporary.write_text(config.to_json(indent=2))
   temporary.rename(path)
@@ -49,39 +58,160 @@ def load_config(workdir) -> ml_collections.ConfigDict:
     raise CheckpointError(f'{path} is not valid JSON ({error}).') from None
 
 
+def _bits(x: jax.Array) -> jax.Array:
+  """The bits of each element as uint32 (zero-extended for narrower types)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = jnp.dtype(f'uint{8 * x.dtype.itemsize}')
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape) -> jax.Array:
+  """uint32 [*shape]: each element's row-major flat index, modulo 2**32."""
+  strides = [math.prod(shape[d + 1:]) % 2**32 for d in range(len(shape))]
+  index = jnp.zeros(shape, jnp.uint32)
+  for dim, stride in enumerate(strides):
+    index += jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride)
+  return index
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  weight = (_flat_index(x.shape) * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+  return jnp.sum(_bits(x) * weight, dtype=jnp.uint32)
+
+
+def _finite(x: jax.Array) -> jax.Array:
+  return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(True)
+
+
+@jax.jit
+def fingerprints(tree):
+  """(checksums, finite): trees like `tree` of uint32 and bool scalars. A checksum sums each
+  element's bits times an odd weight of its flat index, modulo 2**32: exact integer arithmetic,
+  so the same for any sharding, device or process count, and changed by any change to one
+  element."""
+  return jax.tree.map(_checksum, tree), jax.tree.map(_finite, tree)
+
+
+def checksums(tree) -> dict[str, tuple[int, bool]]:
+  """{'params/embedding': (checksum, all finite), ...} for every array of `tree`."""
+  sums, finite = jax.device_get(fingerprints(tree))
+  keys = [jax.tree_util.keystr(path, simple=True, separator='/')
+          for path, _ in jax.tree_util.tree_flatten_with_path(sums)[0]]
+  return {key: (int(checksum), bool(ok))
+          for key, checksum, ok in zip(keys, jax.tree.leaves(sums), jax.tree.leaves(finite))}
+
+
 class Checkpointer:
-  """Saves and restores {'state': train state pytree, 'host': JSON-able dict} by step."""
+  """Saves and restores train state, host state, config and checksums by step."""
 
   def __init__(self, workdir, keep: int | None = None, read_only: bool = False):
     """read_only: for evaluation; the directory must exist and nothing is written."""
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
                                            enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'host'))
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.saving_step: int | None = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, host_state: dict) -> None:
-    """Starts an asynchronous save; arrays are copied before this returns."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+  def save(self, step: int, state, host_state: dict, config: ml_collections.ConfigDict) -> None:
+    """Starts an asynchronous save; arrays are copied and checksummed before this returns.
+    Raises CheckpointError if this save cannot start or the previous one failed."""
+    self.wait()
+    self.saving_step = step
+    sums = {key: checksum for key, (checksum, _) in checksums(state).items()}
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state),
+          config=ocp.args.JsonSave(json.loads(config.to_json())),
+          checksums=ocp.args.JsonSave(sums)), force=True)
+    except Exception as error:  # Orbax raises many types for a directory it cannot write.
+      raise self._save_failed(error) from None
+
+  def raise_if_save_failed(self) -> None:
+    """Raises CheckpointError if the last asynchronous save has failed; never blocks on one
+    still running."""
+    if not self.manager.is_saving_in_progress():
+      self.wait()
+
+  def wait(self) -> None:
+    """Blocks until the last asynchronous save is complete on disk; CheckpointError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # The background save's own error, re-raised.
+      raise self._save_failed(error) from None
+
+  def _save_failed(self, error: Exception) -> CheckpointError:
+    kept = self.latest_step()
+    kept = (f'the last complete checkpoint is step {kept}' if kept is not None
+            else 'no checkpoint is complete')
+    return CheckpointError(
+        f'Saving checkpoint step {self.saving_step} to {self.directory} failed '
+        f'({_first_line(error)}); stopping: {kept}. Free space or fix permissions there, then '
+        'run the same command to resume.')
+
+  def saved_config(self, step: int) -> dict:
+    """The config `step` was trained with, as a plain dict: saved with it or, for a checkpoint
+    from before configs were saved with each step, WORKDIR/config.json."""
+    if not self._has_item(step, 'config'):
+      return json.loads(load_config(self.directory.parent).to_json())
+    return self._restore(step, config=ocp.args.JsonRestore()).config
+
+  def read_latest(self, read):
+    """read(step) of the latest complete step; if a running trainer removes that step while it
+    is read, again with the new latest (a few times at most)."""
+    for _ in range(READ_ATTEMPTS):
+      step = self.latest_step()
+      if step is None:
+        raise CheckpointError(f'No complete checkpoint in {self.directory}.')
+      try:
+        return read(step)
+      except CheckpointVanished:
+        continue
+    raise CheckpointError(
+        f'The latest checkpoint in {self.directory} was removed while it was read, '
+        f'{READ_ATTEMPTS} times: its trainer saves faster than a checkpoint can be read. Raise '
+        'train.keep_checkpoints, or evaluate after the run.')
 
   def restore(self, step: int, abstract_state):
-    """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say."""
+    """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say,
+    checked against the checksums saved with them."""
     restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
                              host=ocp.args.JsonRestore())
+    self._verify(step, restored.state)
     return restored.state, restored.host
 
   def restore_params(self, step: int, abstract_params):
-    """Only the parameters of `step` (the optimizer state is never read)."""
+    """Only the parameters of `step` (the optimizer state is never read), checked against their
+    checksums."""
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
                                 abstract_params)
     restored = self._restore(step, state=ocp.args.PyTreeRestore(
         item={'params': abstract_params}, restore_args={'params': restore_args},
         partial_restore=True))
+    self._verify(step, {'params': restored.state['params']})
     return restored.state['params']
+
+  def _has_item(self, step: int, item: str) -> bool:
+    return (self.directory / str(step) / item).is_dir()
+
+  def _verify(self, step: int, tree) -> None:
+    """Raises CheckpointError naming the first array whose bits differ from those saved (for
+    checkpoints saved with checksums) or that holds a non-finite value."""
+    saved = (self._restore(step, checksums=ocp.args.JsonRestore()).checksums
+             if self._has_item(step, 'checksums') else {})
+    for key, (checksum, finite) in sorted(checksums(tree).items()):
+      if key in saved and saved[key] != checksum:
+        problem = 'differs from the checksum saved with it'
+      elif not finite:
+        problem = 'holds non-finite values'
+      else:
+        continue
+      raise CheckpointError(
+          f'Checkpoint {self.directory / str(step)} is damaged: {key} {problem}. Remove that '
+          'directory to resume from the previous checkpoint.')
 
   def _restore(self, step: int, **items):
     if step not in self.manager.all_steps():
@@ -90,16 +220,28 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # Orbax and TensorStore raise many types for damaged files.
-      cause = error.__cause__ or error
-      first_line = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ''
+      self.manager.reload()
+      if step not in self.manager.all_steps():
+        raise CheckpointVanished(
+            f'Checkpoint {self.directory / str(step)} was removed while it was read (its '
+            'trainer keeps only the latest train.keep_checkpoints).') from None
       raise CheckpointError(
           f'Checkpoint {self.directory / str(step)} is damaged or incomplete and cannot be '
-          f'restored ({type(cause).__name__}: {first_line}). Remove that directory to resume '
-          'from the previous checkpoint.') from None
-
-  def wait(self) -> None:
-    """Blocks until the last asynchronous save is complete on disk."""
-    self.manager.wait_until_finished()
+          f'restored ({_first_line(error)}). Remove that directory to resume from the previous '
+          'checkpoint.') from None
 
   def close(self) -> None:
+    """Waits for the last save (CheckpointError if it failed) and releases the manager."""
+    self.wait()
     self.manager.close()
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """'Type: first line of the message' of an exception or, if it has one, of its cause; a long
+  line keeps its start and its end (where TensorStore puts the operating system's reason)."""
+  cause = error.__cause__ or error
+  text = str(cause).strip()
+  line = text.splitlines()[0] if text else ''
+  if len(line) > limit:
+    line = f'{line[:limit // 2]} ... {line[-limit // 2:]}'
+  return f'{type(cause).__name__}: {line}'

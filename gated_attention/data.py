@@ -95,29 +95,38 @@ class TokenChunks:
 
 
 class ArrayRecordExamples:
-  """Random-access pre-tokenized examples from ArrayRecord files, checked to be seq_len + 1."""
+  """Random-access pre-tokenized examples from ArrayRecord files; each read is checked to hold
+  seq_len + 1 token ids in [0, vocab_size), or names its file and record."""
 
-  def __init__(self, pattern: str, seq_len: int, key: str):
-    paths = sorted(glob.glob(pattern, recursive=True))
-    if not paths:
+  def __init__(self, pattern: str, seq_len: int, vocab_size: int, key: str):
+    self.paths = sorted(glob.glob(pattern, recursive=True))
+    if not self.paths:
       raise DataError(f'{key}={pattern!r} matches no files.')
     try:
-      self.source = grain.sources.ArrayRecordDataSource(paths)
+      self.sources = [grain.sources.ArrayRecordDataSource([path]) for path in self.paths]
     except Exception as error:  # array_record raises plain RuntimeErrors for unreadable files.
       raise DataError(f'{key}={pattern!r}: cannot open as ArrayRecord ({error}).') from None
-    self.seq_len, self.pattern = seq_len, pattern
+    self.starts = np.cumsum([0] + [len(source) for source in self.sources])
+    self.seq_len, self.vocab_size = seq_len, vocab_size
     if len(self) == 0:
       raise DataError(f'{key}={pattern!r} holds no records.')
-    self[0]  # Fails now, not mid-run, if the records were written for another seq_len.
+    self[0]  # Fails now, not mid-run, if the records were written for another seq_len or vocab.
 
   def __len__(self) -> int:
-    return len(self.source)
+    return int(self.starts[-1])
 
   def __getitem__(self, index: int) -> np.ndarray:
-    example = np.frombuffer(self.source[index], dtype='<i4').astype(np.int32)
+    file = int(np.searchsorted(self.starts, index, side='right')) - 1
+    record = index - int(self.starts[file])
+    example = np.frombuffer(self.sources[file][record], dtype='<i4').astype(np.int32)
+    where = f'{self.paths[file]}: record {record}'
     if example.shape != (self.seq_len + 1,):
-      raise DataError(f'{self.pattern}: record {index} has {example.size} tokens; '
-                      f'data.seq_len={self.seq_len} needs {self.seq_len + 1}.')
+      raise DataError(f'{where} has {example.size} tokens; data.seq_len={self.seq_len} needs '
+                      f'{self.seq_len + 1}.')
+    outside = example[(example < 0) | (example >= self.vocab_size)]
+    if outside.size:
+      raise DataError(f'{where} holds token id {outside[0]}, outside [0, model.vocab_size='
+                      f'{self.vocab_size}): it was tokenized for another vocabulary.')
     return example
 
 
@@ -131,17 +140,20 @@ def write_array_record(examples, path) -> int:
   return len(examples)
 
 
-def load_split(data_config, split: str):
-  """The random-access source of examples for split 'train' or 'heldout'.
+def load_split(data_config, split: str, vocab_size: int):
+  """The random-access source of examples for split 'train' or 'heldout', token ids checked to
+  be below vocab_size.
 
   The held-out documents depend on the corpus alone (a fixed seed), never on train.seed, so runs
   with different seeds are evaluated on the same text."""
   if data_config.source == 'array_record':
     if split == 'train':
-      return ArrayRecordExamples(data_config.path, data_config.seq_len, 'data.path')
+      return ArrayRecordExamples(data_config.path, data_config.seq_len, vocab_size,
+                                 'data.path')
     if not data_config.eval_path:
       raise DataError('data.eval_path is empty; data.source=array_record needs a held-out glob.')
-    return ArrayRecordExamples(data_config.eval_path, data_config.seq_len, 'data.eval_path')
+    return ArrayRecordExamples(data_config.eval_path, data_config.seq_len, vocab_size,
+                               'data.eval_path')
   documents = (embedded_documents() if data_config.source == 'embedded'
                else text_file_documents(data_config.path))
   train, heldout = split_documents(documents, data_config.heldout_fraction, seed=0)
@@ -158,6 +170,18 @@ def train_dataset(source, global_batch_size: int, seed: int, process_index: int,
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   dataset = dataset[process_index::process_count]
   return dataset.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+
+
+def translate_position(iterator_state: dict, saved_batch_size: int,
+                       batch_size: int) -> tuple[dict, int, int]:
+  """(state, examples consumed, examples repeated): the state of a train_dataset iterator with
+  global batch `batch_size` that continues as many examples into its order as one with
+  `saved_batch_size` had consumed, rounded down to whole batches (the remainder is repeated).
+
+  The state counts global batches, the same on every process."""
+  consumed = iterator_state['next_index'] * saved_batch_size
+  batches = consumed // batch_size
+  return {**iterator_state, 'next_index': batches}, consumed, consumed - batches * batch_size
 
 
 def heldout_batches(source, global_batch_size: int, num_batches: int, process_index: int,

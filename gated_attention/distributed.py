@@ -5,8 +5,10 @@ other machines they come from flags or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PRO
 JAX_PROCESS_ID environment variables (`experiments.launch_local` sets them for local runs).
 """
 
+import math
 import os
 import signal
+import sys
 
 import jax
 from jax.experimental import multihost_utils
@@ -14,19 +16,43 @@ from jax.experimental import multihost_utils
 from gated_attention.config import ConfigError
 
 
+def _env_int(name: str) -> int | None:
+  """The integer in environment variable `name`, or None if it is unset."""
+  if name not in os.environ:
+    return None
+  try:
+    return int(os.environ[name])
+  except ValueError:
+    raise ConfigError(f'{name}={os.environ[name]!r} must be an integer.') from None
+
+
 def initialize(mode: str, coordinator_address: str | None, num_processes: int | None,
                process_id: int | None) -> None:
-  """Calls jax.distributed.initialize when mode is 'on', or 'auto' with a multi-process setting."""
+  """Calls jax.distributed.initialize when mode is 'on', or 'auto' with a multi-process setting;
+  a malformed setting (flag or environment variable) is a ConfigError naming it."""
   coordinator_address = coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')
-  if num_processes is None and 'JAX_NUM_PROCESSES' in os.environ:
-    num_processes = int(os.environ['JAX_NUM_PROCESSES'])
-  if process_id is None and 'JAX_PROCESS_ID' in os.environ:
-    process_id = int(os.environ['JAX_PROCESS_ID'])
+  if num_processes is None:
+    num_processes = _env_int('JAX_NUM_PROCESSES')
+  if process_id is None:
+    process_id = _env_int('JAX_PROCESS_ID')
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f'The process count (--num_processes or JAX_NUM_PROCESSES) is '
+                      f'{num_processes}; it must be at least 1.')
+  if process_id is not None and (process_id < 0 or process_id >= (num_processes or math.inf)):
+    raise ConfigError(f'The process id (--process_id or JAX_PROCESS_ID) is {process_id}; it '
+                      f'must be in [0, {num_processes or "the process count"}).')
   if mode == 'off' or (mode == 'auto' and not coordinator_address and (num_processes or 1) <= 1):
     return
-  if coordinator_address and (num_processes is None or process_id is None):
-    raise ConfigError(f'--coordinator_address={coordinator_address} also needs --num_processes '
-                      'and --process_id (or JAX_NUM_PROCESSES and JAX_PROCESS_ID).')
+  if coordinator_address:
+    host, _, port = coordinator_address.rpartition(':')
+    if not host or not port.isdigit():
+      raise ConfigError(f'The coordinator address (--coordinator_address or '
+                        f'JAX_COORDINATOR_ADDRESS) is {coordinator_address!r}; expected '
+                        'HOST:PORT.')
+    if num_processes is None or process_id is None:
+      raise ConfigError(f'--coordinator_address={coordinator_address} also needs '
+                        '--num_processes and --process_id (or JAX_NUM_PROCESSES and '
+                        'JAX_PROCESS_ID).')
   if coordinator_address and jax.config.jax_platforms in (None, '', 'cpu'):
     # Cross-process collectives on CPU devices (tests, single-box runs) go over gloo.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -34,28 +60,39 @@ def initialize(mode: str, coordinator_address: str | None, num_processes: int | 
 
 
 class PreemptionWatch:
-  """Tells the loop when to save and stop after SIGTERM (a preemption notice).
+  """Tells the loop when to save and stop: after SIGTERM (a preemption notice) or Ctrl-C
+  (SIGINT). A second Ctrl-C exits at once, without saving: the last complete checkpoint stays.
 
-  With several processes jax's preemption service agrees on one step for all of them
-  (every process must call `reached` at every step); a single process watches SIGTERM itself.
+  With several processes jax's preemption service agrees on one step for all of them (every
+  process must call `reached` at every step); Ctrl-C is passed to it as SIGTERM. A single
+  process watches the signals itself.
   """
 
   def __init__(self):
     self.multi_process = jax.process_count() > 1
-    self.received = False
-    self.previous = None
-    if not self.multi_process:
-      self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self.received: str | None = None
+    signals = (signal.SIGINT,) if self.multi_process else (signal.SIGINT, signal.SIGTERM)
+    self.previous = {signum: signal.signal(signum, self._on_signal) for signum in signals}
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    self.received = True
+  def _on_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT and self.received == 'SIGINT':
+      print('\ninterrupted again (SIGINT): exiting now without saving; the last complete '
+            'checkpoint is kept', file=sys.stderr, flush=True)
+      os._exit(130)
+    self.received = signal.Signals(signum).name
+    if self.multi_process:
+      os.kill(os.getpid(), signal.SIGTERM)  # jax's preemption service listens for SIGTERM.
 
   def reached(self, step: int) -> bool:
     if self.multi_process:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.received
+    return self.received is not None
+
+  def describe(self) -> str:
+    """How the run was stopped, for its last line."""
+    return 'interrupted (SIGINT)' if self.received == 'SIGINT' else 'preempted (SIGTERM)'
 
   def close(self) -> None:
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
+    for signum, previous in self.previous.items():
+      signal.signal(signum, previous)

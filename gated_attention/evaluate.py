@@ -15,6 +15,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
@@ -66,38 +67,49 @@ def summarize_measurements(per_batch: list[dict], activation: str | None) -> dic
   return result
 
 
+def _restore_params(checkpointer, config, mesh, step: int):
+  """(graphdef, params) of checkpoint `step`, placed on `mesh` by the logical-axis rules."""
+  graphdef, abstract_variables = state_lib.abstract_model(config.model)
+  shardings = state_lib.param_shardings(mesh, abstract_variables)
+  return graphdef, checkpointer.restore_params(
+      step, state_lib.with_shardings(nnx.to_pure_dict(abstract_variables), shardings))
+
+
 def load_params(workdir, config, mesh, step: int | None = None):
   """(graphdef, params, step): the parameters of checkpoint `step` (default: latest) placed on
   `mesh` by the logical-axis rules, whatever mesh they were saved from."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise checkpoint_lib.CheckpointError(f'No complete checkpoint in {checkpointer.directory}.')
-  graphdef, abstract_variables = state_lib.abstract_model(config.model)
-  shardings = state_lib.param_shardings(mesh, abstract_variables)
-  params = checkpointer.restore_params(
-      step, state_lib.with_shardings(nnx.to_pure_dict(abstract_variables), shardings))
+  read = lambda at: (*_restore_params(checkpointer, config, mesh, at), at)
+  graphdef, params, step = checkpointer.read_latest(read) if step is None else read(step)
   checkpointer.close()
   return graphdef, params, step
 
 
 def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | None = None,
              figures: bool = True) -> dict:
-  """Evaluates step `step` (default: latest) of the run in workdir; writes
+  """Evaluates step `step` (default: the latest complete one, even while its run trains on) of
+  the run in workdir, with the config saved in that step; prints the result, then writes
   WORKDIR/eval/step_<N>.json (and PNG figures) and returns the same dict."""
   workdir = pathlib.Path(workdir)
-  config = checkpoint_lib.load_config(workdir)
-  if mesh_config is not None:
-    config.mesh = mesh_config
-  if batches is not None:
-    config.eval.batches = batches
-  config_lib.validate(config)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  check_batch(config, mesh)
-  graphdef, params, step = load_params(workdir, config, mesh, step)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+
+  def read(at: int):
+    config = ml_collections.ConfigDict(checkpointer.saved_config(at))
+    if mesh_config is not None:
+      config.mesh = mesh_config
+    if batches is not None:
+      config.eval.batches = batches
+    config_lib.validate(config)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    check_batch(config, mesh)
+    return (config, mesh, *_restore_params(checkpointer, config, mesh, at), at)
+
+  config, mesh, graphdef, params, step = (
+      checkpointer.read_latest(read) if step is None else read(step))
+  checkpointer.close()
   shardings = jax.tree.map(lambda p: p.sharding, params)
 
-  source = data_lib.load_split(config.data, 'heldout')
+  source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
   batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
   steps = {analysis: jax.jit(make_eval_step(graphdef, analysis),
                              in_shardings=(shardings, batch_sharding))
@@ -121,16 +133,21 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
   result = {'step': step, 'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': num_tokens,
             'analysis_sequences': len(measured) * config.eval.batch_size,
             **summarize_measurements(measured, config.model.gate.activation if gated else None)}
-  if jax.process_index() == 0:
-    out_dir = workdir / 'eval'
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / f'step_{step}.json').write_text(json.dumps(result, indent=2))
-    if figures:
-      from gated_attention import plots  # matplotlib only where figures are drawn.
-      plots.eval_figures(result, out_dir, title=f'{workdir.name} step {step}')
   log(f'step {step}: held-out loss {loss:.4f}, perplexity {result["perplexity"]:.3f} over '
       f'{num_tokens:,} tokens; first-token attention '
       f'{result["first_token_attention"]["mean"]:.3f}; '
       f'mean max activation {result["max_activation"]["mean_of_layer_max"]:.1f}'
       + (f'; gate score {result["gate_score"]["mean"]:.3f}' if result['gate_score'] else ''))
+  if jax.process_index() == 0:
+    out_dir = workdir / 'eval'
+    try:
+      out_dir.mkdir(exist_ok=True)
+      (out_dir / f'step_{step}.json').write_text(json.dumps(result, indent=2))
+      if figures:
+        from gated_attention import plots  # matplotlib only where figures are drawn.
+        plots.eval_figures(result, out_dir, title=f'{workdir.name} step {step}')
+    except OSError as error:
+      raise checkpoint_lib.CheckpointError(
+          f'Cannot write the result to {out_dir} ({error.strerror}); it is printed above.'
+      ) from None
   return result

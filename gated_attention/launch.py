@@ -1,6 +1,7 @@
 """Runs one command as N local processes of a jax.distributed job: for tests, and for users'
 single-box multi-process runs. Each process's output is prefixed with its rank; if one fails,
-the others are stopped; SIGTERM to the launcher is passed on to every process (a preemption)."""
+the others are stopped; SIGTERM or Ctrl-C to the launcher is passed on to every process as
+SIGTERM (a preemption: each saves and stops)."""
 
 import os
 import signal
@@ -41,11 +42,12 @@ def launch_local(module: str, args: list[str], num_processes: int,
     processes.append(process)
 
   def forward(signum, frame):
-    del frame
+    """Passes SIGTERM, and Ctrl-C as SIGTERM, to every process: each saves and stops."""
+    del signum, frame
     for process in processes:
       if process.poll() is None:
-        process.send_signal(signum)
-  previous = signal.signal(signal.SIGTERM, forward)
+        process.send_signal(signal.SIGTERM)
+  previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
 
   try:
     while True:
@@ -61,7 +63,8 @@ def launch_local(module: str, args: list[str], num_processes: int,
       return failed[0]
     return 0
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
     _stop(processes, grace_s)
 
 

@@ -1,5 +1,10 @@
 """Metric output on process 0: WORKDIR/metrics.jsonl (one JSON object per logged step) and
-TensorBoard event files in WORKDIR/tensorboard."""
+TensorBoard event files in WORKDIR/tensorboard.
+
+A run that resumes from step N first cuts both back to step N: records of steps after N were
+logged by a run that crashed before saving them, and the resumed run logs those steps again.
+A last line without its newline (a crash mid-write) is dropped by readers and cut by writers.
+"""
 
 import json
 import math
@@ -8,17 +13,32 @@ import pathlib
 import jax
 
 
+def _records(path: pathlib.Path) -> list[dict]:
+  """The complete records of a metrics file; a torn last line is left out."""
+  text = path.read_text()
+  lines = text.split('\n')[:-1]  # The part after the last newline is empty, or torn.
+  return [json.loads(line) for line in lines if line.strip()]
+
+
 class MetricsWriter:
   """Appends logged steps to metrics.jsonl and TensorBoard; a no-op on processes other than 0."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, start_step: int):
+    """Cuts metrics.jsonl back to the records of steps <= start_step (atomically), and tells
+    TensorBoard to hide earlier events of steps > start_step."""
     self.active = jax.process_index() == 0
     if not self.active:
       return
     from tensorboardX import SummaryWriter  # Imported here: only process 0 writes events.
     self.path = pathlib.Path(workdir) / 'metrics.jsonl'
+    if self.path.exists():
+      kept = [r for r in _records(self.path) if r['step'] <= start_step]
+      temporary = self.path.with_suffix('.tmp')
+      temporary.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+      temporary.rename(self.path)
     self.file = self.path.open('a')
-    self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
+    self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'),
+                                     purge_step=start_step + 1)
 
   def write(self, record: dict) -> None:
     if not self.active:
@@ -36,9 +56,8 @@ class MetricsWriter:
 
 
 def read_metrics(workdir) -> list[dict]:
-  """All records of WORKDIR/metrics.jsonl, in order."""
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """All complete records of WORKDIR/metrics.jsonl, in order."""
+  return _records(pathlib.Path(workdir) / 'metrics.jsonl')
 
 
 def format_record(record: dict) -> str:

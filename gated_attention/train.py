@@ -1,18 +1,23 @@
-"""The trainer. `train(config, workdir)` reads top to bottom in phases:
+"""The trainer. `train(config, workdir)` takes the workdir's lock, then reads top to bottom in
+phases:
 
   1. mesh           build the device mesh from config.mesh
   2. data           the training split as a seeded grain pipeline, this process's share
   3. shardings      abstract model and train state, their shardings from logical axes
-  4. init/restore   resume from the latest complete checkpoint in workdir, else initialise
-  5. compile        lower and compile the train step ahead of time; print its memory
-  6. loop           step, log, checkpoint; stop cleanly on a non-finite loss
+  4. init/restore   resume from the latest complete checkpoint in workdir (its config checked
+                    against this one), else initialise
+  5. compile        lower and compile the train step ahead of time; refuse it if it cannot fit
+  6. loop           step, log, checkpoint; stop cleanly on a non-finite loss, a signal, or a
+                    failed save
 
-Process 0 alone writes logs and the config; every process reads its own data shard and takes
-part in checkpoint saves (orbax coordinates them).
+Every check that can fail runs before step 1. Process 0 alone writes logs, the config and the
+history; every process reads its own data shard and takes part in checkpoint saves (orbax
+coordinates them).
 """
 
 import collections
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -28,8 +33,10 @@ from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import flops as flops_lib
+from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
+from gated_attention import workdir as workdir_lib
 from gated_attention.distributed import PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply
@@ -129,6 +136,27 @@ def describe_memory(compiled) -> str:
   return 'memory per device: ' + ', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in sizes.items())
 
 
+def check_memory(compiled) -> None:
+  """Refuses a compiled step that needs more memory per device than a device has, where that is
+  known: the chip's memory for accelerators (`aot.device_memory`), the host's physical memory
+  shared by its CPU devices."""
+  from gated_attention import aot  # Imported here: aot builds on this module.
+  sizes = compiled_memory(compiled)
+  device = jax.local_devices()[0]
+  if device.platform == 'cpu':
+    available = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / jax.local_device_count()
+    where = f'host memory per CPU device ({jax.local_device_count()} device(s))'
+  else:
+    available, where = aot.device_memory(device.device_kind), f'memory of a {device.device_kind}'
+  if sizes is None or available is None or sizes['total'] <= available:
+    return
+  raise aot.CompileError(
+      f'the train step needs {sizes["total"] / aot.GIB:,.1f} GiB per device (temporaries '
+      f'{sizes["temporaries"] / aot.GIB:,.1f} GiB), more than the {available / aot.GIB:,.1f} GiB '
+      f'of {where}. Lower data.seq_len or data.batch_size, raise train.microbatches, set '
+      'model.remat, or shard over more devices (mesh.fsdp, mesh.tensor).')
+
+
 def check_batch(config, mesh) -> None:
   """The global batch must split evenly over the batch mesh axes, microbatches and processes."""
   batch_ways = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
@@ -226,15 +254,15 @@ class StepLog:
   steps, and the stop on a non-finite loss. Its `state()` is saved with each checkpoint."""
 
   def __init__(self, config, setup: TrainSetup, workdir, start_step: int, saved: dict | None,
-               checkpointer):
-    self.config, self.checkpointer = config, checkpointer
+               checkpointer: checkpoint_lib.Checkpointer):
+    self.config, self.checkpointer, self.workdir = config, checkpointer, workdir
     saved = saved or {}
     self.skipped_steps = saved.get('skipped_steps', 0)
     self.loss_spikes = saved.get('loss_spikes', 0)
     self.recent_losses = collections.deque(saved.get('recent_losses', []),
                                            maxlen=config.train.loss_spike_window)
     self.mfu = mfu_of(config, setup)
-    self.writer = MetricsWriter(workdir)
+    self.writer = MetricsWriter(workdir, start_step)
     self.progress = tqdm(total=config.train.steps, initial=start_step, desc='train', unit='step',
                          disable=jax.process_index() != 0, file=sys.stdout, dynamic_ncols=True)
     self.clock = (time.perf_counter(), start_step)
@@ -244,6 +272,14 @@ class StepLog:
     return {'skipped_steps': self.skipped_steps, 'loss_spikes': self.loss_spikes,
             'recent_losses': list(self.recent_losses)}
 
+  def kept(self) -> str:
+    """Which checkpoint a run that stops now leaves behind, for its last message; a save still
+    under way counts once it is complete (CheckpointError if it fails)."""
+    self.checkpointer.wait()
+    kept = self.checkpointer.latest_step()
+    return (f'the last checkpoint, step {kept}, is intact in {self.checkpointer.directory}'
+            if kept is not None else 'no checkpoint had been written yet')
+
   def finish(self, step: int, metrics) -> None:
     """Reads a dispatched step's metrics (the next step is already running) and logs them."""
     train_config = self.config.train
@@ -251,12 +287,9 @@ class StepLog:
     self.progress.update(1)
     if not metrics['finite']:
       if train_config.on_nonfinite == 'stop':
-        kept = self.checkpointer.latest_step()
-        kept = (f'the last checkpoint, step {kept}, is intact in {self.checkpointer.directory}'
-                if kept is not None else 'no checkpoint had been written yet')
         raise TrainingError(
             f'Non-finite loss ({metrics["loss"]}) or gradient norm ({metrics["grad_norm"]}) at '
-            f'step {step}; stopping: {kept}. Lower train.learning_rate, or set '
+            f'step {step}; stopping: {self.kept()}. Lower train.learning_rate, or set '
             'train.on_nonfinite=skip to skip such updates.', step=step)
       self.skipped_steps += 1
       spike = False
@@ -280,22 +313,75 @@ class StepLog:
         'loss_spikes': self.loss_spikes, 'skipped_steps': self.skipped_steps,
         **{name: float(metrics[name]) for name in ('load_balance_loss', 'router_z_loss')
            if name in metrics}}
-    self.writer.write(self.last_record)
+    try:
+      self.writer.write(self.last_record)
+    except OSError as error:
+      raise self._logs_failed(error) from None
     self.progress.set_postfix(loss=f'{self.last_record["loss"]:.3f}',
                               tok_s=f'{tokens_per_sec:,.0f}')
     if jax.process_index() == 0:
       self.progress.write(format_record(self.last_record))
 
+  def _logs_failed(self, error: OSError) -> checkpoint_lib.CheckpointError:
+    return checkpoint_lib.CheckpointError(
+        f'Cannot write the logs in {self.workdir} ({error.strerror}); stopping: {self.kept()}.')
+
   def close(self) -> None:
     self.progress.close()
-    self.writer.close()
+    try:
+      self.writer.close()
+    except OSError as error:
+      raise self._logs_failed(error) from None
 
 
-def train(config, workdir) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the last logged record, with
-  'preempted': True added when SIGTERM stopped the run early (after saving it)."""
+def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, checkpointer,
+                          iterator, allow_data_change: bool):
+  """(start step, train state, saved loop state or None). From the latest complete checkpoint
+  when there is one: its config checked against `config` (`resume.check_resume`), the data
+  iterator moved to its position (translated when the data order changed); else a fresh state at
+  step 0. Then records this start in WORKDIR/history.jsonl and config.json."""
+  step = checkpointer.latest_step()
+  if step is None:
+    state, loop_state, changes, position = initialize_train_state(config, setup), None, {}, None
+  else:
+    if step > config.train.steps:
+      raise config_lib.ConfigError(
+          f'train.steps={config.train.steps} is below step {step}, where the run in {workdir} '
+          'already is: raise train.steps to train on, or use another --workdir.')
+    saved_config = checkpointer.saved_config(step)
+    changes = resume_lib.check_resume(saved_config, config, checkpointer.directory / str(step),
+                                      allow_data_change)
+    state, saved = checkpointer.restore(step, setup.abstract_state)
+    iterator_state, loop_state, position = saved['iterator'], saved['loop'], None
+    if any(resume_lib.policy(key) == resume_lib.DATA_ORDER for key in changes):
+      saved_batch_size = saved_config['data']['batch_size']
+      iterator_state, consumed, repeated = data_lib.translate_position(
+          iterator_state, saved_batch_size, config.data.batch_size)
+      position = {'examples_consumed': consumed, 'batch_size': config.data.batch_size,
+                  'batches': iterator_state['next_index'], 'examples_repeated': repeated}
+      log(f'data order changed: continuing {consumed:,} examples into the new order (batch '
+          f'{position["batches"]:,} of {config.data.batch_size}); {repeated} example(s) of the '
+          'old position are seen again')
+    iterator.set_state(iterator_state)
+    log(f'resumed from {checkpointer.directory / str(step)}'
+        + (f' with {resume_lib.describe(changes)}' if changes else ''))
+  if jax.process_index() == 0:
+    checkpoint_lib.save_config(workdir, config)
+    resume_lib.append_history(workdir, step or 0, changes, position)
+  return step or 0, state, loop_state
+
+
+def train(config, workdir, allow_data_change: bool = False) -> dict:
+  """Trains (or resumes) the run in `workdir`, which it holds alone throughout (`workdir.hold`);
+  returns the last logged record, with 'preempted': True added when SIGTERM or Ctrl-C stopped
+  the run early (after saving it). allow_data_change: a resume may change the data order
+  (`resume.RESUME_POLICY`)."""
   config_lib.validate(config)
-  workdir = pathlib.Path(workdir)
+  with workdir_lib.hold(workdir):
+    return _train(config, pathlib.Path(workdir), allow_data_change)
+
+
+def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   train_config = config.train
 
   # Phase 1: mesh.
@@ -305,32 +391,30 @@ def train(config, workdir) -> dict:
       f'device(s), {jax.process_count()} process(es)')
 
   # Phase 2: data.
+  vocab_size = config.model.vocab_size
   dataset = data_lib.train_dataset(
-      data_lib.load_split(config.data, 'train'), config.data.batch_size, train_config.seed,
-      jax.process_index(), jax.process_count())
+      data_lib.load_split(config.data, 'train', vocab_size), config.data.batch_size,
+      train_config.seed, jax.process_index(), jax.process_count())
+  # Fails now, not after training, if the held-out split cannot fill one eval batch.
+  data_lib.heldout_batches(data_lib.load_split(config.data, 'heldout', vocab_size),
+                           config.eval.batch_size, config.eval.batches, jax.process_index(),
+                           jax.process_count())
 
   # Phase 3: abstract state and shardings.
   setup = setup_train_state(config, mesh)
 
   # Phase 4: init or restore.
-  if jax.process_index() == 0:
-    checkpoint_lib.save_config(workdir, config)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_config.keep_checkpoints)
   iterator = iter(dataset)
-  start_step, loop_state = checkpointer.latest_step(), None
-  if start_step is None:
-    start_step, state = 0, initialize_train_state(config, setup)
-  else:
-    state, saved = checkpointer.restore(start_step, setup.abstract_state)
-    iterator.set_state(saved['iterator'])
-    loop_state = saved['loop']
-    log(f'resumed from {checkpointer.directory / str(start_step)}')
+  start_step, state, loop_state = restore_or_initialize(config, setup, workdir, checkpointer,
+                                                        iterator, allow_data_change)
 
   # Phase 5: compile.
   started = time.perf_counter()
   compiled = compile_train_step(config, setup)
   log(f'{setup.num_params:,} parameters; train step compiled in '
       f'{time.perf_counter() - started:.1f}s; {describe_memory(compiled)}')
+  check_memory(compiled)
 
   # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host
   # never stalls the device; a step is read before any checkpoint that would include it.
@@ -339,6 +423,7 @@ def train(config, workdir) -> dict:
   pending, preempted = None, False
   try:
     for step in range(start_step + 1, train_config.steps + 1):
+      checkpointer.raise_if_save_failed()
       state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding))
       if pending is not None:
         step_log.finish(*pending)
@@ -348,16 +433,17 @@ def train(config, workdir) -> dict:
         step_log.finish(*pending)
         pending = None
         checkpointer.save(step, state, {'iterator': iterator.get_state(),
-                                        'loop': step_log.state()})
+                                        'loop': step_log.state()}, config)
       if preempted:
         break
   finally:
     preemption.close()
-    checkpointer.wait()
-    checkpointer.close()
-    step_log.close()
+    try:
+      step_log.close()
+    finally:
+      checkpointer.close()  # Last: if its save failed, that is the error reported.
   if preempted:
-    log(f'preempted (SIGTERM): saved step {step}; run the same command to resume')
+    log(f'{preemption.describe()}: saved step {step}; run the same command to resume')
   else:
     log(f'done: step {train_config.steps}, {step_log.loss_spikes} loss spike(s), '
         f'{step_log.skipped_steps} skipped step(s); checkpoints in {checkpointer.directory}')

@@ -1,4 +1,9 @@
-"""Small configs and model builders shared by the tests."""
+"""Small configs and model builders shared by the tests, and the command lines of tiny runs."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +12,18 @@ from flax import nnx
 
 from gated_attention import config as config_lib
 from gated_attention import layers, sharding
+from gated_attention.checkpoint import load_config
 from gated_attention.evaluate import load_params
 from gated_attention.model import Attention, Transformer
+
+# --config.* flags of a model and batch small enough to train a step in milliseconds.
+TINY_FLAGS = {
+    'model.d_model': 32, 'model.num_layers': 2, 'model.num_heads': 4, 'model.num_kv_heads': 2,
+    'model.head_dim': 8, 'model.mlp_dim': 64, 'data.seq_len': 32, 'data.batch_size': 8,
+    'eval.batch_size': 8, 'eval.batches': 2, 'eval.analysis_batches': 1, 'train.warmup_steps': 1,
+    'train.log_every': 1,
+}
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def model_config(gate: str = 'g1_elementwise', gate_overrides=None, **overrides):
@@ -58,3 +73,38 @@ def final_params(workdir, config, step=None):
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
   return jax.tree.map(np.asarray, load_params(workdir, config, mesh, step)[1])
 
+
+
+def command(module, workdir, steps, checkpoint_every, **flags) -> list[str]:
+  """The command line of `python -m module` on a tiny config; flags override TINY_FLAGS."""
+  args = [f'--config.{k}={v}' for k, v in {**TINY_FLAGS, 'train.steps': steps,
+                                           'train.checkpoint_every': checkpoint_every,
+                                           **flags}.items()]
+  return [sys.executable, '-m', module, '--config=configs/lm.py', f'--workdir={workdir}', *args]
+
+
+def env(devices=1) -> dict:
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run(args, devices=1, timeout=300) -> subprocess.CompletedProcess:
+  """Runs a command line from the repository root, bounded in time."""
+  return subprocess.run(args, cwd=REPO, env=env(devices), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def train_cli(workdir, steps=6, checkpoint_every=2, devices=1, **flags) -> str:
+  """Trains with experiments.train, which must succeed; returns its output."""
+  result = run(command('experiments.train', workdir, steps, checkpoint_every, **flags), devices)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout + result.stderr
+
+
+def run_params(workdir, step=None):
+  """Parameters of a checkpoint of a command-line run, read with its config.json."""
+  return final_params(workdir, load_config(workdir), step)
+
+
+def assert_same_params(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)

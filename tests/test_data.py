@@ -6,6 +6,8 @@ import pytest
 from gated_attention import config as config_lib
 from gated_attention import data
 
+VOCAB = data.TOKENIZER_VOCAB_SIZE
+
 
 def test_byte_tokenizer_round_trip():
   text = 'gated attention: σ(XW)\n'
@@ -72,7 +74,8 @@ def test_text_files_source(tmp_path):
   config = config_lib.base_config('tiny').data
   config.update(source='text_files', path=str(tmp_path / '*.txt'), seq_len=16,
                 heldout_fraction=0.25)
-  train, heldout = data.load_split(config, 'train'), data.load_split(config, 'heldout')
+  train = data.load_split(config, 'train', VOCAB)
+  heldout = data.load_split(config, 'heldout', VOCAB)
   assert len(heldout) > 0 and len(train) > 2 * len(heldout)
 
 
@@ -85,14 +88,14 @@ def test_array_record_source_gives_the_text_files_examples(tmp_path):
   records.update(source='array_record', path=str(tmp_path / 'train.ar'),
                  eval_path=str(tmp_path / 'heldout.ar'), seq_len=16)
   for split, path in (('train', 'train.ar'), ('heldout', 'heldout.ar')):
-    expected = data.load_split(text, split)
+    expected = data.load_split(text, split, VOCAB)
     assert data.write_array_record(expected, tmp_path / path) == len(expected)
-    loaded = data.load_split(records, split)
+    loaded = data.load_split(records, split, VOCAB)
     np.testing.assert_array_equal(np.stack([loaded[i] for i in range(len(loaded))]),
                                   np.stack([expected[i] for i in range(len(expected))]))
   records.seq_len = 8
   with pytest.raises(data.DataError, match='record 0 has 17 tokens; data.seq_len=8 needs 9'):
-    data.load_split(records, 'heldout')
+    data.load_split(records, 'heldout', VOCAB)
 
 
 @pytest.mark.parametrize('source, path, message', [
@@ -103,7 +106,7 @@ def test_missing_paths_are_named(source, path, message):
   config = config_lib.base_config('tiny').data
   config.update(source=source, path=path)
   with pytest.raises(data.DataError, match=message):
-    data.load_split(config, 'train')
+    data.load_split(config, 'train', VOCAB)
 
 
 def test_seq_len_the_split_cannot_fill(tmp_path):
@@ -112,7 +115,7 @@ def test_seq_len_the_split_cannot_fill(tmp_path):
   config = config_lib.base_config('tiny').data
   config.update(source='text_files', path=str(tmp_path / '*.txt'), seq_len=64)
   with pytest.raises(data.DataError, match='fewer than data.seq_len=64'):
-    data.load_split(config, 'heldout')
+    data.load_split(config, 'heldout', VOCAB)
 
 
 def test_heldout_batches_are_in_order_and_bounded():
@@ -120,3 +123,35 @@ def test_heldout_batches_are_in_order_and_bounded():
   batches = list(data.heldout_batches(source, 8, num_batches=3, process_index=0, process_count=1))
   assert len(batches) == 3
   np.testing.assert_array_equal(batches[1][0], source[8])
+
+
+def test_a_translated_position_continues_the_same_stream_of_examples():
+  """After 6 batches of 4, a pipeline with batches of 6 (or 5) starts at example 24 (or 20) of the
+  seeded order, which does not depend on the batch size."""
+  source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test')
+  stream = np.concatenate(_batches(iter(data.train_dataset(source, 2, 3, 0, 1)), 20))
+  old = iter(data.train_dataset(source, 4, 3, 0, 1))
+  _batches(old, 6)
+  for batch_size, start, repeated in ((6, 24, 0), (5, 20, 4)):
+    state, consumed, seen_again = data.translate_position(old.get_state(), 4, batch_size)
+    assert (consumed, seen_again) == (24, repeated)
+    new = iter(data.train_dataset(source, batch_size, 3, 0, 1))
+    new.set_state(state)
+    np.testing.assert_array_equal(next(new), stream[start:start + batch_size])
+
+
+def test_array_record_ids_outside_the_vocabulary_name_file_and_record(tmp_path):
+  examples = np.tile(np.arange(9, dtype=np.int32), (10, 1))
+  examples[3, 4], examples[8, 0] = 384, -1
+  data.write_array_record(examples[:6], tmp_path / 'a.ar')
+  data.write_array_record(examples[6:], tmp_path / 'b.ar')
+  records = config_lib.base_config('tiny').data
+  records.update(source='array_record', path=str(tmp_path / '*.ar'), seq_len=8)
+  loaded = data.load_split(records, 'train', 384)
+  np.testing.assert_array_equal(loaded[7], examples[7])
+  for index, message in ((3, 'a.ar: record 3 holds token id 384'),
+                         (8, 'b.ar: record 2 holds token id -1')):
+    with pytest.raises(data.DataError, match=f'{message}, outside \\[0, model.vocab_size=384\\)'):
+      loaded[index]
+  with pytest.raises(data.DataError, match='a.ar: record 0 holds token id 8, outside'):
+    data.load_split(records, 'train', 8)  # The first record is read at once.

@@ -1,6 +1,7 @@
 """The paper's measurements against hand-computed cases, and the eval command end to end."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gated_attention.checkpoint import Checkpointer
 from gated_attention.evaluate import evaluate, make_eval_step, summarize_measurements
 from gated_attention.train import train
 from tests import helpers
@@ -94,3 +96,16 @@ def test_eval_command_writes_json_and_figures(tmp_path):
   pictures = sorted(p.name for p in (tmp_path / 'eval').glob('*.png'))
   assert pictures == ['step_4_first_token_attention.png', 'step_4_first_token_attention_heads.png',
                       'step_4_gate_score_histogram.png', 'step_4_max_activation.png']
+
+
+def test_eval_reads_the_new_latest_checkpoint_when_one_is_rotated_away(tmp_path, monkeypatch):
+  train(helpers.run_config(steps=4, checkpoint_every=2), tmp_path)
+  restore_params = Checkpointer.restore_params
+
+  def rotated_away_while_read(self, step, abstract_params):
+    if step == 4:  # The trainer removes step 4 as eval starts reading it.
+      shutil.rmtree(tmp_path / 'checkpoints' / '4')
+    return restore_params(self, step, abstract_params)
+
+  monkeypatch.setattr(Checkpointer, 'restore_params', rotated_away_while_read)
+  assert evaluate(tmp_path, figures=False)['step'] == 2

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from gated_attention import checkpoint as checkpoint_lib
+from gated_attention.aot import CompileError
+from gated_attention.config import ConfigError
+from gated_attention.data import DataError
 from gated_attention.metrics import read_metrics
 from gated_attention.train import TrainingError, is_loss_spike, train
 from tests import helpers
@@ -64,12 +67,34 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
     train(config, tmp_path)
 
 
-def test_a_workdir_of_another_model_is_refused(tmp_path):
+def test_a_resume_that_cannot_continue_the_run_is_refused(tmp_path):
   train(helpers.run_config(steps=2), tmp_path)
   other = helpers.run_config(steps=2)
   other.model.num_layers = 3
-  with pytest.raises(checkpoint_lib.CheckpointError, match=r'model\.num_layers differ'):
+  with pytest.raises(checkpoint_lib.CheckpointError,
+                     match=r'its model differs \(model\.num_layers: 2 -> 3\)\. Use'):
     train(other, tmp_path)
+  with pytest.raises(ConfigError, match=f'train.steps=1 is below step 2, where the run in '
+                                        f'{tmp_path} already is'):
+    train(helpers.run_config(steps=1, warmup_steps=1), tmp_path)
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_step_1(tmp_path):
+  config = helpers.run_config(steps=2)
+  config.data.seq_len = 100_000
+  config.eval.batch_size = 1
+  with pytest.raises(CompileError, match=r'the train step needs [\d,.]+ GiB per device .* more '
+                                         r'than the [\d,.]+ GiB of .* Lower data\.seq_len'):
+    train(config, tmp_path)
+  assert not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_an_eval_batch_the_held_out_split_cannot_fill_is_refused_at_start_up(tmp_path):
+  config = helpers.run_config(steps=2)
+  config.eval.batch_size = 10**6
+  with pytest.raises(DataError, match='fewer than one eval batch of 1000000'):
+    train(config, tmp_path)
+  assert not (tmp_path / 'checkpoints').exists()
 
 
 @pytest.mark.parametrize('args, message', [

@@ -1,0 +1,48 @@
+"""Checksums of saved arrays against a NumPy reference, and what a restore refuses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gated_attention import checkpoint as checkpoint_lib
+
+
+def _reference_checksum(array: np.ndarray) -> int:
+  """sum(bits[i] * (i * 0x9E3779B1 | 1)) mod 2**32 over the row-major flat index i."""
+  unsigned = np.dtype(f'uint{8 * array.dtype.itemsize}')
+  bits = array.reshape(-1).view(unsigned).astype(np.uint64)
+  index = np.arange(bits.size, dtype=np.uint64)
+  weights = ((index * 0x9E3779B1) % 2**32) | 1
+  return int(np.sum((bits * weights) % 2**32) % 2**32)
+
+
+def test_checksums_match_the_reference_for_every_dtype():
+  rng = np.random.default_rng(0)
+  tree = {'embedding': rng.normal(size=(7, 5)).astype(np.float32),
+          'scale': rng.normal(size=(3,)).astype(jnp.bfloat16),
+          'opt_state': (rng.integers(-9, 9, size=(2, 3, 4)).astype(np.int32),),
+          'step': np.int32(12)}
+  sums = checkpoint_lib.checksums(jax.tree.map(jnp.asarray, tree))
+  assert set(sums) == {'embedding', 'scale', 'opt_state/0', 'step'}
+  for key, array in (('embedding', tree['embedding']), ('scale', tree['scale']),
+                     ('opt_state/0', tree['opt_state'][0]), ('step', np.asarray(tree['step']))):
+    assert sums[key] == (_reference_checksum(array), True), key
+
+
+def test_any_changed_element_or_swap_changes_the_checksum():
+  x = np.random.default_rng(1).normal(size=(64, 8)).astype(np.float32)
+  original = checkpoint_lib.checksums({'x': jnp.asarray(x)})['x'][0]
+  flipped = x.copy()
+  flipped.view(np.uint32)[17, 3] ^= 1 << 31  # One sign bit.
+  swapped = x.copy()
+  swapped[[2, 40]] = swapped[[40, 2]]
+  for changed in (flipped, swapped):
+    assert checkpoint_lib.checksums({'x': jnp.asarray(changed)})['x'][0] != original
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_flagged(bad):
+  x = np.zeros((4, 4), np.float32)
+  x[2, 1] = bad
+  assert checkpoint_lib.checksums({'x': jnp.asarray(x)})['x'][1] is False

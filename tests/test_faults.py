@@ -1,0 +1,393 @@
+"""Fault injection against the real command lines: kill -9 at any moment, SIGTERM and Ctrl-C, two
+writers on one workdir, config edits between runs, a torn metrics line, corrupted array bytes, a
+full disk, read-only and impossible workdirs, damaged checkpoints and data, and bad flags. Each
+fault ends in a resumable run or in one `error:` line (exit status 1) that names what is wrong;
+nothing is lost and nothing goes on silently wrong."""
+
+import contextlib
+import json
+import pathlib
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gated_attention.checkpoint import Checkpointer
+from gated_attention.metrics import read_metrics
+from tests import helpers
+
+TRAIN = 'experiments.train'
+ZSTD_MAGIC = bytes.fromhex('28b52ffd')
+
+
+def _eval(workdir) -> list[str]:
+  return [sys.executable, '-m', 'experiments.eval', f'--workdir={workdir}']
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+  """The one line a refused command prints: exit status 1, no traceback, nothing else."""
+  assert result.returncode == 1, (result.stdout + result.stderr)[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(errors) == 1 and errors[0].startswith('error: '), result.stderr[-3000:]
+  return errors[0]
+
+
+@contextlib.contextmanager
+def _started(args, output: pathlib.Path):
+  """A command line running in the background, its output going to a file; killed on leaving
+  the block if it still runs."""
+  process = subprocess.Popen(args, cwd=helpers.REPO, env=helpers.env(), stdout=output.open('w'),
+                             stderr=subprocess.STDOUT, text=True)
+  try:
+    yield process
+  finally:
+    process.kill()
+    process.wait()
+
+
+def _finish(process: subprocess.Popen, output: pathlib.Path, timeout=120) -> str:
+  process.wait(timeout=timeout)
+  return output.read_text()
+
+
+def _wait_for(process: subprocess.Popen, output: pathlib.Path, ready, timeout=120) -> None:
+  deadline = time.monotonic() + timeout
+  while not ready():
+    assert process.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+    time.sleep(0.05)
+
+
+def _logged_steps(workdir, count):
+  metrics = pathlib.Path(workdir) / 'metrics.jsonl'
+  return lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= count
+
+
+def _in_parallel(commands: dict, timeout=300) -> dict:
+  """Runs several command lines at once, each bounded in time; {name: CompletedProcess}."""
+  processes = {name: subprocess.Popen(args, cwd=helpers.REPO, env=helpers.env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, args in commands.items()}
+  results = {}
+  try:
+    for name, process in processes.items():
+      stdout, stderr = process.communicate(timeout=timeout)
+      results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout,
+                                                  stderr)
+  finally:
+    for process in processes.values():
+      process.kill()
+      process.wait()
+  return results
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+  """A finished 4-step command-line run with checkpoints at steps 2 and 4; tests copy it."""
+  workdir = tmp_path_factory.mktemp('trained') / 'run'
+  helpers.train_cli(workdir, steps=4, checkpoint_every=2)
+  return workdir
+
+
+def _copy(run, tmp_path) -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(run, tmp_path / 'run'))
+
+
+# --- Signals and kill -9 ---------------------------------------------------------------------
+
+def test_sigterm_saves_the_current_step_and_the_restart_finishes_exactly(tmp_path):
+  steps, log = 400, tmp_path / 'log'
+  with _started(helpers.command(TRAIN, tmp_path / 'preempted', steps, 10_000), log) as process:
+    _wait_for(process, log, _logged_steps(tmp_path / 'preempted', 5))
+    process.send_signal(signal.SIGTERM)
+    output = _finish(process, log)
+  assert process.returncode == 0, output[-3000:]
+  saved = sorted(int(p.name) for p in (tmp_path / 'preempted' / 'checkpoints').iterdir())
+  assert len(saved) == 1 and 5 <= saved[0] < steps
+  assert f'preempted (SIGTERM): saved step {saved[0]}' in output
+
+  resumed = helpers.train_cli(tmp_path / 'preempted', steps=steps, checkpoint_every=10_000)
+  assert f'resumed from {tmp_path / "preempted" / "checkpoints" / str(saved[0])}' in resumed
+  helpers.train_cli(tmp_path / 'whole', steps=steps, checkpoint_every=10_000)
+  helpers.assert_same_params(helpers.run_params(tmp_path / 'preempted'),
+                             helpers.run_params(tmp_path / 'whole'))
+
+
+def _kill_when(command, checkpoints: pathlib.Path, ready, output: pathlib.Path) -> None:
+  with _started(command, output) as process:
+    deadline = time.monotonic() + 120
+    while not ready(checkpoints):
+      assert process.poll() is None and time.monotonic() < deadline, output.read_text()[-3000:]
+      time.sleep(0.001)
+
+
+def _saving(checkpoints):
+  return checkpoints.exists() and any('tmp' in p.name for p in checkpoints.iterdir())
+
+
+def _completed(count):
+  return lambda checkpoints: checkpoints.exists() and sum(
+      p.name.isdigit() for p in checkpoints.iterdir()) >= count
+
+
+def test_kill_9_at_any_moment_resumes_from_a_complete_checkpoint(tmp_path):
+  """Also: the lock of a killed run never stands in the way of the next one."""
+  steps, workdir = 60, tmp_path / 'killed'
+  checkpoints = workdir / 'checkpoints'
+  command = helpers.command(TRAIN, workdir, steps, 3, **{'train.keep_checkpoints': 100})
+  for ready in (_saving, _completed(3), _saving, lambda c: _completed(6)(c) and _saving(c)):
+    _kill_when(command, checkpoints, ready, tmp_path / 'log')
+    latest = Checkpointer(workdir, read_only=True).latest_step()
+    if latest is not None:  # Whatever the moment, the latest step is whole: it restores.
+      helpers.run_params(workdir, latest)
+  helpers.train_cli(workdir, steps=steps, checkpoint_every=3, **{'train.keep_checkpoints': 100})
+  helpers.train_cli(tmp_path / 'whole', steps=steps, checkpoint_every=3)
+  helpers.assert_same_params(helpers.run_params(workdir), helpers.run_params(tmp_path / 'whole'))
+  assert [r['step'] for r in read_metrics(workdir)] == list(range(1, steps + 1))
+
+
+# --- Two writers, one workdir ----------------------------------------------------------------
+
+def test_one_writer_per_workdir_while_eval_reads_and_ctrl_c_saves(tmp_path):
+  """While a run trains, a second trainer (another learning rate) on its workdir is refused
+  naming the run, and writes nothing; eval reads the latest complete checkpoint. Ctrl-C then
+  saves like SIGTERM."""
+  workdir, log = tmp_path / 'run', tmp_path / 'log'
+  with _started(helpers.command(TRAIN, workdir, 100_000, 200), log) as first:
+    _wait_for(first, log, lambda: _completed(1)(workdir / 'checkpoints'))
+    results = _in_parallel({
+        'second': helpers.command(TRAIN, workdir, 100_000, 200, **{'train.learning_rate': 0.01}),
+        'eval': _eval(workdir)}, timeout=120)
+    assert _error_line(results['second']).startswith(
+        f'error: {workdir} is in use by another run (pid {first.pid} on '
+        f'{socket.gethostname()}, started 20')
+    assert results['eval'].returncode == 0, results['eval'].stderr[-3000:]
+    assert 'held-out loss' in results['eval'].stdout
+    assert json.loads((workdir / 'config.json').read_text())['train']['learning_rate'] == 2e-3
+    logged = [r['step'] for r in read_metrics(workdir)]
+    assert logged == list(range(1, len(logged) + 1))
+
+    first.send_signal(signal.SIGINT)
+    output = _finish(first, log)
+  assert first.returncode == 0 and 'Traceback' not in output, output[-3000:]
+  saved = Checkpointer(workdir, read_only=True).latest_step()
+  assert f'interrupted (SIGINT): saved step {saved}; run the same command to resume' in output
+  assert max(r['step'] for r in read_metrics(workdir)) == saved
+
+
+# --- Config edits between runs, and a crash mid-log ------------------------------------------
+
+def _tensorboard_purge_steps(workdir) -> list[int]:
+  """Steps of the SessionLog START events (TensorBoard hides earlier events from that step on)."""
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for path in sorted((workdir / 'tensorboard').iterdir()):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):  # TFRecord: length, its CRC, the record, its CRC.
+      (length,) = struct.unpack('<Q', data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+        steps.append(event.step)
+  return steps
+
+
+def test_resume_checks_the_config_saved_in_the_checkpoint(trained_run, tmp_path):
+  workdir = _copy(trained_run, tmp_path)
+  (workdir / 'config.json').unlink()
+  changed = {'model.d_model': 64, 'model.gate.activation': 'silu', 'data.batch_size': 16,
+             'train.learning_rate': 0.01}
+  refused = _error_line(helpers.run(helpers.command(TRAIN, workdir, 8, 2, **changed)))
+  assert refused == (
+      f'error: Cannot resume {workdir / "checkpoints" / "4"}: its model differs (model.d_model: '
+      "32 -> 64, model.gate.activation: 'sigmoid' -> 'silu'), and its data order differs "
+      '(data.batch_size: 8 -> 16; pass --allow_data_change if that is intended). Use another '
+      "--workdir, or the checkpoint's values.")
+  assert not (workdir / 'config.json').exists()
+
+  # A crash after step 4 was logged, before it was saved, in the middle of a line.
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  with (workdir / 'metrics.jsonl').open('a') as metrics:
+    metrics.write('{"step": 5, "loss": 5.7')
+  args = helpers.command(TRAIN, workdir, 6, 2, **{'data.batch_size': 16,
+                                                  'train.learning_rate': 0.01})
+  result = helpers.run([*args, '--allow_data_change'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+  assert (workdir / 'metrics.jsonl').read_text().endswith('}\n')
+  assert _tensorboard_purge_steps(workdir)[-1] == 3
+  assert json.loads((workdir / 'config.json').read_text())['data']['batch_size'] == 16
+  history = [json.loads(line) for line in (workdir / 'history.jsonl').read_text().splitlines()]
+  assert [h['step'] for h in history] == [0, 2]
+  assert history[1]['changes'] == {'data.batch_size': [8, 16], 'train.steps': [4, 6],
+                                   'train.learning_rate': [0.002, 0.01]}
+  assert history[1]['data_position'] == {'examples_consumed': 16, 'batch_size': 16,
+                                         'batches': 1, 'examples_repeated': 0}
+
+
+# --- Damaged checkpoints and data ------------------------------------------------------------
+
+def test_a_half_written_checkpoint_is_never_taken_as_whole(trained_run, tmp_path):
+  workdir = _copy(trained_run, tmp_path)
+  partial = workdir / 'checkpoints' / '6.orbax-checkpoint-tmp-1234'
+  partial.mkdir()
+  (partial / 'state').mkdir()
+  assert Checkpointer(workdir, read_only=True).latest_step() == 4
+  assert _error_line(helpers.run([*_eval(workdir), '--step=6'])) == (
+      f'error: No complete checkpoint for step 6 in {workdir / "checkpoints"} (complete steps: '
+      '[2, 4]).')
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(trained_run, tmp_path):
+  workdir = _copy(trained_run, tmp_path)
+  for path in (workdir / 'checkpoints' / '4' / 'state').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':
+      path.write_bytes(b'garbage')
+  results = _in_parallel({'train': helpers.command(TRAIN, workdir, 8, 2), 'eval': _eval(workdir)})
+  for result in results.values():
+    assert _error_line(result).startswith(
+        f'error: Checkpoint {workdir / "checkpoints" / "4"} is damaged')
+
+
+def _zstd_frames(path: pathlib.Path) -> list[tuple[pathlib.Path, int, int]]:
+  """(path, start, end) of each zstd frame in an array data file: one per array chunk."""
+  data, starts = path.read_bytes(), []
+  start = data.find(ZSTD_MAGIC)
+  while start >= 0:
+    starts.append(start)
+    start = data.find(ZSTD_MAGIC, start + 1)
+  return [(path, start, end) for start, end in zip(starts, starts[1:] + [len(data)])]
+
+
+def test_corrupted_array_bytes_are_found_by_their_checksums(trained_run, tmp_path):
+  """64 bytes flipped in the middle of the three largest arrays (the embedding, its Adam
+  moments): they still decode, to wrong values (without checksums: a NaN held-out loss, and a
+  resume that blames the learning rate)."""
+  workdir = _copy(trained_run, tmp_path)
+  frames = [frame for path in (workdir / 'checkpoints' / '4' / 'state').glob('ocdbt.process_0/d/*')
+            for frame in _zstd_frames(path)]
+  for path, start, end in sorted(frames, key=lambda frame: frame[2] - frame[1])[-3:]:
+    data = bytearray(path.read_bytes())
+    middle = (start + end) // 2
+    data[middle:middle + 64] = bytes(byte ^ 0xFF for byte in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+  results = _in_parallel({'train': helpers.command(TRAIN, workdir, 8, 2), 'eval': _eval(workdir)})
+  for name, array in (('train', 'opt_state/'), ('eval', 'params/embedding')):
+    line = _error_line(results[name])
+    assert line.startswith(
+        f'error: Checkpoint {workdir / "checkpoints" / "4"} is damaged: {array}'), line
+    assert 'differs from the checksum saved with it' in line or 'non-finite' in line
+
+
+def test_an_unreadable_data_file_is_one_clear_error(tmp_path):
+  (tmp_path / 'train.array_record').write_bytes(b'not an array record file')
+  result = helpers.run(helpers.command(
+      TRAIN, tmp_path / 'run', 4, 2, **{'data.source': 'array_record',
+                                        'data.path': tmp_path / 'train.array_record',
+                                        'data.eval_path': tmp_path / 'train.array_record'}))
+  assert _error_line(result).startswith(
+      f"error: data.path='{tmp_path / 'train.array_record'}': cannot open as ArrayRecord")
+
+
+# --- Full disk, read-only and impossible workdirs --------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """mount(size_bytes) -> a fresh tmpfs of that size; remount_read_only(); unmounted after."""
+  mount_point = tmp_path / 'disk'
+  mount_point.mkdir()
+
+  def mount(size_bytes: int) -> pathlib.Path:
+    result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_bytes}', 'tmpfs',
+                             str(mount_point)], capture_output=True, text=True)
+    if result.returncode:
+      pytest.skip(f'cannot mount a tmpfs here ({result.stderr.strip()}): needs root or '
+                  'CAP_SYS_ADMIN')
+    return mount_point
+
+  def remount_read_only() -> None:
+    subprocess.run(['mount', '-o', 'remount,ro', str(mount_point)], check=True)
+
+  yield mount, remount_read_only
+  subprocess.run(['umount', str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_at_once_and_loses_nothing(trained_run, small_disk, tmp_path):
+  """Room for two checkpoints, not a third: the failed save ends the run in one line naming the
+  last complete step, which restores. Read-only, the workdir is refused before anything is
+  compiled; eval prints its result, then says it cannot write it."""
+  mount, remount_read_only = small_disk
+  checkpoint_bytes = sum(p.stat().st_blocks * 512
+                         for p in (trained_run / 'checkpoints' / '4').rglob('*'))
+  disk = mount(2 * checkpoint_bytes + checkpoint_bytes // 2)
+  workdir = disk / 'run'
+  line = _error_line(helpers.run(helpers.command(TRAIN, workdir, 12, 2)))
+  assert line.startswith(f'error: Saving checkpoint step 6 to {workdir / "checkpoints"} failed')
+  assert 'No space left on device' in line
+  assert line.endswith('stopping: the last complete checkpoint is step 4. Free space or fix '
+                       'permissions there, then run the same command to resume.')
+  assert max(r['step'] for r in read_metrics(workdir)) <= 9  # At once, not at step 12.
+  assert Checkpointer(workdir, read_only=True).latest_step() == 4
+  helpers.run_params(workdir, 4)
+
+  remount_read_only()
+  (tmp_path / 'a_file').write_text('')
+  results = _in_parallel({'train': helpers.command(TRAIN, workdir, 12, 2),
+                          'under_a_file': helpers.command(TRAIN, tmp_path / 'a_file' / 'run', 4, 2),
+                          'eval': _eval(workdir)})
+  assert _error_line(results['train']) == (
+      f'error: Cannot write to the workdir {workdir} (Read-only file system); choose a writable '
+      '--workdir.')
+  assert 'compiled' not in results['train'].stdout
+  assert _error_line(results['under_a_file']) == (
+      f'error: Cannot write to the workdir {tmp_path / "a_file" / "run"} (Not a directory); '
+      'choose a writable --workdir.')
+  assert 'step 4: held-out loss' in results['eval'].stdout
+  assert _error_line(results['eval']) == (
+      f'error: Cannot write the result to {workdir / "eval"} (Read-only file system); it is '
+      'printed above.')
+
+
+# --- Bad command lines -----------------------------------------------------------------------
+
+def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
+  module = lambda name, *args: [sys.executable, '-m', f'experiments.{name}', *args]
+  cases = {
+      'unknown key': (module('train', f'--workdir={tmp_path}', '--config.model.nonexistent=1'),
+                      "error: --config.model.nonexistent: the config has no key 'nonexistent'."),
+      'misspelt key': (module('summary', '--config=configs/lm.py',
+                              '--config.model.gate.activaton=silu'),
+                       "error: --config.model.gate.activaton: the config has no key 'activaton'. "
+                       'Did you mean "activation" instead of "activaton"?'),
+      'config argument': (module('ablate', f'--workdir={tmp_path}',
+                                 '--config=configs/ablation.py:size=huge'),
+                          "size='huge' is not a known size; choose one of ['small', 'tiny']."),
+      'config file': (module('benchmark', '--config=configs/nonexistent.py'),
+                      "No such file or directory: 'configs/nonexistent.py'"),
+      'process count': (['env', 'JAX_NUM_PROCESSES=abc',
+                         *module('train', f'--workdir={tmp_path}')],
+                        "error: JAX_NUM_PROCESSES='abc' must be an integer."),
+      'seq_len': (module('prepare_data', '--input=x', f'--output_dir={tmp_path}', '--seq_len=0'),
+                  'error: flag --seq_len=0: 0 is not a positive integer'),
+      'heldout fraction': (module('prepare_data', '--input=x', f'--output_dir={tmp_path}',
+                                  '--heldout_fraction=1.5'),
+                           'error: flag --heldout_fraction=1.5: --heldout_fraction must be in '
+                           '(0, 1).'),
+      'mesh': (module('eval', f'--workdir={tmp_path}', '--mesh=data=two'),
+               "error: --mesh='data=two': invalid literal for int()"),
+      'batches': (module('eval', f'--workdir={tmp_path}', '--batches=0'),
+                  'error: flag --batches=0: 0 is not a positive integer'),
+      'steps': (module('benchmark', '--steps=0'), 'error: flag --steps=0: 0 is not a positive integer'),
+      'slices': (module('compile_only', '--num_slices=0'),
+                 'error: flag --num_slices=0: 0 is not a positive integer'),
+      'launcher': (module('launch_local', '--num_processes=0'),
+                   'error: flag --num_processes=0: 0 is not a positive integer'),
+  }
+  results = _in_parallel({name: args for name, (args, _) in cases.items()})
+  for name, (_, message) in cases.items():
+    assert message in _error_line(results[name]), name
