@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
+from gated_attention import config as config_lib
+
 ITEMS = ('state', 'host', 'config', 'checksums')
 READ_ATTEMPTS = 5
 
@@ -51,7 +53,7 @@ def save_config(workdir, config: ml_collections.ConfigDict) -> None:
 def load_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(config_lib.upgrade(json.loads(path.read_text())))
   except FileNotFoundError:
     raise CheckpointError(f'{path} does not exist: is {workdir} a training workdir?') from None
   except json.JSONDecodeError as error:
@@ -154,10 +156,11 @@ class Checkpointer:
 
   def saved_config(self, step: int) -> dict:
     """The config `step` was trained with, as a plain dict: saved with it or, for a checkpoint
-    from before configs were saved with each step, WORKDIR/config.json."""
+    from before configs were saved with each step, WORKDIR/config.json; in today's keys
+    (`config.upgrade`)."""
     if not self._has_item(step, 'config'):
       return json.loads(load_config(self.directory.parent).to_json())
-    return self._restore(step, config=ocp.args.JsonRestore()).config
+    return config_lib.upgrade(self._restore(step, config=ocp.args.JsonRestore()).config)
 
   def read_latest(self, read):
     """read(step) of the latest complete step; if a running trainer removes that step while it

@@ -4,6 +4,8 @@ Config files in `configs/` build on `base_config()`; `validate(config)` runs onc
 and raises `ConfigError` naming the key, the value and what would be accepted.
 """
 
+import copy
+
 import ml_collections
 
 GATE_POSITIONS = ('none', 'sdpa', 'value', 'key', 'query', 'dense')
@@ -147,6 +149,24 @@ def _check_choice(key: str, value, choices) -> None:
 def _check_positive(key: str, value) -> None:
   if not value > 0:
     raise ConfigError(f'{key}={value!r} must be positive.')
+
+
+def upgrade(saved: dict) -> dict:
+  """A config saved by an earlier version of this code, in today's keys: a key added since takes
+  its `base_config()` default (a new key's default is always the behaviour before it existed),
+  and a boolean model.remat becomes the policy it meant."""
+  def fill(node: dict, defaults: dict) -> dict:
+    for key, default in defaults.items():
+      if key not in node:
+        node[key] = copy.deepcopy(default)
+      elif isinstance(default, dict) and isinstance(node[key], dict):
+        fill(node[key], default)
+    return node
+
+  upgraded = fill(copy.deepcopy(saved), base_config().to_dict())
+  if isinstance(upgraded['model']['remat'], bool):
+    upgraded['model']['remat'] = 'full' if upgraded['model']['remat'] else 'none'
+  return upgraded
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

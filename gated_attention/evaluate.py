@@ -68,11 +68,14 @@ def summarize_measurements(per_batch: list[dict], activation: str | None) -> dic
 
 
 def _restore_params(checkpointer, config, mesh, step: int):
-  """(graphdef, params) of checkpoint `step`, placed on `mesh` by the logical-axis rules."""
+  """(graphdef, params) of checkpoint `step`, placed on `mesh` by the logical-axis rules, in
+  config's layer layout whichever one the checkpoint was saved in."""
   graphdef, abstract_variables = state_lib.abstract_model(config.model)
   shardings = state_lib.param_shardings(mesh, abstract_variables)
-  return graphdef, checkpointer.restore_params(
-      step, state_lib.with_shardings(nnx.to_pure_dict(abstract_variables), shardings))
+  abstract = state_lib.with_shardings(nnx.to_pure_dict(abstract_variables), shardings)
+  saved_layout = checkpointer.saved_config(step)['model']['scan_layers']
+  params = checkpointer.restore_params(step, state_lib.in_layout(abstract, saved_layout))
+  return graphdef, state_lib.to_layout(params, config.model.scan_layers, shardings)
 
 
 def load_params(workdir, config, mesh, step: int | None = None):

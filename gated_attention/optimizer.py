@@ -15,10 +15,12 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def weight_decay_mask(params):
-  """True for parameters with two or more dims that multiply activations (not gate scores)."""
+  """True for parameters with two or more dims that multiply activations (not gate scores); the
+  stacked axis of scanned layers (model.scan_layers) does not count."""
   def decays(path, leaf):
-    name = path[-1].key if hasattr(path[-1], 'key') else str(path[-1])
-    return leaf.ndim >= 2 and name != 'score'
+    keys = [getattr(entry, 'key', None) for entry in path]
+    dims = leaf.ndim - ('layers' in keys)
+    return dims >= 2 and keys[-1] != 'score'
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -5,13 +5,14 @@ and abstract variables; parameters travel as a plain nested dict (`nnx.merge(gra
 rebuilds the module inside jitted code). Shardings come from each parameter's logical axes.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gated_attention.model import Transformer
 from gated_attention.sharding import named_sharding, replicated
@@ -41,27 +42,64 @@ def _nested(flat_items) -> dict:
   return nested
 
 
-def convert_layers(tree, scan_layers: bool):
+def _stack(*layers):
+  return jnp.stack(layers)
+
+
+def _take(stacked, index: int):
+  return stacked[index]
+
+
+def _stack_abstract(*layers):
+  first = layers[0]
+  spec = (None, *first.sharding.spec)
+  return jax.ShapeDtypeStruct((len(layers), *first.shape), first.dtype,
+                              sharding=NamedSharding(first.sharding.mesh, PartitionSpec(*spec)))
+
+
+def _take_abstract(stacked, index: int):
+  del index
+  spec = tuple(stacked.sharding.spec)[1:]
+  return jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype, sharding=NamedSharding(
+      stacked.sharding.mesh, PartitionSpec(*spec)))
+
+
+def convert_layers(tree, scan_layers: bool, stack=_stack, take=_take):
   """Converts every params-shaped dict in `tree` (the parameters, and the optimizer's moments,
   which mirror them) to one layer layout: unrolled {'blocks': {0: block, 1: ...}} or scanned
-  {'layers': block with a leading layers axis}. Dicts already in that layout pass unchanged."""
+  {'layers': block with a leading layers axis}. Dicts already in that layout pass unchanged.
+  stack(*layers) and take(stacked, i) do the work on the leaves."""
   def convert(node):
     if not isinstance(node, dict):
       return node
     rest = {key: value for key, value in node.items() if key not in ('blocks', 'layers')}
     if scan_layers and 'blocks' in node:
       blocks = node['blocks']
-      return {**rest, 'layers': jax.tree.map(lambda *layers: jnp.stack(layers),
-                                              *(blocks[i] for i in sorted(blocks, key=int)))}
+      return {**rest, 'layers': jax.tree.map(stack, *(blocks[i] for i in sorted(blocks, key=int)))}
     if not scan_layers and 'layers' in node:
       layers = node['layers']
       count = jax.tree.leaves(layers)[0].shape[0]
-      return {**rest, 'blocks': {i: jax.tree.map(lambda x, i=i: x[i], layers)
+      return {**rest, 'blocks': {i: jax.tree.map(lambda x, i=i: take(x, i), layers)
                                  for i in range(count)}}
     return node
 
   return jax.tree.map(convert, tree, is_leaf=lambda node: isinstance(node, dict) and (
       'blocks' in node or 'layers' in node))
+
+
+def in_layout(abstract_tree, scan_layers: bool):
+  """`abstract_tree` (ShapeDtypeStructs with NamedShardings) in another layer layout, sharded
+  alike: what a checkpoint saved in that layout is restored into."""
+  return convert_layers(abstract_tree, scan_layers, _stack_abstract, _take_abstract)
+
+
+def to_layout(tree, scan_layers: bool, shardings):
+  """`tree` converted on device to the layer layout and `shardings` of the running model (a
+  checkpoint saved with the other model.scan_layers); unchanged when already there."""
+  if jax.tree.structure(tree) == jax.tree.structure(shardings):
+    return tree
+  return jax.jit(functools.partial(convert_layers, scan_layers=scan_layers),
+                 out_shardings=shardings)(tree)
 
 
 def param_shardings(mesh: Mesh, abstract_state) -> dict:

@@ -351,7 +351,10 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
     saved_config = checkpointer.saved_config(step)
     changes = resume_lib.check_resume(saved_config, config, checkpointer.directory / str(step),
                                       allow_data_change)
-    state, saved = checkpointer.restore(step, setup.abstract_state)
+    saved_layout = saved_config['model']['scan_layers']  # Either layout resumes either.
+    state, saved = checkpointer.restore(step, state_lib.in_layout(setup.abstract_state,
+                                                                  saved_layout))
+    state = state_lib.to_layout(state, config.model.scan_layers, setup.state_shardings)
     iterator_state, loop_state, position = saved['iterator'], saved['loop'], None
     if any(resume_lib.policy(key) == resume_lib.DATA_ORDER for key in changes):
       saved_batch_size = saved_config['data']['batch_size']

@@ -1,5 +1,6 @@
 """Config validation: one clear error naming the key and what is accepted."""
 
+import ml_collections
 import pytest
 
 from configs import lm
@@ -68,3 +69,15 @@ def test_lm_config_file_takes_size_and_gate():
   config = lm.get_config('size=small,gate=g2_headwise')
   assert config.model.d_model == config_lib.SIZES['small']['d_model']
   assert (config.model.gate.position, config.model.gate.granularity) == ('value', 'headwise')
+
+
+def test_a_config_saved_by_earlier_code_is_upgraded_to_todays_keys():
+  saved = config_lib.base_config('tiny').to_dict()
+  del saved['model']['rope_scaling'], saved['model']['scan_layers']
+  saved['model']['remat'] = True
+  upgraded = config_lib.upgrade(saved)
+  assert upgraded['model']['remat'] == 'full'
+  assert upgraded['model']['scan_layers'] is False
+  assert upgraded['model']['rope_scaling']['type'] == 'none'
+  config_lib.validate(ml_collections.ConfigDict(upgraded))
+  assert saved['model']['remat'] is True  # The saved dict itself is left as it was.

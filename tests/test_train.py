@@ -7,12 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
+from gated_attention import state as state_lib
 from gated_attention.aot import CompileError
 from gated_attention.config import ConfigError
 from gated_attention.data import DataError
 from gated_attention.metrics import read_metrics
+from gated_attention.optimizer import weight_decay_mask
 from gated_attention.train import TrainingError, is_loss_spike, train
 from tests import helpers
 
@@ -139,3 +142,42 @@ def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                helpers.final_params(tmp_path / '1', config),
                helpers.final_params(tmp_path / '4', config))
+
+
+def test_a_run_resumes_and_evaluates_in_the_other_layer_layout(tmp_path):
+  """A checkpoint of unrolled layers loads as scanned (the same arrays, stacked) and trains on
+  as the run that never changed layout."""
+  unrolled = helpers.run_config(steps=8)
+  scanned = unrolled.copy_and_resolve_references()
+  scanned.model.scan_layers = True
+  train(unrolled, tmp_path / 'whole')
+  train(unrolled.copy_and_resolve_references(), tmp_path / 'switched')
+  shutil.rmtree(tmp_path / 'switched' / 'checkpoints' / '8')
+  at_4 = helpers.final_params(tmp_path / 'switched', unrolled, step=4)
+  stacked = [at_4['blocks'][i] for i in sorted(at_4['blocks'])]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(
+      helpers.final_params(tmp_path / 'switched', scanned, step=4)['layers']):
+    for layer, block in enumerate(stacked):
+      np.testing.assert_array_equal(leaf[layer], _at(block, path))
+  train(scanned, tmp_path / 'switched')
+  helpers.assert_same_params(helpers.final_params(tmp_path / 'whole', scanned),
+                             helpers.final_params(tmp_path / 'switched', scanned))
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def test_weight_decay_falls_on_the_same_parameters_whether_layers_are_scanned_or_not():
+  config = helpers.model_config()
+  masks = {}
+  for scan in (False, True):
+    config.scan_layers = scan
+    _, abstract = state_lib.abstract_model(config)
+    masks[scan] = weight_decay_mask(nnx.to_pure_dict(abstract))
+  assert jax.tree.leaves(state_lib.convert_layers(masks[False], True, stack=lambda *m: m[0])) \
+      == jax.tree.leaves(masks[True])
+  assert not masks[True]['layers']['attention_norm']['scale']
+  assert masks[True]['layers']['attention']['wq']
