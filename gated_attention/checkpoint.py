@@ -10,6 +10,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -67,6 +68,15 @@ class Checkpointer:
     """Starts an asynchronous save; arrays are copied before this returns."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)), force=True)
+
+  def save_params(self, step: int, params, host_state: dict) -> None:
+    """Saves parameters without optimizer or data state (an imported model); training
+    continues from them with a fresh optimizer (`holds_params_only`)."""
+    self.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': params},
+              {**host_state, 'params_only': True})
+
+  def holds_params_only(self, step: int) -> bool:
+    return bool(self._restore(step, host=ocp.args.JsonRestore()).host.get('params_only'))
 
   def restore(self, step: int, abstract_state):
     """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say."""

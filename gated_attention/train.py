@@ -34,6 +34,7 @@ from gated_attention.distributed import PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
+from gated_attention.tokenizer import pad_id
 
 
 class TrainingError(RuntimeError):
@@ -44,14 +45,17 @@ class TrainingError(RuntimeError):
     self.step = step
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(summed next-token loss, number of non-PAD targets) for float32 logits [b, t, v]."""
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  pad_id: int | None) -> tuple[jax.Array, jax.Array]:
+  """(summed next-token loss, number of counted targets) for float32 logits [b, t, v]; targets
+  equal to pad_id (the tokenizer's PAD; None: there is none) do not count."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  mask = targets != data_lib.PAD_ID
+  mask = jnp.ones(targets.shape, bool) if pad_id is None else targets != pad_id
   return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(graphdef, optimizer, schedule, moe_config, microbatches: int = 1):
+def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | None,
+                    microbatches: int = 1):
   """train_step(state, tokens [batch, seq_len + 1]) -> (state, metrics).
 
   The objective is the next-token cross-entropy (`loss`) plus, for mixture-of-experts models,
@@ -66,7 +70,7 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, microbatches: int
 
   def objective(params, tokens):
     output = apply(graphdef, params, tokens[:, :-1])
-    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:])
+    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:], pad_id)
     loss = loss_sum / jnp.maximum(num_tokens, 1)
     total = loss + sum(aux_weights[name] * value for name, value in output.aux_losses.items())
     return total, {'loss': loss, **output.aux_losses}
@@ -181,10 +185,12 @@ def setup_train_state(config, mesh) -> TrainSetup:
                     sharding_lib.named_sharding(mesh, ('batch', 'length')))
 
 
-def initialize_train_state(config, setup: TrainSetup) -> dict:
-  """A fresh train state, created directly in its shardings."""
+def initialize_train_state(config, setup: TrainSetup, params: dict | None = None) -> dict:
+  """A fresh train state, created directly in its shardings: of `params` (an imported model's)
+  when given, else of newly initialised ones."""
   with jax.set_mesh(setup.mesh):
-    params = state_lib.init_params(config.model, config.train.seed, setup.param_shardings)
+    if params is None:
+      params = state_lib.init_params(config.model, config.train.seed, setup.param_shardings)
     return jax.jit(lambda p: state_lib.init_train_state(p, setup.optimizer),
                    out_shardings=setup.state_shardings)(params)
 
@@ -193,7 +199,8 @@ def compile_train_step(config, setup: TrainSetup):
   """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
   step_fn = jax.jit(
       make_train_step(setup.graphdef, setup.optimizer, learning_rate_schedule(config.train),
-                      config.model.moe, config.train.microbatches),
+                      config.model.moe, pad_id(config.data.tokenizer),
+                      config.train.microbatches),
       in_shardings=(setup.state_shardings, setup.batch_sharding),
       out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)),
       donate_argnums=0)
@@ -320,6 +327,12 @@ def train(config, workdir) -> dict:
   start_step, loop_state = checkpointer.latest_step(), None
   if start_step is None:
     start_step, state = 0, initialize_train_state(config, setup)
+  elif checkpointer.holds_params_only(start_step):  # An imported model: a fresh optimizer.
+    reader = checkpoint_lib.Checkpointer(workdir, read_only=True)  # Restores, never saves.
+    state = initialize_train_state(config, setup, reader.restore_params(
+        start_step, setup.abstract_state['params']))
+    reader.close()
+    log(f'continuing from the parameters in {checkpointer.directory / str(start_step)}')
   else:
     state, saved = checkpointer.restore(start_step, setup.abstract_state)
     iterator.set_state(saved['iterator'])
