@@ -4,14 +4,16 @@ A batch of prompts is right-padded into one [batch, prompt bucket] array and pre
 0; each sequence's cache length is then set to its own prompt length, so the first generated
 token of a short prompt overwrites its padding and the causal mask hides what lies beyond.
 Decoding runs inside one jitted while-loop (one model call per token for the whole batch)
-until every sequence has emitted EOS or max_new_tokens are out.
+until every sequence has emitted EOS or max_new_tokens are out. (A mixture of experts with
+capacity_factor > 0 routes the padding too, which can take capacity from real tokens; imported
+models are dropless.)
 
 Prefill and decode are each compiled once per shape bucket (batch rounded up to a power of two
 that the mesh's batch axes divide; prompt length and max_new_tokens rounded up to powers of
-two, at least 8) and timed apart, so their tokens/s are reported separately. Sampling: temperature 0 is
-greedy (argmax); otherwise softmax(logits / temperature) restricted to the top_k most likely
-tokens (0: all) and to the smallest set whose probability reaches top_p, drawn with a
-jax.random key folded with the step.
+two, at least 8) and timed apart, so their tokens/s are reported separately. Sampling:
+temperature 0 is greedy (argmax); otherwise softmax(logits / temperature) restricted to the
+top_k most likely tokens (0: all) and to the smallest set whose probability reaches top_p,
+drawn with a jax.random key folded with the step.
 """
 
 import dataclasses
@@ -37,8 +39,9 @@ class Sampling:
 
 @dataclasses.dataclass
 class Generation:
-  """tokens: the new ids of each prompt (up to and including EOS); timing: prefill and decode
-  tokens, seconds and tokens/s (compilation apart, in compile_seconds)."""
+  """tokens: the new ids of each prompt (up to and including EOS). timing: prefill_tokens (the
+  prompts' ids), decode_tokens (new ids after each prompt's first, which prefill gives), their
+  seconds and tokens/s, and compile_seconds (not in the others)."""
   tokens: list[list[int]]
   timing: dict
 

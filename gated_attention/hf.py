@@ -50,7 +50,7 @@ from gated_attention.model import mlp_width
 
 FORMATS = ('qwen3', 'qwen3_moe', 'qwen3_next', 'paper_release')
 ARCHITECTURES = {'qwen3': 'Qwen3ForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM',
-                  'qwen3_next': 'Qwen3NextForCausalLM', 'paper_release': 'Qwen3ForCausalLM'}
+                 'qwen3_next': 'Qwen3NextForCausalLM', 'paper_release': 'Qwen3ForCausalLM'}
 _PLUS_ONE_NORMS = ('qwen3_next',)  # Formats whose RMSNorm scales by (1 + w).
 _PAPER_GATE_FLAGS = {'elementwise': 'elementwise_attn_output_gate',
                      'headwise': 'headwise_attn_output_gate'}
@@ -257,6 +257,12 @@ def _check_importable(hf: dict, fmt: str) -> None:
     _refuse('dtype', dtype, f'parameters must be one of {list(config_lib.DTYPES)}')
 
 
+def _required(hf: dict, key: str):
+  if key not in hf:
+    raise ConfigError(f'config.json has no {key}; a model config written by transformers has.')
+  return hf[key]
+
+
 def _num_experts(hf: dict) -> int:
   return int(hf.get('num_experts', hf.get('num_local_experts', 0)) or 0)
 
@@ -272,7 +278,7 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
   fmt = detect_format(hf)
   _check_importable(hf, fmt)
   rope_theta, rope_fraction = _rope(hf, fmt)
-  heads = hf['num_attention_heads']
+  heads, d_model = _required(hf, 'num_attention_heads'), _required(hf, 'hidden_size')
   gate = 'none'
   if fmt == 'qwen3_next':
     gate = 'g1_elementwise'
@@ -281,10 +287,11 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
                 if hf.get(flag))
   model = ml_collections.ConfigDict(base_model.to_dict())
   model.update(
-      vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], num_layers=hf['num_hidden_layers'],
-      num_heads=heads, num_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
-      mlp_dim=hf['intermediate_size'], norm_eps=hf.get('rms_norm_eps', 1e-6),
+      vocab_size=_required(hf, 'vocab_size'), d_model=d_model,
+      num_layers=_required(hf, 'num_hidden_layers'), num_heads=heads,
+      num_kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or d_model // heads,
+      mlp_dim=_required(hf, 'intermediate_size'), norm_eps=hf.get('rms_norm_eps', 1e-6),
       norm_plus_one=fmt in _PLUS_ONE_NORMS, tie_embeddings=bool(hf.get('tie_word_embeddings')),
       qk_norm=bool(hf.get('use_qk_norm', True)), rope_theta=rope_theta,
       rope_fraction=rope_fraction, sandwich_norm=False, match_baseline_params=False,
@@ -293,7 +300,8 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
   experts = _num_experts(hf)
   model.moe.update(num_experts=experts)
   if experts:
-    model.moe.update(top_k=hf['num_experts_per_tok'], expert_mlp_dim=hf['moe_intermediate_size'],
+    model.moe.update(top_k=_required(hf, 'num_experts_per_tok'),
+                     expert_mlp_dim=_required(hf, 'moe_intermediate_size'),
                      normalize_top_k=bool(hf.get('norm_topk_prob', fmt == 'qwen3_next')),
                      shared_expert_dim=hf.get('shared_expert_intermediate_size', 0)
                      if fmt == 'qwen3_next' else 0)
@@ -530,15 +538,16 @@ def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None
 
   params = jax.tree_util.tree_map_with_path(convert, abstract_params)
   progress.close()
-  seconds = time.perf_counter() - started
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   checkpointer.save_params(0, params, {'imported_from': str(hf_dir.absolute()), 'format': fmt})
   checkpointer.wait()
   checkpointer.close()
+  seconds = time.perf_counter() - started  # Reading, converting, placing and writing.
   if tokenizer_json.exists():
-    _copy_tokenizer(tokenizer_json, workdir / 'tokenizer')
     config.data.tokenizer = str((workdir / 'tokenizer' / 'tokenizer.json').absolute())
   if jax.process_index() == 0:
+    if tokenizer_json.exists():
+      _copy_tokenizer(tokenizer_json, workdir / 'tokenizer')
     checkpoint_lib.save_config(workdir, config)
   return {'format': fmt, 'tensors': len(rows),
           'parameters': state_lib.num_params(abstract_variables), 'bytes': reader.bytes_read,
@@ -559,8 +568,8 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
               ) -> dict:
   """Writes checkpoint `step` (default: the latest) of workdir as a Hugging Face model
   directory: config.json, safetensors shards of at most max_shard_bytes (with
-  model.safetensors.index.json when there are several) and the tokenizer. Host memory holds one
-  parameter and one shard at a time. transformers' MoE layers are dropless: a model trained with
+  model.safetensors.index.json when there are several) and the tokenizer, from one process.
+  Host memory holds one parameter and one shard at a time. transformers' MoE layers are dropless: a model trained with
   model.moe.capacity_factor > 0 runs there as its dropless version. Returns a summary."""
   from safetensors.numpy import save_file  # Only where checkpoints are written.
   from gated_attention.evaluate import load_params

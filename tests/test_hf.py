@@ -268,7 +268,8 @@ QWEN3 = dict(model_type='qwen3', **SHAPES)
     (dict(QWEN3, hidden_act='gelu'), "hidden_act='gelu'"),
     (dict(QWEN3, elementwise_attn_output_gate=True, headwise_attn_output_gate=True),
      'headwise_attn_output_gate=True'),
-    (dict(QWEN3, model_type='qwen3_moe', mlp_only_layers=[0], **_EXPERTS), 'mlp_only_layers=\\[0\\]'),
+    (dict(QWEN3, model_type='qwen3_moe', mlp_only_layers=[0], **_EXPERTS),
+     'mlp_only_layers=\\[0\\]'),
 ])
 def test_unsupported_configs_are_refused_by_key_before_any_weight(config, message, tmp_path):
   """The directory holds config.json alone: reaching the weights would fail differently."""
