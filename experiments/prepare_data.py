@@ -1,9 +1,11 @@
 """Tokenizes a text corpus once into ArrayRecord files for data.source=array_record:
 
   python -m experiments.prepare_data --input='corpus/**/*.txt' --output_dir=data/corpus --seq_len=256
+      [--tokenizer=byte|PATH/tokenizer.json]
 
 writes OUTPUT_DIR/train.array_record and OUTPUT_DIR/heldout.array_record with the same document
-split and examples that data.source=text_files would give; then train with
+split and examples that data.source=text_files would give (a tokenizer.json tokenizes in
+parallel, with a progress bar); then train with the same --config.data.tokenizer and
   --config.data.source=array_record --config.data.path=OUTPUT_DIR/train.array_record
   --config.data.eval_path=OUTPUT_DIR/heldout.array_record --config.data.seq_len=256
 """
@@ -15,6 +17,7 @@ from absl import flags
 from experiments import cli, common
 from gated_attention import config as config_lib
 from gated_attention import data
+from gated_attention.tokenizer import load_tokenizer
 
 _INPUT = flags.DEFINE_string('input', None, 'Glob of text files (** allowed).', required=True)
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory for the ArrayRecord files.',
@@ -22,6 +25,7 @@ _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Directory for the ArrayRe
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 256, 'Tokens per example (the model reads seq_len).',
                                lower_bound=1)
 _HELDOUT = flags.DEFINE_float('heldout_fraction', 0.05, 'Fraction of documents held out.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', 'byte', "'byte' or a Hugging Face tokenizer.json.")
 flags.register_validator('heldout_fraction', lambda fraction: 0 < fraction < 1,
                          '--heldout_fraction must be in (0, 1).')
 
@@ -32,12 +36,13 @@ def main(argv):
   def prepare():
     data_config = config_lib.base_config().data
     data_config.update(source='text_files', path=_INPUT.value, seq_len=_SEQ_LEN.value,
-                       heldout_fraction=_HELDOUT.value)
+                       heldout_fraction=_HELDOUT.value, tokenizer=_TOKENIZER.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value)  # A bad path fails here, before any reading.
     output = pathlib.Path(_OUTPUT_DIR.value)
     output.mkdir(parents=True, exist_ok=True)
     for split in ('train', 'heldout'):
       path = output / f'{split}.array_record'
-      examples = data.load_split(data_config, split, data.TOKENIZER_VOCAB_SIZE)
+      examples = data.load_split(data_config, split, tokenizer.vocab_size)
       count = data.write_array_record(examples, path)
       print(f'{path}: {count:,} examples of {_SEQ_LEN.value + 1} tokens')
 

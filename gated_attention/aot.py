@@ -14,6 +14,7 @@ from gated_attention import config as config_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention.evaluate import make_eval_step
 from gated_attention.summary import summarize
+from gated_attention.tokenizer import pad_id
 from gated_attention.train import (check_batch, compile_train_step, compiled_memory,
                                    setup_train_state)
 
@@ -124,7 +125,8 @@ def compile_report(config, devices) -> dict:
   tokens = jax.ShapeDtypeStruct((config.eval.batch_size, config.data.seq_len + 1), jnp.int32,
                                 sharding=setup.batch_sharding)
   with jax.set_mesh(mesh):
-    eval_step = jax.jit(make_eval_step(setup.graphdef, analysis=False)).lower(
+    eval_step = jax.jit(make_eval_step(setup.graphdef, analysis=False,
+                                       pad_id=pad_id(config.data.tokenizer))).lower(
         abstract_params, tokens).compile()
   summary = summarize(config)
   tokens_per_step = config.data.batch_size * config.data.seq_len

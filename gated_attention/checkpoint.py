@@ -178,6 +178,16 @@ class Checkpointer:
         f'{READ_ATTEMPTS} times: its trainer saves faster than a checkpoint can be read. Raise '
         'train.keep_checkpoints, or evaluate after the run.')
 
+  def save_params(self, step: int, params, host_state: dict,
+                  config: ml_collections.ConfigDict) -> None:
+    """Saves parameters without optimizer or data state (an imported model); training
+    continues from them with a fresh optimizer (`holds_params_only`)."""
+    self.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': params},
+              {**host_state, 'params_only': True}, config)
+
+  def holds_params_only(self, step: int) -> bool:
+    return bool(self._restore(step, host=ocp.args.JsonRestore()).host.get('params_only'))
+
   def restore(self, step: int, abstract_state):
     """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say,
     checked against the checksums saved with them."""

@@ -110,7 +110,9 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
   # dense comparisons); see gated_attention.model.mlp_width.
   config.model.match_baseline_params = False
   config.data = ml_collections.ConfigDict(dict(
-      source='embedded', path='', eval_path='', heldout_fraction=0.05, **SIZE_DATA[size]))
+      source='embedded', path='', eval_path='', heldout_fraction=0.05,
+      tokenizer='byte',  # 'byte', 'none', or a tokenizer.json (gated_attention/tokenizer.py).
+      **SIZE_DATA[size]))
   config.train = ml_collections.ConfigDict(dict(
       steps=300, learning_rate=2e-3, warmup_steps=30, min_learning_rate=2e-4,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10,
@@ -167,6 +169,15 @@ def upgrade(saved: dict) -> dict:
   if isinstance(upgraded['model']['remat'], bool):
     upgraded['model']['remat'] = 'full' if upgraded['model']['remat'] else 'none'
   return upgraded
+
+
+def _check_tokenizer(config) -> None:
+  """data.tokenizer must be readable and its ids must fit the model."""
+  from gated_attention.tokenizer import load_tokenizer  # It raises ConfigError itself.
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  if tokenizer is not None and config.model.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                      f'{tokenizer.vocab_size} ids of data.tokenizer={config.data.tokenizer!r}.')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -243,9 +254,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_positive('data.batch_size', data.batch_size)
   if not 0 < data.heldout_fraction < 1:
     raise ConfigError(f'data.heldout_fraction={data.heldout_fraction} must be in (0, 1).')
-  if model.vocab_size < 259:
-    raise ConfigError(f'model.vocab_size={model.vocab_size} is smaller than the byte '
-                      'tokenizer\'s 259 ids (256 bytes, PAD, BOS, EOS).')
+  _check_tokenizer(config)
 
   train = config.train
   for key in ('steps', 'learning_rate', 'log_every', 'checkpoint_every', 'keep_checkpoints',

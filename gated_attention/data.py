@@ -1,4 +1,4 @@
-"""Data: a byte-level tokenizer, document sources, and deterministic grain pipelines.
+"""Data: document sources, tokenized by `config.data.tokenizer`, and deterministic grain pipelines.
 
 Sources (`config.data.source`):
   embedded      the Python standard library's own sources, on every machine with Python: the
@@ -9,9 +9,10 @@ Sources (`config.data.source`):
                 writes them). `data.path` is the training glob, `data.eval_path` the held-out one.
 
 For the text sources whole documents are assigned to the held-out split by a seeded permutation,
-so held-out text never appears in training. Each split is one stream of [document bytes, EOS]
+so held-out text never appears in training. Each split is one stream of [document tokens, EOS]
 cut into chunks of seq_len tokens; every example is BOS followed by one chunk, so the model's
-first token is always BOS. Inputs are example[:-1] and targets example[1:].
+first token is always BOS (see `gated_attention.tokenizer`). Inputs are example[:-1] and targets
+example[1:].
 """
 
 import functools
@@ -22,22 +23,11 @@ import sysconfig
 import grain
 import numpy as np
 
-PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
-TOKENIZER_VOCAB_SIZE = 259
+from gated_attention.tokenizer import load_tokenizer
 
 
 class DataError(ValueError):
   """Input data that cannot be used; the message names the path or key."""
-
-
-def encode(text: bytes) -> np.ndarray:
-  """Byte-level token ids (0..255), uint16."""
-  return np.frombuffer(text, dtype=np.uint8).astype(np.uint16)
-
-
-def decode(ids) -> str:
-  """Text from token ids; special ids are dropped."""
-  return bytes(int(i) for i in ids if i < 256).decode('utf-8', errors='replace')
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,10 +68,11 @@ def split_documents(documents, heldout_fraction: float, seed: int):
 class TokenChunks:
   """Random-access examples [BOS, chunk of seq_len stream tokens] as int32 [seq_len + 1]."""
 
-  def __init__(self, documents, seq_len: int, name: str):
-    self.stream = np.concatenate(
-        [np.append(encode(text), np.uint16(EOS_ID)) for _, text in documents])
-    self.seq_len = seq_len
+  def __init__(self, documents, seq_len: int, name: str, tokenizer):
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    self.stream = np.concatenate([np.append(ids, tokenizer.eos_id).astype(dtype)
+                                  for ids in tokenizer.encode_documents(documents)])
+    self.seq_len, self.bos_id = seq_len, tokenizer.bos_id
     if len(self) == 0:
       raise DataError(f'The {name} split has {len(self.stream)} tokens, fewer than '
                       f'data.seq_len={seq_len}: lower seq_len or add text.')
@@ -91,7 +82,7 @@ class TokenChunks:
 
   def __getitem__(self, index: int) -> np.ndarray:
     chunk = self.stream[index * self.seq_len:(index + 1) * self.seq_len]
-    return np.concatenate([[BOS_ID], chunk]).astype(np.int32)
+    return np.concatenate([[self.bos_id], chunk]).astype(np.int32)
 
 
 class ArrayRecordExamples:
@@ -154,10 +145,16 @@ def load_split(data_config, split: str, vocab_size: int):
       raise DataError('data.eval_path is empty; data.source=array_record needs a held-out glob.')
     return ArrayRecordExamples(data_config.eval_path, data_config.seq_len, vocab_size,
                                'data.eval_path')
+  tokenizer = load_tokenizer(data_config.tokenizer)
+  if tokenizer is None:
+    raise DataError(f'data.tokenizer={data_config.tokenizer!r}: data.source='
+                    f'{data_config.source!r} reads text; name a tokenizer (\'byte\' or a '
+                    'tokenizer.json) or use pre-tokenized data.source=array_record.')
   documents = (embedded_documents() if data_config.source == 'embedded'
                else text_file_documents(data_config.path))
   train, heldout = split_documents(documents, data_config.heldout_fraction, seed=0)
-  return TokenChunks(train if split == 'train' else heldout, data_config.seq_len, split)
+  return TokenChunks(train if split == 'train' else heldout, data_config.seq_len, split,
+                     tokenizer)
 
 
 def train_dataset(source, global_batch_size: int, seed: int, process_index: int,

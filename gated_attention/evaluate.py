@@ -26,16 +26,18 @@ from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention.model import apply, gate_histogram_edges
+from gated_attention.tokenizer import pad_id
 from gated_attention.train import check_batch, cross_entropy, global_batch, log
 
 
-def make_eval_step(graphdef, analysis: bool):
-  """eval_step(params, tokens) -> {'loss_sum', 'tokens'} plus, with analysis, per-layer stats:
+def make_eval_step(graphdef, analysis: bool, pad_id: int | None):
+  """eval_step(params, tokens) -> {'loss_sum', 'tokens'} (targets equal to pad_id, if any, not
+  counted) plus, with analysis, per-layer stats:
   first_token_attention [layers, heads] (mean over sequences and queries 1..: query 0 can
   attend to nothing but the first token), max_activation, gate scores."""
   def eval_step(params, tokens):
     output = apply(graphdef, params, tokens[:, :-1], analysis=analysis)
-    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:])
+    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:], pad_id)
     stats = dict(output.stats)
     if analysis:
       stats['first_token_attention'] = jnp.mean(stats['first_token_attention'][..., 1:],
@@ -114,7 +116,7 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
 
   source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
   batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
-  steps = {analysis: jax.jit(make_eval_step(graphdef, analysis),
+  steps = {analysis: jax.jit(make_eval_step(graphdef, analysis, pad_id(config.data.tokenizer)),
                              in_shardings=(shardings, batch_sharding))
            for analysis in (False, True)}
   loss_sum, num_tokens, measured = 0.0, 0, []

@@ -41,6 +41,7 @@ from gated_attention.distributed import PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
+from gated_attention.tokenizer import pad_id
 
 
 class TrainingError(RuntimeError):
@@ -51,14 +52,17 @@ class TrainingError(RuntimeError):
     self.step = step
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(summed next-token loss, number of non-PAD targets) for float32 logits [b, t, v]."""
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  pad_id: int | None) -> tuple[jax.Array, jax.Array]:
+  """(summed next-token loss, number of counted targets) for float32 logits [b, t, v]; targets
+  equal to pad_id (the tokenizer's PAD; None: there is none) do not count."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  mask = targets != data_lib.PAD_ID
+  mask = jnp.ones(targets.shape, bool) if pad_id is None else targets != pad_id
   return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(graphdef, optimizer, schedule, moe_config, microbatches: int = 1):
+def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | None,
+                    microbatches: int = 1):
   """train_step(state, tokens [batch, seq_len + 1]) -> (state, metrics).
 
   The objective is the next-token cross-entropy (`loss`) plus, for mixture-of-experts models,
@@ -73,7 +77,7 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, microbatches: int
 
   def objective(params, tokens):
     output = apply(graphdef, params, tokens[:, :-1])
-    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:])
+    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:], pad_id)
     loss = loss_sum / jnp.maximum(num_tokens, 1)
     total = loss + sum(aux_weights[name] * value for name, value in output.aux_losses.items())
     return total, {'loss': loss, **output.aux_losses}
@@ -209,10 +213,12 @@ def setup_train_state(config, mesh) -> TrainSetup:
                     sharding_lib.named_sharding(mesh, ('batch', 'length')))
 
 
-def initialize_train_state(config, setup: TrainSetup) -> dict:
-  """A fresh train state, created directly in its shardings."""
+def initialize_train_state(config, setup: TrainSetup, params: dict | None = None) -> dict:
+  """A fresh train state, created directly in its shardings: of `params` (an imported model's)
+  when given, else of newly initialised ones."""
   with jax.set_mesh(setup.mesh):
-    params = state_lib.init_params(config.model, config.train.seed, setup.param_shardings)
+    if params is None:
+      params = state_lib.init_params(config.model, config.train.seed, setup.param_shardings)
     return jax.jit(lambda p: state_lib.init_train_state(p, setup.optimizer),
                    out_shardings=setup.state_shardings)(params)
 
@@ -221,7 +227,8 @@ def compile_train_step(config, setup: TrainSetup):
   """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
   step_fn = jax.jit(
       make_train_step(setup.graphdef, setup.optimizer, learning_rate_schedule(config.train),
-                      config.model.moe, config.train.microbatches),
+                      config.model.moe, pad_id(config.data.tokenizer),
+                      config.train.microbatches),
       in_shardings=(setup.state_shardings, setup.batch_sharding),
       out_shardings=(setup.state_shardings, sharding_lib.replicated(setup.mesh)),
       donate_argnums=0)
@@ -349,9 +356,23 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
           f'train.steps={config.train.steps} is below step {step}, where the run in {workdir} '
           'already is: raise train.steps to train on, or use another --workdir.')
     saved_config = checkpointer.saved_config(step)
+    params_only = checkpointer.holds_params_only(step)  # An imported model: no data position.
     changes = resume_lib.check_resume(saved_config, config, checkpointer.directory / str(step),
-                                      allow_data_change)
+                                      allow_data_change or params_only)
     saved_layout = saved_config['model']['scan_layers']  # Either layout resumes either.
+    if params_only:  # A fresh optimizer.
+      reader = checkpoint_lib.Checkpointer(workdir, read_only=True)  # Restores, never saves.
+      params = reader.restore_params(step, state_lib.in_layout(setup.abstract_state['params'],
+                                                               saved_layout))
+      reader.close()
+      state = initialize_train_state(config, setup, state_lib.to_layout(
+          params, config.model.scan_layers, setup.param_shardings))
+      log(f'continuing from the parameters in {checkpointer.directory / str(step)}')
+      changes = {**changes, 'optimizer': ('imported parameters only', 'fresh')}
+      if jax.process_index() == 0:
+        checkpoint_lib.save_config(workdir, config)
+        resume_lib.append_history(workdir, step, changes, None)
+      return step, state, None
     state, saved = checkpointer.restore(step, state_lib.in_layout(setup.abstract_state,
                                                                   saved_layout))
     state = state_lib.to_layout(state, config.model.scan_layers, setup.state_shardings)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from gated_attention import config as config_lib
 from gated_attention import layers, sharding
+from gated_attention import state as state_lib
 from gated_attention.checkpoint import load_config
 from gated_attention.evaluate import load_params
 from gated_attention.model import Attention, Transformer
@@ -108,3 +109,17 @@ def run_params(workdir, step=None):
 
 def assert_same_params(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
+def random_params(model_cfg, seed: int = 0, std: float = 0.2) -> dict:
+  """Parameters drawn in NumPy (no compilation): every weight normal(0, std), every norm scale
+  normal around its identity (1 for w, 0 for 1 + w), so no layout or offset error hides."""
+  rng = np.random.default_rng(seed)
+  abstract = nnx.to_pure_dict(state_lib.abstract_model(model_cfg)[1])
+  identity = 0.0 if model_cfg.norm_plus_one else 1.0
+
+  def draw(path, leaf):
+    mean = identity if path[-1].key == 'scale' else 0.0
+    return jnp.asarray(rng.normal(mean, std, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)

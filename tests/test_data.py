@@ -5,15 +5,10 @@ import pytest
 
 from gated_attention import config as config_lib
 from gated_attention import data
+from gated_attention.tokenizer import ByteTokenizer
 
-VOCAB = data.TOKENIZER_VOCAB_SIZE
-
-
-def test_byte_tokenizer_round_trip():
-  text = 'gated attention: σ(XW)\n'
-  ids = data.encode(text.encode())
-  assert ids.max() < 256 and data.decode(ids) == text
-  assert data.decode([data.BOS_ID, *ids, data.EOS_ID, data.PAD_ID]) == text
+BYTES = ByteTokenizer()
+VOCAB = BYTES.vocab_size
 
 
 def test_embedded_corpus_is_real_and_split_by_document():
@@ -29,14 +24,14 @@ def test_embedded_corpus_is_real_and_split_by_document():
 
 def test_examples_start_with_bos_and_continue_the_stream():
   documents = [('a', b'abcdefgh'), ('b', b'ijklmnop')]
-  chunks = data.TokenChunks(documents, seq_len=5, name='test')
-  stream = np.concatenate([data.encode(b'abcdefgh'), [data.EOS_ID],
-                           data.encode(b'ijklmnop'), [data.EOS_ID]])
+  chunks = data.TokenChunks(documents, seq_len=5, name='test', tokenizer=BYTES)
+  stream = np.concatenate([BYTES.encode(b'abcdefgh'), [BYTES.eos_id],
+                           BYTES.encode(b'ijklmnop'), [BYTES.eos_id]])
   assert len(chunks) == len(stream) // 5
   for i in range(len(chunks)):
     example = chunks[i]
     assert example.dtype == np.int32 and example.shape == (6,)
-    assert example[0] == data.BOS_ID
+    assert example[0] == BYTES.bos_id
     np.testing.assert_array_equal(example[1:], stream[5 * i:5 * i + 5])
 
 
@@ -45,7 +40,8 @@ def _batches(iterator, count):
 
 
 def test_train_batches_are_deterministic_and_resume_exactly():
-  source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test')
+  source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test',
+                            tokenizer=BYTES)
   make = lambda: iter(data.train_dataset(source, 4, seed=3, process_index=0, process_count=1))
   first = make()
   head = _batches(first, 5)
@@ -60,7 +56,8 @@ def test_train_batches_are_deterministic_and_resume_exactly():
 
 
 def test_process_shares_partition_the_global_batch():
-  source = data.TokenChunks([('a', bytes(range(256)) * 8)], seq_len=8, name='test')
+  source = data.TokenChunks([('a', bytes(range(256)) * 8)], seq_len=8, name='test',
+                            tokenizer=BYTES)
   whole = next(iter(data.train_dataset(source, 8, 0, 0, 1)))
   shares = [next(iter(data.train_dataset(source, 8, 0, p, 2))) for p in range(2)]
   assert shares[0].shape == (4, 9)
@@ -119,7 +116,8 @@ def test_seq_len_the_split_cannot_fill(tmp_path):
 
 
 def test_heldout_batches_are_in_order_and_bounded():
-  source = data.TokenChunks([('a', bytes(range(200)))], seq_len=4, name='test')
+  source = data.TokenChunks([('a', bytes(range(200)))], seq_len=4, name='test',
+                            tokenizer=BYTES)
   batches = list(data.heldout_batches(source, 8, num_batches=3, process_index=0, process_count=1))
   assert len(batches) == 3
   np.testing.assert_array_equal(batches[1][0], source[8])

@@ -11,13 +11,15 @@ from flax import nnx
 
 from gated_attention.checkpoint import Checkpointer
 from gated_attention.evaluate import evaluate, make_eval_step, summarize_measurements
+from gated_attention.tokenizer import ByteTokenizer
 from gated_attention.train import train
 from tests import helpers
 
 
 def _measure(model, tokens):
   graphdef, params = nnx.split(model)
-  out = make_eval_step(graphdef, analysis=True)(nnx.to_pure_dict(params), tokens)
+  out = make_eval_step(graphdef, analysis=True, pad_id=ByteTokenizer.pad_id)(
+      nnx.to_pure_dict(params), tokens)
   gate = model.blocks[0].attention.gate
   activation = gate.activation if gate.enabled else None
   return summarize_measurements([jax.device_get(out)], activation)

@@ -1,0 +1,109 @@
+"""Generates text from a workdir's checkpoint with a KV cache:
+
+  python -m experiments.generate --workdir=DIR --prompt='def gated(' --max_new_tokens=64
+      [--prompts_file=FILE (one prompt a line)] [--prompt_ids=ID,ID,... (repeatable)]
+      [--temperature=0 --top_k=0 --top_p=1 --seed=0] [--batch_size=8] [--step=N]
+      [--mesh=data=1,fsdp=-1,tensor=1,expert=1] [--json]
+
+Greedy at temperature 0. Prints each prompt's completion, then prefill and decode tokens/s
+(without compilation); --json prints one object with the generated ids and text of each prompt
+and the timings.
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from experiments import common
+from gated_attention import checkpoint as checkpoint_lib
+from gated_attention import config as config_lib
+from gated_attention import sharding as sharding_lib
+from gated_attention.config import ConfigError
+from gated_attention.evaluate import load_params
+from gated_attention.generate import Generator, Sampling, prompt_ids
+from gated_attention.tokenizer import load_tokenizer
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'A text prompt (repeatable).')
+_PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'A file of prompts, one a line.')
+_PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [], 'A prompt as token ids ID,ID,... '
+                                        '(repeatable), for a model without a tokenizer.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 32, 'Tokens to generate per prompt.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 is greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0: all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample within this much probability (nucleus).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Prompts generated together.')
+_MESH = flags.DEFINE_string('mesh', 'data=1,fsdp=-1,tensor=1,expert=1', 'Mesh for generation.')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+def _prompts(tokenizer, vocab_size: int) -> list[list[int]]:
+  """Every prompt as ids, checked before anything heavy runs."""
+  texts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    try:
+      texts += [line for line in pathlib.Path(_PROMPTS_FILE.value).read_text().splitlines()
+                if line.strip()]
+    except OSError as error:
+      raise ConfigError(f'--prompts_file={_PROMPTS_FILE.value!r}: {error.strerror}.') from None
+  if texts and tokenizer is None:
+    raise ConfigError('this model has no tokenizer (data.tokenizer=\'none\'): give prompts as '
+                      '--prompt_ids=ID,ID,...')
+  prompts = [prompt_ids(tokenizer, text) for text in texts]
+  for value in _PROMPT_IDS.value:
+    try:
+      prompts.append([int(i) for i in value.split(',')])
+    except ValueError:
+      raise ConfigError(f'--prompt_ids={value!r}: expected integers separated by commas.') from None
+    if not all(0 <= i < vocab_size for i in prompts[-1]):
+      raise ConfigError(f'--prompt_ids={value!r}: ids must be in [0, {vocab_size}) '
+                        '(model.vocab_size).')
+  if not prompts:
+    raise ConfigError('no prompt: give --prompt, --prompts_file or --prompt_ids.')
+  return prompts
+
+
+def main(argv):
+  del argv
+
+  def run():
+    if _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or _TOP_K.value < 0 or not (
+        0 < _TOP_P.value <= 1) or _BATCH.value < 1:
+      raise ConfigError(f'--max_new_tokens={_MAX_NEW.value} and --batch_size={_BATCH.value} '
+                        f'must be >= 1, --temperature={_TEMPERATURE.value} and '
+                        f'--top_k={_TOP_K.value} >= 0, --top_p={_TOP_P.value} in (0, 1].')
+    config = checkpoint_lib.load_config(_WORKDIR.value)
+    config_lib.validate(config)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    prompts = _prompts(tokenizer, config.model.vocab_size)
+    mesh = sharding_lib.make_mesh(config_lib.parse_arg(_MESH.value, data=1, fsdp=-1, tensor=1,
+                                                       expert=1))
+    graphdef, params, step = load_params(_WORKDIR.value, config, mesh, _STEP.value)
+    generator = Generator(graphdef, params, config.model, mesh)
+    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    eos_id = None if tokenizer is None else tokenizer.eos_id
+    generation = generator.generate(prompts, _MAX_NEW.value, sampling, _SEED.value, eos_id,
+                                    _BATCH.value)
+    tokens, timing = generation.tokens, generation.timing
+    texts = [None if tokenizer is None else tokenizer.decode(ids) for ids in tokens]
+    if _JSON.value:
+      print(json.dumps({'step': step, 'completions': [
+          {'prompt_ids': p, 'token_ids': ids, 'text': text}
+          for p, ids, text in zip(prompts, tokens, texts)], **timing}))
+      return
+    for prompt, ids, text in zip(prompts, tokens, texts):
+      print(f'--- {prompt if text is None else tokenizer.decode(prompt)!r}')
+      print(ids if text is None else text)
+    print(f'step {step}: prefill {timing["prefill_tokens"]} tokens at '
+          f'{timing["prefill_tokens_per_sec"]:,.0f} tokens/s, decode {timing["decode_tokens"]} '
+          f'tokens at {timing["decode_tokens_per_sec"]:,.0f} tokens/s (compile '
+          f'{timing["compile_seconds"]:.1f} s)')
+
+  common.run_cleanly(run)
+
+
+if __name__ == '__main__':
+  app.run(main)

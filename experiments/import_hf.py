@@ -1,0 +1,47 @@
+"""Imports a Hugging Face model directory as a workdir that eval, generate and train accept:
+
+  python -m experiments.import_hf --hf_dir=DIR --workdir=OUT [--mesh=data=1,fsdp=-1,tensor=1,expert=1]
+      [--param_dtype=float32] [--config=configs/lm.py --config.data.seq_len=512 ...]
+
+The architecture comes from DIR/config.json (qwen3, the paper's release with its gate flags,
+qwen3_moe, qwen3_next with every layer full attention); --config supplies the rest (data, eval,
+train, mesh, and the model's attention_impl, compute dtype, scan_layers, remat). Writes
+OUT/config.json, OUT/tokenizer/ (when DIR has a tokenizer.json) and a step-0 checkpoint of the
+parameters; `experiments.train --config=configs/workdir.py:workdir=OUT --workdir=OUT` continues
+training from it.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import common
+from gated_attention import config as config_lib
+from gated_attention.hf import import_hf
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py',
+                                          'Config for everything but the architecture.')
+_HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir to create.', required=True)
+_MESH = flags.DEFINE_string('mesh', 'data=1,fsdp=-1,tensor=1,expert=1',
+                            'Mesh the parameters are placed on as they are read.')
+_PARAM_DTYPE = flags.DEFINE_enum('param_dtype', None, list(config_lib.DTYPES),
+                                 "Parameter dtype (default: the checkpoint's).")
+
+
+def main(argv):
+  del argv
+
+  def run():
+    mesh = config_lib.parse_arg(_MESH.value, data=1, fsdp=-1, tensor=1, expert=1)
+    summary = import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, mesh, _PARAM_DTYPE.value)
+    megabytes = summary['bytes'] / 2**20
+    print(f'imported {summary["format"]}: {summary["parameters"]:,} parameters in '
+          f'{summary["tensors"]} tensors, {megabytes:,.1f} MB in {summary["seconds"]:.2f} s '
+          f'({megabytes / max(summary["seconds"], 1e-9):,.0f} MB/s) into {_WORKDIR.value}; '
+          f'tokenizer: {summary["tokenizer"]}')
+
+  common.run_cleanly(run)
+
+
+if __name__ == '__main__':
+  app.run(main)

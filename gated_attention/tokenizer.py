@@ -1,0 +1,163 @@
+"""Tokenizers behind one interface: the byte-level default and any Hugging Face `tokenizer.json`.
+
+`config.data.tokenizer` names one:
+  'byte'   the 256 byte values, then PAD 256, BOS 257, EOS 258 (259 ids): no file, any text.
+  'none'   the model has no tokenizer (an imported checkpoint that came without one): it reads
+           token ids only (array_record data, `generate --prompt_ids`).
+  a path   a tokenizer.json, read with the `tokenizers` library. Its special tokens (bos_token,
+           eos_token, pad_token) come from the tokenizer_config.json beside it, as in a Hugging
+           Face model directory.
+
+Every training example and every prompt starts with `bos_id`. A tokenizer without a BOS token
+(Qwen's) starts them with its EOS token, the document separator it was trained with.
+"""
+
+import functools
+import json
+import pathlib
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from gated_attention.config import ConfigError
+
+BYTE, NONE = 'byte', 'none'
+_ENCODE_BATCH = 64  # Documents per call of the tokenizers library's parallel batch encoder.
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 0..255, then PAD, BOS and EOS."""
+  vocab_size = 259
+  pad_id, bos_id, eos_id = 256, 257, 258
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids (uint16) of text, no special ids."""
+    data = text.encode() if isinstance(text, str) else text
+    return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+  def encode_documents(self, documents) -> list[np.ndarray]:
+    """encode() of each (name, bytes) document."""
+    return [self.encode(text) for _, text in documents]
+
+  def decode(self, ids) -> str:
+    """Text of token ids; special ids are dropped."""
+    return bytes(int(i) for i in ids if i < 256).decode('utf-8', errors='replace')
+
+
+class HuggingFaceTokenizer:
+  """A tokenizer.json (and the tokenizer_config.json beside it, if any) read with `tokenizers`."""
+
+  def __init__(self, path):
+    from tokenizers import Tokenizer  # Only where a tokenizer file is named.
+    self.path = pathlib.Path(path)
+    try:
+      self._tokenizer = Tokenizer.from_file(str(self.path))
+    except Exception as error:  # The Rust library raises plain Exceptions for unreadable files.
+      raise ConfigError(f'data.tokenizer={str(path)!r}: cannot read it as a tokenizer.json '
+                        f'({str(error).splitlines()[0][:200]}); give a Hugging Face '
+                        f'tokenizer.json, {BYTE!r} or {NONE!r}.') from None
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    config_path = self.path.parent / 'tokenizer_config.json'
+    special = _special_tokens(config_path)
+    self.eos_id = self._token_id(special.get('eos_token'))
+    if self.eos_id is None:
+      raise ConfigError(f'data.tokenizer={str(path)!r}: {config_path} names no eos_token in the '
+                        'vocabulary; documents are separated and generation stops with it.')
+    bos_id = self._token_id(special.get('bos_token'))
+    self.bos_id = self.eos_id if bos_id is None else bos_id
+    pad_id = self._token_id(special.get('pad_token'))
+    # A PAD that is also EOS or BOS (Qwen's) must not hide those targets from the loss.
+    self.pad_id = None if pad_id in (self.eos_id, self.bos_id) else pad_id
+
+  def _token_id(self, token) -> int | None:
+    return None if token is None else self._tokenizer.token_to_id(token)
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids (int32) of text, no special ids added."""
+    text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def encode_documents(self, documents) -> list[np.ndarray]:
+    """encode() of each (name, bytes) document, in parallel batches, with a progress bar."""
+    texts = [text.decode('utf-8', errors='replace') for _, text in documents]
+    ids = []
+    for start in tqdm(range(0, len(texts), _ENCODE_BATCH), desc='tokenize', unit='batch',
+                      file=sys.stdout, leave=False, disable=len(texts) <= _ENCODE_BATCH):
+      encodings = self._tokenizer.encode_batch(texts[start:start + _ENCODE_BATCH],
+                                               add_special_tokens=False)
+      ids.extend(np.asarray(encoding.ids, np.int32) for encoding in encodings)
+    return ids
+
+  def decode(self, ids) -> str:
+    """Text of token ids; special tokens are dropped."""
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _special_tokens(path: pathlib.Path) -> dict:
+  """{'bos_token': str | None, ...} from a tokenizer_config.json ({} when there is none)."""
+  if not path.exists():
+    return {}
+  try:
+    config = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ConfigError(f'{path} is not valid JSON ({error}).') from None
+  # A token is written as its text or as {"content": text, ...}.
+  return {key: value['content'] if isinstance(value, dict) else value
+          for key, value in config.items() if key in ('bos_token', 'eos_token', 'pad_token')}
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name: str) -> ByteTokenizer | HuggingFaceTokenizer | None:
+  """The tokenizer `config.data.tokenizer` names (None for 'none'); read once per process."""
+  if name == BYTE:
+    return ByteTokenizer()
+  if name == NONE:
+    return None
+  if not pathlib.Path(name).is_file():
+    raise ConfigError(f'data.tokenizer={name!r} is not a file; give {BYTE!r}, {NONE!r} or the '
+                      'path of a Hugging Face tokenizer.json.')
+  return HuggingFaceTokenizer(name)
+
+
+def pad_id(name: str) -> int | None:
+  """The id the loss ignores for the tokenizer `name` (None: every target counts)."""
+  tokenizer = load_tokenizer(name)
+  return None if tokenizer is None else tokenizer.pad_id
+
+
+def _gpt2_byte_chars() -> list[str]:
+  """The printable character that byte-level BPE (GPT-2's, the `tokenizers` ByteLevel
+  pre-tokenizer's) writes for each byte 0..255: printable Latin-1 bytes stand for themselves,
+  the others take the code points from 256 upwards in byte order."""
+  printable = set(range(ord('!'), ord('~') + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+  chars, extra = [], 0
+  for byte in range(256):
+    if byte in printable:
+      chars.append(chr(byte))
+    else:
+      chars.append(chr(256 + extra))
+      extra += 1
+  return chars
+
+
+def save_byte_tokenizer(directory) -> None:
+  """Writes the byte tokenizer as a Hugging Face tokenizer.json and tokenizer_config.json (byte
+  b is id b; <pad>, <s>, </s> are 256, 257, 258; encoding with special tokens puts <s> first),
+  so transformers, lm-evaluation-harness and vLLM tokenize text as this project does."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+  byte = ByteTokenizer()
+  chars = _gpt2_byte_chars()
+  # A BPE with the 256 byte characters and no merges reads every byte as its own token.
+  tokenizer = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(chars)}, merges=[]))
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  names = {byte.pad_id: '<pad>', byte.bos_id: '<s>', byte.eos_id: '</s>'}
+  tokenizer.add_special_tokens([AddedToken(names[i], special=True) for i in sorted(names)])
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single='<s> $A', special_tokens=[('<s>', byte.bos_id)])
+  directory = pathlib.Path(directory)
+  tokenizer.save(str(directory / 'tokenizer.json'))
+  (directory / 'tokenizer_config.json').write_text(json.dumps({
+      'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>', 'eos_token': '</s>',
+      'pad_token': '<pad>'}, indent=2))
