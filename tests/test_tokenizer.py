@@ -100,7 +100,7 @@ def test_start_up_checks_name_the_tokenizer(tmp_path):
   assert load_tokenizer('none') is None
   with pytest.raises(data.DataError, match="data.tokenizer='none': data.source='embedded' reads "
                                            'text'):
-    data.load_split(config.data, 'heldout')
+    data.load_split(config.data, 'heldout', config.model.vocab_size)
 
 
 def test_prepare_data_with_a_tokenizer(tmp_path):
@@ -118,8 +118,10 @@ def test_prepare_data_with_a_tokenizer(tmp_path):
   text = config_lib.base_config('tiny').data
   text.update(source='text_files', path=f'{tmp_path}/*.py', seq_len=8, heldout_fraction=0.3,
               tokenizer=path)
+  vocab_size = load_tokenizer(path).vocab_size
   for split in ('train', 'heldout'):
-    written, expected = data.load_split(records, split), data.load_split(text, split)
+    written = data.load_split(records, split, vocab_size)
+    expected = data.load_split(text, split, vocab_size)
     assert len(written) == len(expected) > 0
     np.testing.assert_array_equal(written[0], expected[0])
     assert written[0][0] == 1  # BOS: this tokenizer has none, so its EOS.
