@@ -14,10 +14,11 @@ of one attention layer's forward and backward pass per implementation and length
 import itertools
 import json
 
+import jax.numpy as jnp
 from absl import flags
 
 from experiments import cli, common
-from gated_attention import benchmark
+from gated_attention import aot, benchmark
 from gated_attention import config as config_lib
 
 _CONFIG = cli.define_config('configs/lm.py')
@@ -36,6 +37,10 @@ _TORCH_SCRIPT = flags.DEFINE_string('torch_script', '../shared/bench/torch_lm.py
                                     'The PyTorch reference script.')
 _MEMORY = flags.DEFINE_list('attention_memory', [], 'Sequence lengths: print the compiled memory '
                             'of one attention layer per implementation instead of timing steps.')
+_MEMORY_BATCH = flags.DEFINE_integer('memory_batch', 1, 'Sequences per device for '
+                                     '--attention_memory.', lower_bound=1)
+_TOPOLOGY = flags.DEFINE_string('topology', 'local', '--attention_memory: compile for this TPU '
+                                'topology (e.g. v5p:2x2x1) instead of one local device.')
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
 
 # The gates the PyTorch reference implements (G1 on the SDPA output).
@@ -93,18 +98,25 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
 def _attention_memory(config) -> None:
   impls = _ATTENTION.value or ['xla', 'dot_product', 'chunked']
   lengths = [int(length) for length in _MEMORY.value]
-  model = config.model
+  model, batch = config.model, _MEMORY_BATCH.value
+  devices = aot.topology_devices(_TOPOLOGY.value)
+  if _TOPOLOGY.value == 'local':
+    devices = devices[:1]
   table = {impl: {length: benchmark.attention_memory(impl, length, model.num_heads,
-                                                     model.head_dim)
+                                                     model.head_dim, batch, jnp.dtype(model.dtype),
+                                                     devices)
                   for length in lengths} for impl in impls}
   if _JSON.value:
     print(json.dumps(table, indent=2))
     return
-  print(f'one attention layer, forward and backward, batch 1, {model.num_heads} heads of '
-        f'{model.head_dim}, float32: compiled temporaries (MiB)')
+  print(f'one attention layer, forward and backward, {batch} sequence(s) per device, '
+        f'{model.num_heads} heads of {model.head_dim}, {model.dtype}, {len(devices)} x '
+        f'{devices[0].device_kind}: compiled temporaries per device (MiB)')
   print(f'{"length":>8} ' + ' '.join(f'{impl:>12}' for impl in impls))
   for length in lengths:
-    print(f'{length:>8} ' + ' '.join(f'{table[impl][length] / 2**20:>12.1f}' for impl in impls))
+    print(f'{length:>8} ' + ' '.join(
+        f'{"> device":>12}' if table[impl][length] is None else
+        f'{table[impl][length] / 2**20:>12.1f}' for impl in impls))
 
 
 def main(argv):

@@ -48,13 +48,26 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
 
 
 def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
-                     batch: int = 1, dtype=jnp.float32) -> int:
-  """Compiled temporary bytes of one attention layer's forward and backward pass (compiled,
-  never run: lengths far beyond this machine's memory are fine)."""
-  shape = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype)
+                     batch: int = 1, dtype=jnp.float32, devices=None) -> int | None:
+  """Compiled temporary bytes per device of one attention layer's forward and backward pass,
+  `batch` sequences per device (compiled, never run: lengths far beyond this machine's memory
+  are fine); None where the compiler finds it cannot fit a device. devices: those to compile
+  for, the batch split over them (default: one local device; `aot.topology_devices` gives a TPU
+  slice's)."""
+  devices = list(devices or jax.devices()[:1])
+  mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
+  shape = jax.ShapeDtypeStruct(
+      (batch * len(devices), length, heads, head_dim), dtype,
+      sharding=sharding_lib.named_sharding(mesh, ('batch', 'length', 'heads', 'head_dim')))
   loss = lambda q, k, v: jnp.sum(attention_lib.attention(q, k, v, impl).astype(jnp.float32))
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  return step.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+  with jax.set_mesh(mesh):
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    try:
+      return step.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+    except jax.errors.JaxRuntimeError as error:
+      if 'RESOURCE_EXHAUSTED' in str(error):
+        return None
+      raise
 
 
 def torch_reference(python: str, script: str, config, compile_mode: bool = False,
