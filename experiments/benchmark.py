@@ -130,7 +130,8 @@ def main(argv):
     for row in rows:
       row['result'] = benchmark.benchmark_train_step(_row_config(config, row), _STEPS.value,
                                                      _TRIALS.value)
-      print(f'  {row}: {row["result"]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
+      label = ' '.join(f'{axis}={value}' for axis, value in row.items() if axis != 'result')
+      print(f'  {label}: {row["result"]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
     for row in rows:  # Overhead against the ungated row with the same other settings.
       baseline = next((other['result'] for other in rows if other['gate'] == 'none' and all(
           other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
