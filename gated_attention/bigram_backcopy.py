@@ -29,6 +29,7 @@ import functools
 import numpy as np
 
 from gated_attention import data as data_lib
+from gated_attention.tokenizer import ByteTokenizer
 
 NUM_BYTES = 256
 EXAMPLES_PER_SPLIT = 2**48  # Endless in practice: every step reads sequences never seen before.
@@ -126,7 +127,7 @@ class BigramBackcopy:
   def __getitem__(self, index: int) -> np.ndarray:
     uniforms = np.random.default_rng([self.seed, self.stream, int(index)]).random(self.seq_len)
     uniforms = uniforms.tolist()
-    tokens = [data_lib.BOS_ID, bisect.bisect_right(self.first_token, uniforms[0])]
+    tokens = [ByteTokenizer.bos_id, bisect.bisect_right(self.first_token, uniforms[0])]
     for u in uniforms[1:]:
       current = tokens[-1]
       tokens.append(tokens[-2] if self.is_trigger[current]
@@ -134,7 +135,11 @@ class BigramBackcopy:
     return np.asarray(tokens, dtype=np.int32)
 
 
-def load_split(data_config, split: str) -> BigramBackcopy:
-  """The 'train' or 'heldout' BB source of `data_config` (data.source=bigram_backcopy)."""
+def load_split(data_config, split: str, vocab_size: int) -> BigramBackcopy:
+  """The 'train' or 'heldout' BB source of `data_config` (data.source=bigram_backcopy) for a
+  model of vocab_size ids, which must hold the byte tokenizer's BOS."""
+  if vocab_size <= ByteTokenizer.bos_id:
+    raise data_lib.DataError(f'model.vocab_size={vocab_size}: data.source=bigram_backcopy uses '
+                             f'byte ids and BOS {ByteTokenizer.bos_id}; it needs more ids.')
   return BigramBackcopy(chain_of(data_config), data_config.seq_len,
                         data_config.bigram_backcopy.seed, split)

@@ -149,7 +149,7 @@ def load_split(data_config, split: str, vocab_size: int):
                                'data.eval_path')
   if data_config.source == 'bigram_backcopy':
     from gated_attention import bigram_backcopy  # It builds on this module.
-    return bigram_backcopy.load_split(data_config, split)
+    return bigram_backcopy.load_split(data_config, split, vocab_size)
   tokenizer = load_tokenizer(data_config.tokenizer)
   if tokenizer is None:
     raise DataError(f'data.tokenizer={data_config.tokenizer!r}: data.source='

@@ -9,6 +9,9 @@ import pytest
 from gated_attention import bigram_backcopy as bb
 from gated_attention import config as config_lib
 from gated_attention import data
+from gated_attention.tokenizer import ByteTokenizer
+
+VOCAB_SIZE = 384  # base_config's.
 
 ALPHABET = b'abcdefgh'
 
@@ -42,7 +45,7 @@ def _examples(source, count, start=0) -> np.ndarray:
 def _check_rule(examples: np.ndarray, triggers) -> None:
   triggers = set(int(t) for t in triggers)
   assert examples.dtype == np.int32
-  assert (examples[:, 0] == data.BOS_ID).all()
+  assert (examples[:, 0] == ByteTokenizer.bos_id).all()
   assert (examples[:, 1:] < 256).all() and (examples[:, 1:] >= 0).all()
   assert not set(examples[:, 1].tolist()) & triggers
   for row in examples.tolist():
@@ -98,7 +101,7 @@ def test_sequences_follow_the_rule_and_the_bigram_chain(tmp_path):
   texts = _corpus(tmp_path)
   config = _data_config(tmp_path, num_triggers=2, seq_len=64)
   chain = bb.chain_of(config)
-  examples = _examples(data.load_split(config, 'train'), 600)
+  examples = _examples(data.load_split(config, 'train', VOCAB_SIZE), 600)
   _check_rule(examples, chain.triggers)
 
   # x_1 follows the unigram without the triggers.
@@ -122,7 +125,7 @@ def test_sequences_follow_the_rule_and_the_bigram_chain(tmp_path):
 def test_embedded_corpus_sequences_follow_the_rule():
   config = config_lib.base_config('tiny').data
   config.update(source='bigram_backcopy', seq_len=256)
-  source = data.load_split(config, 'train')
+  source = data.load_split(config, 'train', VOCAB_SIZE)
   examples = _examples(source, 50)
   assert examples.shape == (50, 257)
   _check_rule(examples, bb.chain_of(config).triggers)
@@ -134,11 +137,12 @@ def test_embedded_corpus_sequences_follow_the_rule():
 def test_examples_are_a_function_of_seed_split_and_index(tmp_path):
   _corpus(tmp_path)
   config = _data_config(tmp_path)
-  train, heldout = data.load_split(config, 'train'), data.load_split(config, 'heldout')
-  again = data.load_split(config, 'train')
+  train = data.load_split(config, 'train', VOCAB_SIZE)
+  heldout = data.load_split(config, 'heldout', VOCAB_SIZE)
+  again = data.load_split(config, 'train', VOCAB_SIZE)
   np.testing.assert_array_equal(train[12345], again[12345])
   assert not np.array_equal(train[0], train[1])
-  other_seed = data.load_split(_data_config(tmp_path, seed=1), 'train')
+  other_seed = data.load_split(_data_config(tmp_path, seed=1), 'train', VOCAB_SIZE)
   assert not np.array_equal(train[0], other_seed[0])
   as_set = lambda rows: set(map(tuple, rows.tolist()))
   assert not as_set(_examples(train, 300)) & as_set(_examples(heldout, 300))
@@ -146,7 +150,7 @@ def test_examples_are_a_function_of_seed_split_and_index(tmp_path):
 
 def test_training_batches_resume_exactly(tmp_path):
   _corpus(tmp_path)
-  source = data.load_split(_data_config(tmp_path, seq_len=16), 'train')
+  source = data.load_split(_data_config(tmp_path, seq_len=16), 'train', VOCAB_SIZE)
   make = lambda: iter(data.train_dataset(source, 4, seed=3, process_index=0, process_count=1))
   first = make()
   [next(first) for _ in range(3)]
@@ -163,7 +167,7 @@ def test_bad_trigger_counts_are_named(tmp_path):
   config.data = _data_config(tmp_path, num_triggers=8)
   config_lib.validate(config)  # 8 is a valid count of bytes; this corpus has only 8 distinct.
   with pytest.raises(data.DataError, match='data.bigram_backcopy.num_triggers=8'):
-    data.load_split(config.data, 'train')
+    data.load_split(config.data, 'train', VOCAB_SIZE)
   config.data.bigram_backcopy.num_triggers = 256
   with pytest.raises(config_lib.ConfigError, match='data.bigram_backcopy.num_triggers=256'):
     config_lib.validate(config)
