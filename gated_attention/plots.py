@@ -81,17 +81,19 @@ def eval_figures(result: dict, attention_map: np.ndarray, out_dir: pathlib.Path,
 
   kinds = [kind for kind in ('per_layer_head', 'trigger', 'non_trigger') if kind in first_token]
   heads = np.asarray(first_token['per_layer_head'])
-  figure, axes = plt.subplots(1, len(kinds), squeeze=False, figsize=(
-      (1.5 + 0.4 * heads.shape[1]) * len(kinds) + 1, 1.5 + 0.4 * heads.shape[0]))
+  figure, axes = plt.subplots(1, len(kinds), squeeze=False, layout='constrained', figsize=(
+      (1.5 + 0.4 * heads.shape[1]) * len(kinds) + 1, 2 + 0.4 * heads.shape[0]))
   for axis, kind in zip(axes[0], kinds):
     image = axis.imshow(np.asarray(first_token[kind]), vmin=0, vmax=1, cmap='viridis',
                         aspect='auto')
+    axis.set_xticks(range(heads.shape[1]))
+    axis.set_yticks(range(heads.shape[0]))
     axis.set_xlabel('head')
     axis.set_ylabel('layer')
-    axis.set_title({'per_layer_head': 'all queries'}.get(kind, kind.replace('_', '-') +
-                                                          ' queries'), fontsize=9)
+    axis.set_title('all queries' if kind == 'per_layer_head'
+                   else kind.replace('_', '-') + ' queries', fontsize=9)
   figure.colorbar(image, ax=axes[0].tolist())
-  figure.suptitle('first-token attention', fontsize=10)
+  figure.suptitle(f'{title}: first-token attention', fontsize=10)
   figure.savefig(prefix.with_name(prefix.name + '_first_token_attention_heads.png'), dpi=120)
   plt.close(figure)
 
