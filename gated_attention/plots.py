@@ -49,7 +49,7 @@ def attention_map_grid(rows: dict, path: pathlib.Path, title: str) -> None:
   [layers, heads, m, m], sink_scores [layers, heads])}, and per layer two panels, the mean over
   heads and the most sink-like head (the highest sink score)."""
   num_layers = max(maps.shape[0] for maps, _ in rows.values())
-  figure, axes = plt.subplots(len(rows), 2 * num_layers, squeeze=False,
+  figure, axes = plt.subplots(len(rows), 2 * num_layers, squeeze=False, layout='constrained',
                               figsize=(2.6 * 2 * num_layers, 2.6 * len(rows) + 0.6))
   for row, (label, (maps, scores)) in zip(axes, rows.items()):
     for layer in range(num_layers):
@@ -62,9 +62,10 @@ def attention_map_grid(rows: dict, path: pathlib.Path, title: str) -> None:
         axis.set_xticks([])
         axis.set_yticks([])
     row[0].set_ylabel(f'{label}\nquery', fontsize=8)
-  figure.suptitle(f'{title} (key across, query down; head in brackets: its first-token '
-                  'attention)', fontsize=9)
-  _save(figure, path)
+  figure.suptitle(f'{title}\nkey across, query down; in brackets: the head\'s first-token '
+                  'attention', fontsize=8)
+  figure.savefig(path, dpi=120)  # Constrained layout, not _save's tight_layout: the suptitle.
+  plt.close(figure)
 
 
 def eval_figures(result: dict, attention_map: np.ndarray, out_dir: pathlib.Path,
