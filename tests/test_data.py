@@ -126,7 +126,8 @@ def test_heldout_batches_are_in_order_and_bounded():
 def test_a_translated_position_continues_the_same_stream_of_examples():
   """After 6 batches of 4, a pipeline with batches of 6 (or 5) starts at example 24 (or 20) of the
   seeded order, which does not depend on the batch size."""
-  source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test')
+  source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test',
+                            tokenizer=BYTES)
   stream = np.concatenate(_batches(iter(data.train_dataset(source, 2, 3, 0, 1)), 20))
   old = iter(data.train_dataset(source, 4, 3, 0, 1))
   _batches(old, 6)
