@@ -20,7 +20,7 @@ SPLASH_BLOCK = 128  # The splash kernel's smallest block along the sequence.
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 MOE_IMPLS = ('capacity', 'ragged')
 DTYPES = ('float32', 'bfloat16', 'float16')
-DATA_SOURCES = ('embedded', 'text_files', 'array_record')
+DATA_SOURCES = ('embedded', 'text_files', 'array_record', 'bigram_backcopy')
 ON_NONFINITE = ('stop', 'skip')
 
 # Named gate variants: the paper's rows (Tables 1 and 4), reachable as `gate=NAME` in configs.
@@ -113,6 +113,11 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       source='embedded', path='', eval_path='', heldout_fraction=0.05,
       tokenizer='byte',  # 'byte', 'none', or a tokenizer.json (gated_attention/tokenizer.py).
       **SIZE_DATA[size]))
+  # data.source=bigram_backcopy: the synthetic task of gated_attention/bigram_backcopy.py.
+  config.data.bigram_backcopy = ml_collections.ConfigDict(dict(
+      num_triggers=3,  # The most frequent bytes; the token after one copies the token before it.
+      bigram_path='',  # Glob of text files whose byte bigrams drive the chain; '': embedded corpus.
+      seed=0))  # Seeds the sequences themselves; train.seed only orders them.
   config.train = ml_collections.ConfigDict(dict(
       steps=300, learning_rate=2e-3, warmup_steps=30, min_learning_rate=2e-4,
       weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0, seed=0, log_every=10,
@@ -245,8 +250,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   data = config.data
   _check_choice('data.source', data.source, DATA_SOURCES)
-  if data.source != 'embedded' and not data.path:
+  if data.source in ('text_files', 'array_record') and not data.path:
     raise ConfigError(f'data.path is empty; data.source={data.source!r} needs a file glob.')
+  if data.source == 'bigram_backcopy':
+    triggers = data.bigram_backcopy.num_triggers
+    if not 0 <= triggers < 256:
+      raise ConfigError(f'data.bigram_backcopy.num_triggers={triggers} must be in [0, 256): '
+                        'triggers are bytes, and the first token must not be one.')
   _check_positive('data.seq_len', data.seq_len)
   if model.attention_impl == 'splash' and data.seq_len % SPLASH_BLOCK:
     raise ConfigError(f'data.seq_len={data.seq_len}: model.attention_impl=splash needs a '

@@ -7,6 +7,8 @@ Sources (`config.data.source`):
   array_record  pre-tokenized examples for corpora too large to tokenize on the fly: each record
                 is seq_len + 1 little-endian int32 token ids (`experiments/prepare_data.py`
                 writes them). `data.path` is the training glob, `data.eval_path` the held-out one.
+  bigram_backcopy  the synthetic Bigram-Backcopy task, on which an attention sink forms in
+                minutes (`gated_attention/bigram_backcopy.py`, keys `data.bigram_backcopy.*`).
 
 For the text sources whole documents are assigned to the held-out split by a seeded permutation,
 so held-out text never appears in training. Each split is one stream of [document tokens, EOS]
@@ -145,6 +147,9 @@ def load_split(data_config, split: str, vocab_size: int):
       raise DataError('data.eval_path is empty; data.source=array_record needs a held-out glob.')
     return ArrayRecordExamples(data_config.eval_path, data_config.seq_len, vocab_size,
                                'data.eval_path')
+  if data_config.source == 'bigram_backcopy':
+    from gated_attention import bigram_backcopy  # It builds on this module.
+    return bigram_backcopy.load_split(data_config, split, vocab_size)
   tokenizer = load_tokenizer(data_config.tokenizer)
   if tokenizer is None:
     raise DataError(f'data.tokenizer={data_config.tokenizer!r}: data.source='

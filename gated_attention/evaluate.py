@@ -2,7 +2,15 @@
 
   loss, perplexity        over eval.batches held-out batches (the fast attention path);
   first_token_attention   attention probability on the first token (the attention sink), per
-                          layer and head, averaged over query positions 1.. and sequences;
+                          layer and head, averaged over query positions 1.. and sequences; on
+                          the Bigram-Backcopy task also split by query type: `trigger` (queries
+                          whose input token is a trigger, where a head must be active) and
+                          `non_trigger` (the rest, where a dormant head parks on the first token);
+  value_norm              |v| of the first token's value state against the mean of the others',
+                          per layer and KV head (a sink's value is small: Guo et al. 2024);
+  attention maps          query x key among the first 64 positions, per layer and head, saved as
+                          step_<N>_attention_maps.npy [layers, heads, m, m] (and drawn, mean over
+                          heads and the most sink-like head, in step_<N>_attention_maps.png);
   max_activation          per layer, the maximum |hidden state| of the residual stream after it;
   gate_score              mean gate score per layer and a histogram (gated models only).
 The measurements use the `xla` attention path on the first eval.analysis_batches batches; the
@@ -20,6 +28,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from gated_attention import bigram_backcopy
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import data as data_lib
@@ -30,31 +39,76 @@ from gated_attention.tokenizer import pad_id
 from gated_attention.train import check_batch, cross_entropy, global_batch, log
 
 
-def make_eval_step(graphdef, analysis: bool, pad_id: int | None):
+QUERY_KINDS = ('all', 'trigger', 'non_trigger')
+
+
+def query_triggers(data_config) -> np.ndarray | None:
+  """The trigger token ids of the Bigram-Backcopy task when data_config is that task, else None
+  (then first-token attention is reported over all queries only)."""
+  if data_config.source != 'bigram_backcopy':
+    return None
+  return bigram_backcopy.chain_of(data_config).triggers
+
+
+def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
   """eval_step(params, tokens) -> {'loss_sum', 'tokens'} (targets equal to pad_id, if any, not
   counted) plus, with analysis, per-layer stats:
-  first_token_attention [layers, heads] (mean over sequences and queries 1..: query 0 can
-  attend to nothing but the first token), max_activation, gate scores."""
+    first_token_attention_sum {kind: [layers, heads]}: attention on the first token summed over
+      the queries of each kind in QUERY_KINDS (`all`: queries 1..; query 0 can attend to nothing
+      but the first token; given `triggers` (token ids), `trigger`: those whose input token is
+      one, `non_trigger`: the others), and query_count {kind: scalar};
+    value_norm_first_token, value_norm_others [layers, kv_heads]: mean |v| of position 0 and of
+      positions 1..;
+    attention_map [layers, heads, m, m]: mean over the batch;
+    max_activation, gate scores (see ModelOutput)."""
   def eval_step(params, tokens):
     output = apply(graphdef, params, tokens[:, :-1], analysis=analysis)
     loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:], pad_id)
     stats = dict(output.stats)
     if analysis:
-      stats['first_token_attention'] = jnp.mean(stats['first_token_attention'][..., 1:],
-                                                 axis=(1, 3))
-      del stats['attention_map'], stats['value_norm']
+      queries = jnp.ones(tokens[:, :-1].shape, bool).at[:, 0].set(False)
+      masks = {'all': queries}
+      if triggers is not None:
+        is_trigger = jnp.isin(tokens[:, :-1], jnp.asarray(triggers))
+        masks.update(trigger=queries & is_trigger, non_trigger=queries & ~is_trigger)
+      first_token = stats.pop('first_token_attention')  # [layers, batch, heads, length]
+      stats['first_token_attention_sum'] = {
+          kind: jnp.einsum('lbht,bt->lh', first_token, mask.astype(first_token.dtype))
+          for kind, mask in masks.items()}
+      stats['query_count'] = {kind: jnp.sum(mask) for kind, mask in masks.items()}
+      value_norm = stats.pop('value_norm')  # [layers, batch, length, kv_heads]
+      stats['value_norm_first_token'] = jnp.mean(value_norm[:, :, 0], axis=1)
+      stats['value_norm_others'] = jnp.mean(value_norm[:, :, 1:], axis=(1, 2))
     return {'loss_sum': loss_sum, 'tokens': num_tokens, **stats}
   return eval_step
 
 
+def sink_scores(first_token_attention: dict) -> np.ndarray:
+  """[layers, heads]: the first-token attention that tells a sink, from a summarized
+  first_token_attention: of non-trigger queries where the data has triggers, else of all."""
+  return np.asarray(first_token_attention.get('non_trigger',
+                                              first_token_attention['per_layer_head']))
+
+
 def summarize_measurements(per_batch: list[dict], activation: str | None) -> dict:
-  """Combines per-batch stats (equal-sized batches) into the paper's measurements."""
-  first_token = np.mean([b['first_token_attention'] for b in per_batch], axis=0)  # [layers, heads]
+  """Combines per-batch stats (equal-sized batches) into the paper's measurements:
+  first_token_attention {mean, per_layer, per_layer_head: over all queries; trigger, non_trigger
+  [layers][heads] where the batches were split by query type}, value_norm {first_token, others
+  [layers][kv_heads]}, max_activation, gate_score."""
+  sums = {kind: np.sum([b['first_token_attention_sum'][kind] for b in per_batch], axis=0)
+          for kind in per_batch[0]['first_token_attention_sum']}
+  counts = {kind: np.sum([b['query_count'][kind] for b in per_batch]) for kind in sums}
+  by_kind = {kind: sums[kind] / max(counts[kind], 1) for kind in sums}  # [layers, heads]
+  first_token = by_kind.pop('all')
   layer_max = np.max([b['max_activation'] for b in per_batch], axis=0)
   result = {
       'first_token_attention': {'mean': float(first_token.mean()),
                                 'per_layer': first_token.mean(axis=1).tolist(),
-                                'per_layer_head': first_token.tolist()},
+                                'per_layer_head': first_token.tolist(),
+                                **{kind: values.tolist() for kind, values in by_kind.items()}},
+      'value_norm': {
+          'first_token': np.mean([b['value_norm_first_token'] for b in per_batch], 0).tolist(),
+          'others': np.mean([b['value_norm_others'] for b in per_batch], 0).tolist()},
       'max_activation': {'mean_of_layer_max': float(layer_max.mean()),
                          'per_layer': layer_max.tolist()},
       'gate_score': None,
@@ -90,57 +144,87 @@ def load_params(workdir, config, mesh, step: int | None = None):
   return graphdef, params, step
 
 
+def _read_config(checkpointer, step: int, mesh_config=None, batches: int | None = None,
+                 analysis_batches: int | None = None):
+  """(config, mesh): the config saved with checkpoint `step`, with the overrides given."""
+  config = ml_collections.ConfigDict(checkpointer.saved_config(step))
+  if mesh_config is not None:
+    config.mesh = mesh_config
+  if batches is not None:
+    config.eval.batches = batches
+  if analysis_batches is not None:
+    config.eval.analysis_batches = analysis_batches
+  config_lib.validate(config)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  check_batch(config, mesh)
+  return config, mesh
+
+
+class _Evaluator:
+  """The held-out batches of a config run through its eval steps, compiled once for every
+  checkpoint evaluated with it."""
+
+  def __init__(self, config, mesh, graphdef, params):
+    self.config, self.mesh = config, mesh
+    self.source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
+    self.batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    triggers = query_triggers(config.data)
+    self.steps = {
+        analysis: jax.jit(make_eval_step(graphdef, analysis, pad_id(config.data.tokenizer),
+                                         triggers),
+                          in_shardings=(shardings, self.batch_sharding))
+        for analysis in (False, True)}
+
+  def __call__(self, params, step: int, progress: bool = True) -> dict:
+    """The result dict of `evaluate` for these parameters (of checkpoint `step`), and the mean
+    attention maps [layers, heads, m, m] under the key 'attention_map' (a NumPy array)."""
+    config = self.config
+    loss_sum, num_tokens, measured = 0.0, 0, []
+    with jax.set_mesh(self.mesh):
+      batches = data_lib.heldout_batches(self.source, config.eval.batch_size, config.eval.batches,
+                                         jax.process_index(), jax.process_count())
+      for index, local in enumerate(tqdm(batches, desc='eval', unit='batch', file=sys.stdout,
+                                         total=config.eval.batches,
+                                         disable=not progress or jax.process_index() != 0)):
+        analysis = index < config.eval.analysis_batches
+        out = jax.device_get(self.steps[analysis](params,
+                                                  global_batch(local, self.batch_sharding)))
+        loss_sum += float(out['loss_sum'])
+        num_tokens += int(out['tokens'])
+        if analysis:
+          measured.append(out)
+    loss = loss_sum / num_tokens
+    gated = config_lib.canonical_gate_position(config.model.gate.position) != 'none'
+    return {'step': step, 'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': num_tokens,
+            'analysis_sequences': len(measured) * config.eval.batch_size,
+            **summarize_measurements(measured, config.model.gate.activation if gated else None),
+            'attention_map': np.mean([b['attention_map'] for b in measured], axis=0)}
+
+
 def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | None = None,
              figures: bool = True) -> dict:
   """Evaluates step `step` (default: the latest complete one, even while its run trains on) of
   the run in workdir, with the config saved in that step; prints the result, then writes
-  WORKDIR/eval/step_<N>.json (and PNG figures) and returns the same dict."""
+  WORKDIR/eval/step_<N>.json, step_<N>_attention_maps.npy (and PNG figures) and returns the
+  JSON's dict."""
   workdir = pathlib.Path(workdir)
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
 
   def read(at: int):
-    config = ml_collections.ConfigDict(checkpointer.saved_config(at))
-    if mesh_config is not None:
-      config.mesh = mesh_config
-    if batches is not None:
-      config.eval.batches = batches
-    config_lib.validate(config)
-    mesh = sharding_lib.make_mesh(config.mesh)
-    check_batch(config, mesh)
+    config, mesh = _read_config(checkpointer, at, mesh_config, batches)
     return (config, mesh, *_restore_params(checkpointer, config, mesh, at), at)
 
   config, mesh, graphdef, params, step = (
       checkpointer.read_latest(read) if step is None else read(step))
   checkpointer.close()
-  shardings = jax.tree.map(lambda p: p.sharding, params)
-
-  source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
-  batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
-  steps = {analysis: jax.jit(make_eval_step(graphdef, analysis, pad_id(config.data.tokenizer)),
-                             in_shardings=(shardings, batch_sharding))
-           for analysis in (False, True)}
-  loss_sum, num_tokens, measured = 0.0, 0, []
-  with jax.set_mesh(mesh):
-    batches = data_lib.heldout_batches(source, config.eval.batch_size, config.eval.batches,
-                                       jax.process_index(), jax.process_count())
-    for index, local in enumerate(tqdm(batches, desc='eval', unit='batch', file=sys.stdout,
-                                       total=config.eval.batches,
-                                       disable=jax.process_index() != 0)):
-      analysis = index < config.eval.analysis_batches
-      out = jax.device_get(steps[analysis](params, global_batch(local, batch_sharding)))
-      loss_sum += float(out['loss_sum'])
-      num_tokens += int(out['tokens'])
-      if analysis:
-        measured.append(out)
-
-  loss = loss_sum / num_tokens
-  gated = config_lib.canonical_gate_position(config.model.gate.position) != 'none'
-  result = {'step': step, 'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': num_tokens,
-            'analysis_sequences': len(measured) * config.eval.batch_size,
-            **summarize_measurements(measured, config.model.gate.activation if gated else None)}
-  log(f'step {step}: held-out loss {loss:.4f}, perplexity {result["perplexity"]:.3f} over '
-      f'{num_tokens:,} tokens; first-token attention '
-      f'{result["first_token_attention"]["mean"]:.3f}; '
+  result = _Evaluator(config, mesh, graphdef, params)(params, step)
+  attention_map = result.pop('attention_map')
+  first_token = result['first_token_attention']
+  split = (f' (non-trigger queries: max head {np.max(first_token["non_trigger"]):.3f})'
+           if 'non_trigger' in first_token else '')
+  log(f'step {step}: held-out loss {result["loss"]:.4f}, perplexity {result["perplexity"]:.3f} '
+      f'over {result["tokens"]:,} tokens; first-token attention {first_token["mean"]:.3f}{split}; '
       f'mean max activation {result["max_activation"]["mean_of_layer_max"]:.1f}'
       + (f'; gate score {result["gate_score"]["mean"]:.3f}' if result['gate_score'] else ''))
   if jax.process_index() == 0:
@@ -148,11 +232,30 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
     try:
       out_dir.mkdir(exist_ok=True)
       (out_dir / f'step_{step}.json').write_text(json.dumps(result, indent=2))
+      np.save(out_dir / f'step_{step}_attention_maps.npy', attention_map)
       if figures:
         from gated_attention import plots  # matplotlib only where figures are drawn.
-        plots.eval_figures(result, out_dir, title=f'{workdir.name} step {step}')
+        plots.eval_figures(result, attention_map, out_dir, title=f'{workdir.name} step {step}')
     except OSError as error:
       raise checkpoint_lib.CheckpointError(
           f'Cannot write the result to {out_dir} ({error.strerror}); it is printed above.'
       ) from None
   return result
+
+
+def first_token_attention_by_step(workdir, batches: int) -> dict[int, dict]:
+  """{step: first_token_attention (as in `evaluate`'s result)} for every checkpoint kept in
+  workdir, each measured on the first `batches` held-out batches with one compiled step: how the
+  sink forms during training. Prints one progress line per checkpoint."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  steps = sorted(checkpointer.manager.all_steps())
+  config, mesh = _read_config(checkpointer, steps[-1], batches=batches, analysis_batches=batches)
+  measured, evaluator = {}, None
+  for step in steps:
+    graphdef, params = _restore_params(checkpointer, config, mesh, step)
+    evaluator = evaluator or _Evaluator(config, mesh, graphdef, params)
+    measured[step] = evaluator(params, step, progress=False)['first_token_attention']
+    log(f'  step {step}: first-token attention, most sink-like head '
+        f'{sink_scores(measured[step]).max():.3f}')
+  checkpointer.close()
+  return measured

@@ -24,23 +24,82 @@ def _per_layer_bars(values, ylabel: str, title: str, path: pathlib.Path) -> None
   _save(figure, path)
 
 
-def eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
-  """first_token_attention per layer and per layer x head, max_activation per layer, and the gate
+def _line_plot(series: dict, xlabel: str, ylabel: str, title: str, path: pathlib.Path,
+               log_scale: bool = False, threshold: float | None = None) -> None:
+  """One line per {label: [[x, y], ...]} (empty series skipped); an optional dashed threshold."""
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  axis.set_prop_cycle(color=plt.cm.tab20.colors)  # Enough distinct colours for many runs.
+  for label, points in series.items():
+    if points:
+      xs, ys = zip(*points)
+      axis.plot(xs, ys, label=label, linewidth=1)
+  if threshold is not None:
+    axis.axhline(threshold, color='grey', linestyle='--', linewidth=0.8)
+  axis.set_xlabel(xlabel)
+  axis.set_ylabel(ylabel)
+  if log_scale:
+    axis.set_yscale('log')
+  axis.legend(fontsize=7)
+  axis.set_title(title)
+  _save(figure, path)
+
+
+def attention_map_grid(rows: dict, path: pathlib.Path, title: str) -> None:
+  """Attention maps (query x key, white = 1) side by side: one row per {label: (attention_map
+  [layers, heads, m, m], sink_scores [layers, heads])}, and per layer two panels, the mean over
+  heads and the most sink-like head (the highest sink score)."""
+  num_layers = max(maps.shape[0] for maps, _ in rows.values())
+  figure, axes = plt.subplots(len(rows), 2 * num_layers, squeeze=False, layout='constrained',
+                              figsize=(2.6 * 2 * num_layers, 2.6 * len(rows) + 0.6))
+  for row, (label, (maps, scores)) in zip(axes, rows.items()):
+    for layer in range(num_layers):
+      head = int(np.argmax(scores[layer]))
+      panels = ((maps[layer].mean(axis=0), f'L{layer} mean of heads'),
+                (maps[layer, head], f'L{layer} head {head} ({scores[layer][head]:.2f})'))
+      for axis, (image, name) in zip(row[2 * layer:], panels):
+        axis.imshow(image, vmin=0, vmax=1, cmap='gray_r')
+        axis.set_title(name, fontsize=8)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    row[0].set_ylabel(f'{label}\nquery', fontsize=8)
+  figure.suptitle(f'{title}\nkey across, query down; in brackets: the head\'s first-token '
+                  'attention', fontsize=8)
+  figure.savefig(path, dpi=120)  # Constrained layout, not _save's tight_layout: the suptitle.
+  plt.close(figure)
+
+
+def eval_figures(result: dict, attention_map: np.ndarray, out_dir: pathlib.Path,
+                 title: str) -> None:
+  """first_token_attention per layer and per layer x head (and per query type where the data has
+  triggers), max_activation per layer, the attention maps (`attention_map_grid`) and the gate
   score histogram, as PNGs named after the step in out_dir."""
+  from gated_attention.evaluate import sink_scores  # Not at import: evaluate imports jax.
   prefix = out_dir / f'step_{result["step"]}'
   first_token = result['first_token_attention']
   _per_layer_bars(first_token['per_layer'], 'attention on first token',
                   f'{title}: first-token attention (mean {first_token["mean"]:.3f})',
                   prefix.with_name(prefix.name + '_first_token_attention.png'))
 
+  kinds = [kind for kind in ('per_layer_head', 'trigger', 'non_trigger') if kind in first_token]
   heads = np.asarray(first_token['per_layer_head'])
-  figure, axis = plt.subplots(figsize=(1.5 + 0.4 * heads.shape[1], 1.5 + 0.4 * heads.shape[0]))
-  image = axis.imshow(heads, vmin=0, vmax=1, cmap='viridis', aspect='auto')
-  axis.set_xlabel('head')
-  axis.set_ylabel('layer')
-  axis.set_title('first-token attention')
-  figure.colorbar(image, ax=axis)
-  _save(figure, prefix.with_name(prefix.name + '_first_token_attention_heads.png'))
+  figure, axes = plt.subplots(1, len(kinds), squeeze=False, layout='constrained', figsize=(
+      (1.5 + 0.4 * heads.shape[1]) * len(kinds) + 1, 2 + 0.4 * heads.shape[0]))
+  for axis, kind in zip(axes[0], kinds):
+    image = axis.imshow(np.asarray(first_token[kind]), vmin=0, vmax=1, cmap='viridis',
+                        aspect='auto')
+    axis.set_xticks(range(heads.shape[1]))
+    axis.set_yticks(range(heads.shape[0]))
+    axis.set_xlabel('head')
+    axis.set_ylabel('layer')
+    axis.set_title('all queries' if kind == 'per_layer_head'
+                   else kind.replace('_', '-') + ' queries', fontsize=9)
+  figure.colorbar(image, ax=axes[0].tolist())
+  figure.suptitle(f'{title}: first-token attention', fontsize=10)
+  figure.savefig(prefix.with_name(prefix.name + '_first_token_attention_heads.png'), dpi=120)
+  plt.close(figure)
+
+  attention_map_grid({title: (attention_map, sink_scores(first_token))},
+                     prefix.with_name(prefix.name + '_attention_maps.png'), 'attention maps')
 
   activation = result['max_activation']
   _per_layer_bars(activation['per_layer'], 'max |hidden state|',
@@ -60,29 +119,16 @@ def eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
 
 def ablation_figures(results: dict, out_dir: pathlib.Path) -> None:
   """loss_curves.png (every run's training loss) and first_token_attention.png (per layer)."""
-  colors = plt.cm.tab20.colors  # Enough distinct colours for the paper's eleven rows.
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  axis.set_prop_cycle(color=colors)
-  for name, row in results.items():
-    if row['loss_curve']:
-      steps, losses = zip(*row['loss_curve'])
-      axis.plot(steps, losses, label=name, linewidth=1)
-  axis.set_xlabel('step')
-  axis.set_ylabel('training loss')
-  axis.set_yscale('log')
-  axis.legend(fontsize=7)
-  axis.set_title('training loss')
-  _save(figure, out_dir / 'loss_curves.png')
+  _line_plot({name: row['loss_curve'] for name, row in results.items()}, 'step',
+             'training loss', 'training loss', out_dir / 'loss_curves.png', log_scale=True)
+  _line_plot({name: list(enumerate(row['eval']['first_token_attention']['per_layer']))
+              for name, row in results.items() if row.get('eval')},
+             'layer', 'attention on first token', 'first-token attention per layer',
+             out_dir / 'first_token_attention.png')
 
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  axis.set_prop_cycle(color=colors)
-  for name, row in results.items():
-    if row.get('eval'):
-      per_layer = row['eval']['first_token_attention']['per_layer']
-      axis.plot(range(len(per_layer)), per_layer, marker='o', label=name, linewidth=1)
-      axis.set_xticks(range(len(per_layer)))
-  axis.set_xlabel('layer')
-  axis.set_ylabel('attention on first token')
-  axis.legend(fontsize=7)
-  axis.set_title('first-token attention per layer')
-  _save(figure, out_dir / 'first_token_attention.png')
+
+def sink_curves(curves: dict, path: pathlib.Path, threshold: float) -> None:
+  """sink.png: the most sink-like head's first-token attention (non-trigger queries) against
+  the training step, one line per {run: [[step, value], ...]}."""
+  _line_plot(curves, 'step', 'first-token attention (non-trigger queries, max head)',
+             'attention sink during training', path, threshold=threshold)

@@ -16,9 +16,9 @@ from gated_attention.train import train
 from tests import helpers
 
 
-def _measure(model, tokens):
+def _measure(model, tokens, triggers=None):
   graphdef, params = nnx.split(model)
-  out = make_eval_step(graphdef, analysis=True, pad_id=ByteTokenizer.pad_id)(
+  out = make_eval_step(graphdef, analysis=True, pad_id=ByteTokenizer.pad_id, triggers=triggers)(
       nnx.to_pure_dict(params), tokens)
   gate = model.blocks[0].attention.gate
   activation = gate.activation if gate.enabled else None
@@ -41,6 +41,47 @@ def test_first_token_attention_of_uniform_attention():
   expected = np.mean([1 / (i + 1) for i in range(1, 10)])  # Queries 1..9; query 0 is excluded.
   np.testing.assert_allclose(measured['per_layer_head'], expected, rtol=1e-5)
   np.testing.assert_allclose(measured['mean'], expected, rtol=1e-5)
+
+
+def test_first_token_attention_split_by_query_type():
+  """With uniform attention (zero query weights) query i puts 1 / (i + 1) on the first token, so
+  each query type's mean is the mean of 1 / (i + 1) over the positions i >= 1 whose input token
+  is (or is not) a trigger."""
+  model = helpers.transformer(helpers.model_config('none'))
+  _set_all(model, ('attention', 'wq'), jnp.zeros_like)
+  tokens = helpers.random_tokens(4, batch=3, length=21, vocab=6)
+  triggers = np.array([1, 4])
+  measured = _measure(model, tokens, triggers)['first_token_attention']
+  inputs = np.asarray(tokens)[:, :-1]
+  expected = {}
+  for kind, wanted in (('trigger', True), ('non_trigger', False)):
+    values = [1 / (i + 1) for row in inputs for i in range(1, len(row))
+              if (row[i] in triggers) == wanted]
+    expected[kind] = np.mean(values)
+  cfg = model.blocks[0].attention
+  shape = (len(model.blocks), cfg.wq.shape[1])
+  for kind in ('trigger', 'non_trigger'):
+    np.testing.assert_allclose(measured[kind], np.full(shape, expected[kind]), rtol=1e-5)
+  assert expected['trigger'] != pytest.approx(expected['non_trigger'])  # The split has power.
+  # Without triggers there is no split, only all queries.
+  assert not {'trigger', 'non_trigger'} & set(_measure(model, tokens)['first_token_attention'])
+
+
+def test_value_norm_of_the_first_token_and_the_others():
+  """value_norm is |v| = |RMSNorm(embedding) @ W_v| per KV head, at position 0 and averaged
+  over the others, computed here in NumPy for the first layer (its input is the embedding)."""
+  cfg = helpers.model_config('none')
+  model = helpers.transformer(cfg)
+  tokens = helpers.random_tokens(5, batch=2, length=9)
+  measured = _measure(model, tokens)['value_norm']
+  x = np.asarray(model.embedding[...])[np.asarray(tokens)[:, :-1]]
+  block = model.blocks[0]
+  x = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + cfg.norm_eps)
+  x = x * np.asarray(block.attention_norm.scale[...])
+  v = np.einsum('bte,ekd->btkd', x, np.asarray(block.attention.wv[...]))
+  norms = np.linalg.norm(v, axis=-1)  # [batch, length, kv_heads]
+  np.testing.assert_allclose(measured['first_token'][0], norms[:, 0].mean(0), rtol=1e-4)
+  np.testing.assert_allclose(measured['others'][0], norms[:, 1:].mean((0, 1)), rtol=1e-4)
 
 
 def test_max_activation_of_a_residual_stream_that_carries_only_embeddings():
@@ -76,10 +117,19 @@ def test_baseline_has_no_gate_score():
 
 
 def test_measurements_combine_batches():
-  batch = lambda fta, act: {'first_token_attention': np.full((2, 3), fta),
-                            'max_activation': np.array([act, 2 * act])}
-  combined = summarize_measurements([batch(0.2, 1.0), batch(0.4, 5.0)], None)
+  """Query types combine by query counts across batches, not by batch means."""
+  def batch(fta, trigger_queries, act):
+    return {'first_token_attention_sum': {'all': np.full((2, 3), fta * 10),
+                                          'trigger': np.full((2, 3), fta * trigger_queries),
+                                          'non_trigger': np.full((2, 3), 0.0)},
+            'query_count': {'all': 10, 'trigger': trigger_queries,
+                            'non_trigger': 10 - trigger_queries},
+            'value_norm_first_token': np.ones((2, 1)), 'value_norm_others': np.ones((2, 1)),
+            'max_activation': np.array([act, 2 * act])}
+  combined = summarize_measurements([batch(0.2, 1, 1.0), batch(0.4, 3, 5.0)], None)
   np.testing.assert_allclose(combined['first_token_attention']['mean'], 0.3)
+  np.testing.assert_allclose(combined['first_token_attention']['trigger'], (0.2 + 1.2) / 4)
+  np.testing.assert_allclose(combined['first_token_attention']['non_trigger'], 0.0)
   assert combined['max_activation']['per_layer'] == [5.0, 10.0]
   assert combined['max_activation']['mean_of_layer_max'] == 7.5
 
@@ -95,9 +145,15 @@ def test_eval_command_writes_json_and_figures(tmp_path):
   np.testing.assert_allclose(saved['perplexity'], np.exp(saved['loss']))
   assert len(saved['first_token_attention']['per_layer']) == config.model.num_layers
   assert 0 < saved['gate_score']['mean'] < 1
+  assert not {'trigger', 'non_trigger'} & set(saved['first_token_attention'])  # No triggers.
   pictures = sorted(p.name for p in (tmp_path / 'eval').glob('*.png'))
-  assert pictures == ['step_4_first_token_attention.png', 'step_4_first_token_attention_heads.png',
-                      'step_4_gate_score_histogram.png', 'step_4_max_activation.png']
+  assert pictures == ['step_4_attention_maps.png', 'step_4_first_token_attention.png',
+                      'step_4_first_token_attention_heads.png', 'step_4_gate_score_histogram.png',
+                      'step_4_max_activation.png']
+  maps = np.load(tmp_path / 'eval' / 'step_4_attention_maps.npy')
+  assert maps.shape == (config.model.num_layers, config.model.num_heads, config.data.seq_len,
+                        config.data.seq_len)
+  np.testing.assert_allclose(maps.sum(-1), 1, rtol=1e-5)  # Rows of attention are distributions.
 
 
 def test_eval_reads_the_new_latest_checkpoint_when_one_is_rotated_away(tmp_path, monkeypatch):
