@@ -1,5 +1,6 @@
 """Training end to end on the embedded corpus: learning, exact resume, determinism, errors."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
+from gated_attention import config as config_lib
 from gated_attention import state as state_lib
 from gated_attention.aot import CompileError
 from gated_attention.config import ConfigError
@@ -181,3 +183,97 @@ def test_weight_decay_falls_on_the_same_parameters_whether_layers_are_scanned_or
       == jax.tree.leaves(masks[True])
   assert not masks[True]['layers']['attention_norm']['scale']
   assert masks[True]['layers']['attention']['wq']
+
+
+def _initial_state(config):
+  """The train state a new run of `config` starts from (its phases 3 and 4, nothing compiled
+  for training)."""
+  from gated_attention import sharding as sharding_lib
+  from gated_attention.train import initialize_from_run, setup_train_state
+  setup = setup_train_state(config, sharding_lib.make_mesh(config.mesh))
+  state, plan = initialize_from_run(config, setup)
+  return jax.tree.map(np.asarray, state), plan
+
+
+def _unrolled(params, scan_layers: bool):
+  return state_lib.convert_layers(params, False) if scan_layers else params
+
+
+@pytest.fixture(scope='module')
+def baseline_run(tmp_path_factory):
+  """A 2-step ungated run with scanned layers: the source of the init_from tests."""
+  workdir = tmp_path_factory.mktemp('source')
+  config = helpers.run_config(steps=2, gate='none', checkpoint_every=2)
+  config.model.scan_layers = True
+  train(config, workdir)
+  return workdir, _unrolled(helpers.final_params(workdir, config), True)
+
+
+def test_init_from_with_a_changed_length_rope_and_schedule_starts_from_the_source_params(
+    baseline_run, tmp_path):
+  source_dir, source = baseline_run
+  config = helpers.run_config(steps=3, gate='none', learning_rate=1e-3,
+                              init_from=f'{source_dir}:2')
+  config.data.seq_len = 64
+  config.model.update(rope_theta=1e5, rope_scaling=dict(type='yarn', factor=2.0,
+                                                        original_max_position=32))
+  state, plan = _initial_state(config)  # Unrolled here, scanned in the source.
+  helpers.assert_same_params(state['params'], source)
+  assert plan.whole and len(plan.loaded) == len(jax.tree.leaves(source))
+  assert int(state['step']) == 0
+  assert all(not np.any(moment) for moment in jax.tree.leaves(state['opt_state'])
+             if moment.ndim)  # A fresh optimizer: zero moments.
+
+  train(config, tmp_path)  # End to end: trains on, and the start is recorded.
+  history = [json.loads(line) for line in (tmp_path / 'history.jsonl').read_text().splitlines()]
+  assert history[0]['init_from']['directory'] == str(source_dir.absolute())
+  assert history[0]['init_from']['step'] == 2
+  assert history[0]['changes']['data.seq_len'] == [32, 64]
+  assert history[0]['changes']['model.rope_theta'] == [10_000.0, 1e5]
+
+
+def test_init_from_adding_a_g1_gate_loads_everything_else_exactly(baseline_run):
+  source_dir, source = baseline_run
+  config = helpers.run_config(steps=2, gate='g1_elementwise', init_from=str(source_dir))
+  state, plan = _initial_state(config)
+  fresh = jax.tree.map(np.asarray, state_lib.init_params(config.model, config.train.seed, None))
+  head_dim = config.model.head_dim
+  for path, value in jax.tree_util.tree_leaves_with_path(state['params']):
+    keys = tuple(key.key for key in path)
+    want, init = source, fresh
+    for key in keys:
+      want, init = want[key], init[key]
+    if keys[-1] == 'wq':  # [embed, heads, head_dim + gate]: the query columns are the source's.
+      np.testing.assert_array_equal(value[..., :head_dim], want)
+      np.testing.assert_array_equal(value[..., head_dim:], init[..., head_dim:])
+    else:
+      np.testing.assert_array_equal(value, want)
+  assert plan.describe().endswith('gate columns initialised: blocks/*/attention/wq')
+  assert not plan.initialised and not plan.dropped
+
+
+def test_init_from_refuses_a_changed_parameter_shape_before_compiling(baseline_run, tmp_path):
+  source_dir, _ = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=str(source_dir))
+  config.model.d_model = 64
+  with pytest.raises(ConfigError, match=r"train.init_from='.*': parameter blocks/0/attention/wk "
+                                        r'has shape \[32, 2, 8\] in .* step 2 but \[64, 2, 8\] in '
+                                        r'this config \(model keys that differ: model.d_model: 32 '
+                                        r'-> 64\)'):
+    train(config, tmp_path)
+  assert not any((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
+def test_init_from_optimizer_loads_the_source_moments_only_when_every_parameter_matches(
+    baseline_run):
+  source_dir, source = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=str(source_dir),
+                              init_from_optimizer=True, learning_rate=1e-3)
+  state, _ = _initial_state(config)
+  helpers.assert_same_params(state['params'], source)
+  assert int(state['step']) == 0
+  assert any(np.any(moment) for moment in jax.tree.leaves(state['opt_state']) if moment.ndim)
+  config.model.gate = config_lib.gate_config('g1_elementwise')
+  with pytest.raises(ConfigError, match='train.init_from_optimizer=True needs every parameter '
+                                        'loaded whole'):
+    _initial_state(config)
