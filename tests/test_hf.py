@@ -294,7 +294,8 @@ def test_rope_scaling_is_imported_and_exported_back(rope, expected):
     (dict(QWEN3, rope_parameters=dict(rope_type='llama3', factor=4.0, rope_theta=1e4)),
      "rope_parameters.rope_type='llama3' is not supported: the RoPE types implemented are "
      "\\['default', 'linear', 'yarn'\\]"),
-    (dict(QWEN3, rope_scaling=dict(type='dynamic', factor=2.0)), "rope_scaling.rope_type='dynamic'"),
+    (dict(QWEN3, rope_scaling=dict(type='dynamic', factor=2.0)),
+     "rope_scaling.rope_type='dynamic'"),
     (dict(QWEN3, partial_rotary_factor=0.5), 'partial_rotary_factor=0.5'),
     (dict(QWEN3, hidden_act='gelu'), "hidden_act='gelu'"),
     (dict(QWEN3, elementwise_attn_output_gate=True, headwise_attn_output_gate=True),

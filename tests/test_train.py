@@ -12,13 +12,15 @@ from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
+from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention.aot import CompileError
 from gated_attention.config import ConfigError
 from gated_attention.data import DataError
 from gated_attention.metrics import read_metrics
 from gated_attention.optimizer import weight_decay_mask
-from gated_attention.train import TrainingError, is_loss_spike, train
+from gated_attention.train import (TrainingError, initialize_from_run, is_loss_spike,
+                                   setup_train_state, train)
 from tests import helpers
 
 LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'step_time_s', 'mfu',
@@ -188,8 +190,6 @@ def test_weight_decay_falls_on_the_same_parameters_whether_layers_are_scanned_or
 def _initial_state(config):
   """The train state a new run of `config` starts from (its phases 3 and 4, nothing compiled
   for training)."""
-  from gated_attention import sharding as sharding_lib
-  from gated_attention.train import initialize_from_run, setup_train_state
   setup = setup_train_state(config, sharding_lib.make_mesh(config.mesh))
   state, plan = initialize_from_run(config, setup)
   return jax.tree.map(np.asarray, state), plan
@@ -276,4 +276,22 @@ def test_init_from_optimizer_loads_the_source_moments_only_when_every_parameter_
   config.model.gate = config_lib.gate_config('g1_elementwise')
   with pytest.raises(ConfigError, match='train.init_from_optimizer=True needs every parameter '
                                         'loaded whole'):
+    _initial_state(config)
+
+
+def test_init_from_an_imported_model_loads_its_parameters_but_has_no_optimizer(tmp_path):
+  """A parameters-only checkpoint (what import_hf writes) at step 0, unrolled layers, read by a
+  scanned run."""
+  source = helpers.run_config(gate='g1_headwise')
+  params = helpers.random_params(source.model, seed=3)
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save_params(0, params, {}, source)
+  checkpointer.close()
+  config = helpers.run_config(gate='g1_headwise', init_from=f'{tmp_path}:0')
+  config.model.scan_layers = True
+  state, plan = _initial_state(config)
+  helpers.assert_same_params(_unrolled(state['params'], True), jax.tree.map(np.asarray, params))
+  assert plan.whole
+  config.train.init_from_optimizer = True
+  with pytest.raises(ConfigError, match='step 0 holds parameters only'):
     _initial_state(config)
