@@ -17,6 +17,9 @@ For each context length L (`lengths`):
     variable_tracking  a chain `VAR_A = 48213`, `VAR_B = VAR_A`, `VAR_C = VAR_B` at increasing
                        depths among other text; the prompt ends with `assert VAR_C == `: the
                        answer is the chain's value, found by following every hop.
+  Besides greedy accuracy, each task reports answer_loss: the mean loss on the answer's tokens
+  after the prompt (teacher forced; about ln 10 = 2.3 per digit for a model that cannot find
+  the needle and knows only that digits come, near 0 for one that retrieves it).
   Every answer appears exactly once in its prompt (values absent from the haystack are drawn);
   prompts are L - ANSWER_TOKENS tokens, so prompt and answer fit in L.
 
@@ -202,16 +205,38 @@ def make_examples(task: str, tokenizer, haystack: np.ndarray, length: int, count
   return examples
 
 
-def score(generator: Generator, tokenizer, examples: list[RetrievalExample]) -> list[dict]:
-  """Greedy continuations of each example: {'depths', 'answer', 'generated', 'correct'}."""
+def answer_losses(token_losses, params, tokenizer, examples: list[RetrievalExample],
+                  batch_ways: int) -> list[float]:
+  """Each example's mean next-token loss on its answer's tokens after its prompt (teacher
+  forced): a graded retrieval measure where greedy accuracy is 0 or 1. Examples of equal total
+  length run in one batch."""
+  answers = [tokenizer.encode(example.answer).tolist() for example in examples]
+  groups: dict = {}
+  for index, (example, answer) in enumerate(zip(examples, answers)):
+    groups.setdefault(len(example.prompt) + len(answer), []).append(index)
+  result = [0.0] * len(examples)
+  for indices in groups.values():
+    tokens = np.array([examples[i].prompt + answers[i] for i in indices])
+    losses = loss_by_position(token_losses, params, tokens, batch_ways)
+    for row, index in enumerate(indices):
+      result[index] = float(losses[row, -len(answers[index]):].mean())
+  return result
+
+
+def score(generator: Generator, tokenizer, examples: list[RetrievalExample],
+          answer_loss: list[float]) -> dict:
+  """{'accuracy', 'answer_loss': means, 'examples': [{'depths', 'answer', 'generated',
+  'correct', 'answer_loss'}]}: each example's greedy continuation, correct when it starts with
+  the answer."""
   generated = generator.generate([e.prompt for e in examples], ANSWER_TOKENS,
                                  batch_size=len(examples)).tokens
   records = []
-  for example, ids in zip(examples, generated):
+  for example, ids, loss in zip(examples, generated, answer_loss):
     text = tokenizer.decode(ids)
     records.append({'depths': example.depths, 'answer': example.answer, 'generated': text,
-                    'correct': text.startswith(example.answer)})
-  return records
+                    'correct': text.startswith(example.answer), 'answer_loss': loss})
+  return {'accuracy': float(np.mean([r['correct'] for r in records])),
+          'answer_loss': float(np.mean(answer_loss)), 'examples': records}
 
 
 # ---- the evaluation ---------------------------------------------------------------------------
@@ -259,17 +284,19 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
     entry = {'examples': len(tokens), 'loss': float(losses.mean()), 'bucket_edges': edges,
              'bucket_loss': bucket_means(losses, edges), 'retrieval': {}}
     for task in tasks:
-      records = score(generator, tokenizer, make_examples(
-          task, tokenizer, haystack, length - ANSWER_TOKENS, examples))
-      entry['retrieval'][task] = {'accuracy': float(np.mean([r['correct'] for r in records])),
-                                  'examples': records}
+      prompts = make_examples(task, tokenizer, haystack, length - ANSWER_TOKENS, examples)
+      with jax.set_mesh(mesh):
+        losses = answer_losses(token_losses, params, tokenizer, prompts, batch_ways)
+      entry['retrieval'][task] = score(generator, tokenizer, prompts, losses)
       progress.update(1)
     entry['seconds'] = time.perf_counter() - started
     result['lengths'][str(length)] = entry
     progress.write(f'length {length}: held-out loss {entry["loss"]:.3f} (last bucket '
                    f'{entry["bucket_loss"][-1]:.3f}); ' + ', '.join(
                        f'{task} {entry["retrieval"][task]["accuracy"]:.2f}' for task in tasks)
-                   + f' ({entry["seconds"]:.1f}s)')
+                   + ' (answer loss ' + ', '.join(
+                       f'{entry["retrieval"][task]["answer_loss"]:.2f}' for task in tasks)
+                   + f'; {entry["seconds"]:.1f}s)')
   progress.close()
   if jax.process_index() == 0:
     out_dir = workdir / 'long_eval'

@@ -90,7 +90,8 @@ def ablation_figures(results: dict, out_dir: pathlib.Path) -> None:
 
 def long_eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
   """step_N_loss_by_position.png (held-out loss per position bucket, a line per length, the
-  training length marked) and step_N_retrieval.png (accuracy against length, a line per task)."""
+  training length marked) and step_N_retrieval.png (accuracy and answer loss against length, a
+  line per task)."""
   prefix = f'step_{result["step"]}'
   lengths = sorted(result['lengths'], key=int)
   figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -107,15 +108,17 @@ def long_eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
   axis.set_title(f'{title}: loss by position')
   _save(figure, out_dir / f'{prefix}_loss_by_position.png')
 
-  figure, axis = plt.subplots(figsize=(7, 4.5))
-  for task in result['lengths'][lengths[0]]['retrieval']:
-    accuracy = [result['lengths'][length]['retrieval'][task]['accuracy'] for length in lengths]
-    axis.plot([int(length) for length in lengths], accuracy, marker='o', label=task)
-  axis.axvline(result['train_seq_len'], color='gray', linestyle='--', label='training length')
-  axis.set_xscale('log', base=2)
-  axis.set_ylim(-0.05, 1.05)
-  axis.set_xlabel('context length (tokens)')
-  axis.set_ylabel('accuracy (greedy)')
-  axis.legend(fontsize=8)
-  axis.set_title(f'{title}: retrieval')
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  for measure, axis, label in (('accuracy', axes[0], 'accuracy (greedy)'),
+                               ('answer_loss', axes[1], 'loss on the answer (teacher forced)')):
+    for task in result['lengths'][lengths[0]]['retrieval']:
+      values = [result['lengths'][length]['retrieval'][task][measure] for length in lengths]
+      axis.plot([int(length) for length in lengths], values, marker='o', label=task)
+    axis.axvline(result['train_seq_len'], color='gray', linestyle='--', label='training length')
+    axis.set_xscale('log', base=2)
+    axis.set_xlabel('context length (tokens)')
+    axis.set_ylabel(label)
+    axis.legend(fontsize=8)
+  axes[0].set_ylim(-0.05, 1.05)
+  axes[0].set_title(f'{title}: retrieval')
   _save(figure, out_dir / f'{prefix}_retrieval.png')

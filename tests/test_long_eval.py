@@ -73,21 +73,40 @@ def test_variable_tracking_answer_is_the_value_at_the_end_of_the_chain():
     assert hops == long_eval.VARIABLE_HOPS and name == example.answer
 
 
-def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
+def _tiny_model():
   model = helpers.model_config('g1_elementwise', attention_impl='chunked', vocab_size=259)
-  params = helpers.random_params(model, std=0.1)
-  graphdef, _ = state_lib.abstract_model(model)
-  tokens = np.asarray(helpers.random_tokens(0, batch=3, length=101))
-  losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef), params, tokens,
-                                      batch_ways=2)
+  return state_lib.abstract_model(model)[0], helpers.random_params(model, std=0.1)
+
+
+def _numpy_token_losses(graphdef, params, tokens: np.ndarray) -> np.ndarray:
+  """-log p(token t + 1 | tokens <= t) [batch, length - 1], from the model's logits in NumPy."""
   logits = np.asarray(apply(graphdef, params, tokens[:, :-1]).logits, np.float64)
   shifted = logits - logits.max(-1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  nll = -np.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+  return -np.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
+  graphdef, params = _tiny_model()
+  tokens = np.asarray(helpers.random_tokens(0, batch=3, length=101))
+  losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef), params, tokens,
+                                      batch_ways=2)
+  nll = _numpy_token_losses(graphdef, params, tokens)
   expected = [nll[:, 0:16].mean(), nll[:, 16:32].mean(), nll[:, 32:64].mean(),
               nll[:, 64:100].mean()]
   np.testing.assert_allclose(long_eval.bucket_means(losses, long_eval.bucket_edges(100)),
                              expected, rtol=1e-5)
+
+
+def test_answer_loss_is_the_mean_loss_of_the_answer_after_its_prompt():
+  graphdef, params = _tiny_model()
+  examples = long_eval.make_examples('multikey', TOKENIZER, HAYSTACK, 128, count=2)
+  losses = long_eval.answer_losses(long_eval.make_token_losses(graphdef), params, TOKENIZER,
+                                   examples, batch_ways=1)
+  for example, loss in zip(examples, losses):
+    tokens = np.array([example.prompt + [ord(digit) for digit in example.answer]])
+    np.testing.assert_allclose(loss, _numpy_token_losses(graphdef, params, tokens)[0, -5:].mean(),
+                               rtol=1e-5)
 
 
 def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
@@ -107,7 +126,8 @@ def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
   entry = written['lengths']['256']
   assert entry['bucket_edges'] == [0, 16, 32, 64, 128, 256] and len(entry['bucket_loss']) == 5
   assert sorted(entry['retrieval']) == sorted(long_eval.TASKS)
-  assert all(len(task['examples']) == 2 for task in entry['retrieval'].values())
+  assert all(len(task['examples']) == 2 and task['answer_loss'] > 0
+             for task in entry['retrieval'].values())
   for figure in ('loss_by_position', 'retrieval'):
     assert (tmp_path / 'long_eval' / f'step_0_{figure}.png').stat().st_size > 0
 
