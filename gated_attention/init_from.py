@@ -88,12 +88,17 @@ def names(paths) -> list[str]:
   return list(seen)
 
 
-def _unrolled_shapes(model_config) -> dict:
-  """{path in the unrolled layout: shape} of every parameter of a model config."""
+def _unrolled_abstract(model_config) -> nnx.State:
+  """The abstract parameters of a model config in the unrolled layer layout."""
   unrolled = ml_collections.ConfigDict(model_config.to_dict())
   unrolled.scan_layers = False
-  _, abstract = state_lib.abstract_model(unrolled)
-  return {tuple(path): variable.shape for path, variable in nnx.to_flat_state(abstract)}
+  return state_lib.abstract_model(unrolled)[1]
+
+
+def _unrolled_shapes(model_config) -> dict:
+  """{path in the unrolled layout: shape} of every parameter of a model config."""
+  return {tuple(path): variable.shape
+          for path, variable in nnx.to_flat_state(_unrolled_abstract(model_config))}
 
 
 def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -> Plan:
@@ -135,9 +140,7 @@ def _nested_like(flat: dict, like):
 
 
 def _unrolled_shardings(mesh, model_config):
-  unrolled = ml_collections.ConfigDict(model_config.to_dict())
-  unrolled.scan_layers = False
-  return state_lib.param_shardings(mesh, state_lib.abstract_model(unrolled)[1])
+  return state_lib.param_shardings(mesh, _unrolled_abstract(model_config))
 
 
 def _open_source(config) -> tuple[checkpoint_lib.Checkpointer, pathlib.Path, int]:
