@@ -307,3 +307,30 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
       plots.long_eval_figures(result, out_dir, title=f'{workdir.name} step {step}')
     log(f'wrote {out_dir / f"step_{step}.json"} and its figures')
   return result
+
+
+def comparison_tables(rows: dict[str, list[dict]]) -> str:
+  """Markdown tables comparing long_eval results, one row per key of `rows` (a model and stage,
+  its list holding one result per seed), one column per length all results share: held-out
+  loss over the window and in its last position bucket [L/2, L), and per retrieval task the
+  answer loss and greedy accuracy; each cell the mean over seeds, then every seed's value."""
+  lengths = sorted(set.intersection(*(set(r['lengths']) for results in rows.values()
+                                       for r in results)), key=int)
+  tasks = list(next(iter(rows.values()))[0]['lengths'][lengths[0]]['retrieval'])
+  measures = [('held-out loss, whole window', lambda e: e['loss']),
+              ('held-out loss, last bucket [L/2, L)', lambda e: e['bucket_loss'][-1])]
+  for task in tasks:
+    measures += [(f'{task}: answer loss', lambda e, t=task: e['retrieval'][t]['answer_loss']),
+                 (f'{task}: accuracy', lambda e, t=task: e['retrieval'][t]['accuracy'])]
+  tables = []
+  for title, measure in measures:
+    lines = [f'{title}', '', '| run | ' + ' | '.join(lengths) + ' |',
+             '|---|' + '---|' * len(lengths)]
+    for name, results in rows.items():
+      cells = []
+      for length in lengths:
+        values = [measure(r['lengths'][length]) for r in results]
+        cells.append(f'{np.mean(values):.3f} (' + ', '.join(f'{v:.3f}' for v in values) + ')')
+      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
+    tables.append('\n'.join(lines))
+  return '\n\n'.join(tables)

@@ -140,3 +140,16 @@ def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
   assert refused.stderr.strip().splitlines() == [
       'error: --lengths=64,256: give lengths of at least 128 tokens (room for the retrieval '
       'needles).'] and refused.returncode == 1
+
+
+def test_comparison_tables_average_the_seeds_of_each_row():
+  def result(loss, accuracy):
+    entry = {'loss': loss, 'bucket_loss': [9.0, loss + 1],
+             'retrieval': {'passkey': {'answer_loss': 2 * loss, 'accuracy': accuracy}}}
+    return {'lengths': {'128': entry, '256': entry}}
+
+  text = long_eval.comparison_tables({'g1 extend': [result(1.0, 0.5), result(2.0, 1.0)],
+                                      'none extend': [result(3.0, 0.0)]})
+  assert '| g1 extend | 1.500 (1.000, 2.000) | 1.500 (1.000, 2.000) |' in text
+  assert '| none extend | 4.000 (4.000) | 4.000 (4.000) |' in text  # The last bucket.
+  assert '| g1 extend | 0.750 (0.500, 1.000) | 0.750 (0.500, 1.000) |' in text
