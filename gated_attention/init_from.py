@@ -25,6 +25,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
@@ -195,7 +196,7 @@ def initial_params(config, plan: Plan, mesh, param_shardings, fresh_params) -> d
 
 def source_train_state(config, setup, plan: Plan) -> dict:
   """The source's whole train state (parameters and optimizer moments) in this run's layout, its
-  step counter reset to 0: train.init_from_optimizer."""
+  step and learning-rate schedule counters reset to 0: train.init_from_optimizer."""
   if not plan.whole:
     raise ConfigError(
         'train.init_from_optimizer=True needs every parameter loaded whole; '
@@ -211,4 +212,9 @@ def source_train_state(config, setup, plan: Plan) -> dict:
   finally:
     reader.close()
   state = state_lib.to_layout(state, config.model.scan_layers, setup.state_shardings)
-  return {**state, 'step': jnp.zeros_like(state['step'])}
+  # The new run's schedule starts at its step 0; Adam's moments and their count carry over.
+  is_schedule = lambda node: isinstance(node, optax.ScaleByScheduleState)
+  opt_state = jax.tree.map(
+      lambda node: node._replace(count=jnp.zeros_like(node.count)) if is_schedule(node) else node,
+      state['opt_state'], is_leaf=is_schedule)
+  return {**state, 'step': jnp.zeros_like(state['step']), 'opt_state': opt_state}

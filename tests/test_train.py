@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -273,6 +274,10 @@ def test_init_from_optimizer_loads_the_source_moments_only_when_every_parameter_
   helpers.assert_same_params(state['params'], source)
   assert int(state['step']) == 0
   assert any(np.any(moment) for moment in jax.tree.leaves(state['opt_state']) if moment.ndim)
+  counted = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+  nodes = jax.tree.leaves(state['opt_state'], is_leaf=lambda node: isinstance(node, counted))
+  counts = {type(node).__name__: int(node.count) for node in nodes if isinstance(node, counted)}
+  assert counts == {'ScaleByAdamState': 2, 'ScaleByScheduleState': 0}  # The new schedule's start.
   config.model.gate = config_lib.gate_config('g1_elementwise')
   with pytest.raises(ConfigError, match='train.init_from_optimizer=True needs every parameter '
                                         'loaded whole'):
