@@ -6,7 +6,9 @@ For each context length L (`lengths`):
                      every length reads the same text from the same starts); the mean
                      next-token loss of the targets at positions [edges[i], edges[i + 1]), edges
                      0, 16, 32, 64, ..., L (doubling): is the model still predicting well at
-                     position 3k of a 4k window?
+                     position 3k of a 4k window? (A causal model's loss at position p reads only
+                     the tokens before p, so each length's buckets repeat the longest window's:
+                     the lengths differ in how far the curve reaches.)
   retrieval          RULER-style tasks (Hsieh et al. 2024) built from the held-out text as the
                      haystack, scored by greedy generation with the KV cache (`Generator`): an
                      example is correct when the generated text starts with the answer.
