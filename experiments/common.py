@@ -9,7 +9,7 @@ from absl import flags, logging
 from experiments.cli import fail
 from gated_attention.aot import CompileError
 from gated_attention.checkpoint import CheckpointError
-from gated_attention.config import ConfigError
+from gated_attention.config import ConfigError, parse_arg
 from gated_attention.data import DataError
 from gated_attention.distributed import initialize
 from gated_attention.train import TrainingError
@@ -52,6 +52,15 @@ def _hide_closed_event_loop_reports() -> None:
       None if _is_closed_event_loop(report.exc_value) else unraisable_hook(report))
   sys.excepthook = lambda kind, exc, trace: (
       None if _is_closed_event_loop(exc) else except_hook(kind, exc, trace))
+
+
+def parse_mesh(text: str):
+  """The --mesh flag of an evaluation main ('data=1,fsdp=-1,...') as a mesh config; ConfigError
+  naming the flag for a size that is not an integer or an unknown axis."""
+  try:
+    return parse_arg(text, data=1, fsdp=-1, tensor=1, expert=1)
+  except ValueError as error:
+    raise ConfigError(f'--mesh={text!r}: {error}') from None
 
 
 def run_cleanly(job):

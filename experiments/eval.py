@@ -7,7 +7,6 @@ gate_score) and PNG figures beside it.
 from absl import flags
 
 from experiments import cli, common
-from gated_attention import config as config_lib
 from gated_attention.evaluate import evaluate
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
@@ -22,10 +21,7 @@ _MESH = flags.DEFINE_string('mesh', 'data=1,fsdp=-1,tensor=1,expert=1',
 def main(argv):
   del argv
   def run():
-    try:
-      mesh = config_lib.parse_arg(_MESH.value, data=1, fsdp=-1, tensor=1, expert=1)
-    except ValueError as error:  # A size that is not an integer, or an unknown axis.
-      raise config_lib.ConfigError(f'--mesh={_MESH.value!r}: {error}') from None
+    mesh = common.parse_mesh(_MESH.value)
     return evaluate(_WORKDIR.value, _STEP.value, mesh, _BATCHES.value)
 
   common.run_cleanly(run)

@@ -126,7 +126,11 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       # more than loss_spike_margin (relative).
       loss_spike_window=50, loss_spike_margin=0.25,
       microbatches=1,  # Gradient accumulation: the batch is processed in this many parts.
-      peak_flops_per_device=0.0))  # 0: look the device up in the table (mfu is null if unknown).
+      peak_flops_per_device=0.0,  # 0: look the device up in the table (mfu is null if unknown).
+      # A new run starts from the parameters of another run's (or an imported model's)
+      # checkpoint, 'DIR' (its latest) or 'DIR:STEP', with this config (gated_attention.init_from);
+      # init_from_optimizer: its optimizer moments too. '' initialises.
+      init_from='', init_from_optimizer=False))
   config.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=16, analysis_batches=2))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   return config
@@ -276,6 +280,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'train.min_learning_rate={train.min_learning_rate} must be in '
                       f'[0, train.learning_rate={train.learning_rate}].')
   _check_choice('train.on_nonfinite', train.on_nonfinite, ON_NONFINITE)
+  if train.init_from_optimizer and not train.init_from:
+    raise ConfigError('train.init_from_optimizer=True needs train.init_from=DIR[:STEP].')
   _check_positive('eval.batches', config.eval.batches)
   _check_positive('eval.batch_size', config.eval.batch_size)
   if not 1 <= config.eval.analysis_batches <= config.eval.batches:

@@ -22,7 +22,8 @@ row there, so either layout is read and written one parameter at a time.
 
 Tensors are read with the safetensors library's NumPy API, one at a time; a Hugging Face
 config that the project cannot express (linear-attention layers, biases, sliding windows, RoPE
-scaling) is refused, naming the key and value, before any weight is read.
+scaling other than linear and YaRN) is refused, naming the key and value, before any weight is
+read. A config's rope_scaling (rope_type linear or yarn) maps to model.rope_scaling, and back.
 """
 
 import json
@@ -218,22 +219,57 @@ def detect_format(hf: dict) -> str:
           "paper's gate flags), qwen3_moe and qwen3_next")
 
 
-def _rope(hf: dict, fmt: str) -> tuple[float, float]:
-  """(rope_theta, partial rotary fraction) from rope_parameters (transformers 5) or the older
-  top-level rope_theta, partial_rotary_factor and rope_scaling keys."""
+# Hugging Face rope_type -> model.rope_scaling.type; the keys below map one to one.
+_ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'yarn': 'yarn'}
+# model.rope_scaling key -> Hugging Face rope parameter, for the types that read it.
+_ROPE_SCALING_KEYS = {
+    'linear': {'factor': 'factor'},
+    'yarn': {'factor': 'factor', 'original_max_position': 'original_max_position_embeddings',
+             'beta_fast': 'beta_fast', 'beta_slow': 'beta_slow',
+             'attention_factor': 'attention_factor', 'mscale': 'mscale',
+             'mscale_all_dim': 'mscale_all_dim', 'truncate': 'truncate'},
+}
+
+
+def _rope(hf: dict, fmt: str, base_scaling) -> tuple[float, float, ml_collections.ConfigDict]:
+  """(rope_theta, partial rotary fraction, model.rope_scaling) from rope_parameters
+  (transformers 5) or the older top-level rope_theta, partial_rotary_factor and rope_scaling
+  keys. A YaRN config without original_max_position_embeddings or factor reads them as
+  transformers does: max_position_embeddings, and its ratio to the original."""
   key = 'rope_parameters' if hf.get('rope_parameters') is not None else 'rope_scaling'
   rope = dict(hf.get(key) or {})
   if 'full_attention' in rope:  # Nested per layer type; every layer is full attention here.
     key, rope = f'{key}.full_attention', dict(rope['full_attention'] or {})
-  rope_type = rope.get('rope_type', rope.get('type', 'default'))
-  if rope_type != 'default':
-    _refuse(f'{key}.rope_type', rope_type, "only 'default' RoPE is implemented (no scaling)")
+  rope_type = rope.get('rope_type', rope.get('type')) or 'default'
+  if rope_type not in _ROPE_TYPES:
+    _refuse(f'{key}.rope_type', rope_type, f'the RoPE types implemented are {list(_ROPE_TYPES)}')
+  scaling = ml_collections.ConfigDict(base_scaling.to_dict())
+  scaling.type = _ROPE_TYPES[rope_type]
+  if rope_type == 'yarn':
+    rope.setdefault('original_max_position_embeddings', hf.get(
+        'original_max_position_embeddings') or _required(hf, 'max_position_embeddings'))
+    if rope.get('factor') is None:
+      rope['factor'] = hf['max_position_embeddings'] / rope['original_max_position_embeddings']
+  for ours, theirs in _ROPE_SCALING_KEYS.get(rope_type, {}).items():
+    if rope.get(theirs) is not None:  # Absent or null: the project's default, as theirs.
+      scaling[ours] = type(scaling[ours])(rope[theirs])
   theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
   fraction = float(rope.get('partial_rotary_factor', hf.get(
       'partial_rotary_factor', 0.25 if fmt == 'qwen3_next' else 1.0)))
   if fmt != 'qwen3_next' and fraction != 1.0:
     _refuse('partial_rotary_factor', fraction, f'{fmt} rotates the whole head_dim')
-  return theta, fraction
+  return theta, fraction, scaling
+
+
+def _rope_parameters(model) -> dict:
+  """The Hugging Face rope parameters of model.rope_scaling (the inverse of `_rope`)."""
+  scaling = model.rope_scaling
+  rope = {'rope_type': {ours: theirs for theirs, ours in _ROPE_TYPES.items()}[scaling.type]}
+  rope.update({theirs: scaling[ours]
+               for ours, theirs in _ROPE_SCALING_KEYS.get(scaling.type, {}).items()})
+  if scaling.type == 'yarn' and not scaling.attention_factor:
+    rope['attention_factor'] = None  # 0 here means: derived from factor and mscale, as theirs.
+  return rope
 
 
 def _check_importable(hf: dict, fmt: str) -> None:
@@ -277,7 +313,7 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
   weights). Raises ConfigError for what the project cannot express."""
   fmt = detect_format(hf)
   _check_importable(hf, fmt)
-  rope_theta, rope_fraction = _rope(hf, fmt)
+  rope_theta, rope_fraction, rope_scaling = _rope(hf, fmt, base_model.rope_scaling)
   heads, d_model = _required(hf, 'num_attention_heads'), _required(hf, 'hidden_size')
   gate = 'none'
   if fmt == 'qwen3_next':
@@ -297,6 +333,7 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
       rope_fraction=rope_fraction, sandwich_norm=False, match_baseline_params=False,
       init_std=hf.get('initializer_range', base_model.init_std), param_dtype=_dtype(hf))
   model.gate = config_lib.gate_config(gate)
+  model.rope_scaling = rope_scaling
   experts = _num_experts(hf)
   model.moe.update(num_experts=experts)
   if experts:
@@ -387,9 +424,12 @@ def hf_config(config, fmt: str, max_position_embeddings: int) -> dict:
       'max_position_embeddings': max_position_embeddings,
       'initializer_range': model.init_std, 'dtype': model.param_dtype,
   }
-  rope = {'rope_type': 'default', 'rope_theta': model.rope_theta}
+  rope = {**_rope_parameters(model), 'rope_theta': model.rope_theta}
   if fmt == 'paper_release':  # Its configuration class reads the older top-level keys.
-    hf.update(rope_theta=model.rope_theta, rope_scaling=None, use_qk_norm=model.qk_norm,
+    scaling = {key: value for key, value in rope.items() if key != 'rope_theta'}
+    hf.update(rope_theta=model.rope_theta,
+              rope_scaling=None if model.rope_scaling.type == 'none' else scaling,
+              use_qk_norm=model.qk_norm,
               qkv_bias=False, use_sliding_window=False,
               **{flag: model.gate.granularity == granularity
                  for granularity, flag in _PAPER_GATE_FLAGS.items()})

@@ -132,3 +132,39 @@ def sink_curves(curves: dict, path: pathlib.Path, threshold: float) -> None:
   the training step, one line per {run: [[step, value], ...]}."""
   _line_plot(curves, 'step', 'first-token attention (non-trigger queries, max head)',
              'attention sink during training', path, threshold=threshold)
+
+
+def long_eval_figures(result: dict, out_dir: pathlib.Path, title: str) -> None:
+  """step_N_loss_by_position.png (held-out loss per position bucket, a line per length, the
+  training length marked) and step_N_retrieval.png (accuracy and answer loss against length, a
+  line per task)."""
+  prefix = f'step_{result["step"]}'
+  lengths = sorted(result['lengths'], key=int)
+  figure, axis = plt.subplots(figsize=(7, 4.5))
+  for length in lengths:
+    entry = result['lengths'][length]
+    edges = np.asarray(entry['bucket_edges'], dtype=float)
+    centres = np.sqrt(np.maximum(edges[:-1], 1) * edges[1:])  # Geometric: the x axis is log.
+    axis.plot(centres, entry['bucket_loss'], marker='o', label=f'window {length}')
+  axis.axvline(result['train_seq_len'], color='gray', linestyle='--', label='training length')
+  axis.set_xscale('log', base=2)
+  axis.set_xlabel('position in window')
+  axis.set_ylabel('held-out loss')
+  axis.legend(fontsize=8)
+  axis.set_title(f'{title}: loss by position')
+  _save(figure, out_dir / f'{prefix}_loss_by_position.png')
+
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  for measure, axis, label in (('accuracy', axes[0], 'accuracy (greedy)'),
+                               ('answer_loss', axes[1], 'loss on the answer (teacher forced)')):
+    for task in result['lengths'][lengths[0]]['retrieval']:
+      values = [result['lengths'][length]['retrieval'][task][measure] for length in lengths]
+      axis.plot([int(length) for length in lengths], values, marker='o', label=task)
+    axis.axvline(result['train_seq_len'], color='gray', linestyle='--', label='training length')
+    axis.set_xscale('log', base=2)
+    axis.set_xlabel('context length (tokens)')
+    axis.set_ylabel(label)
+    axis.legend(fontsize=8)
+  axes[0].set_ylim(-0.05, 1.05)
+  axes[0].set_title(f'{title}: retrieval')
+  _save(figure, out_dir / f'{prefix}_retrieval.png')

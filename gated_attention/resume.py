@@ -87,10 +87,14 @@ def check_resume(saved: dict, config, checkpoint: pathlib.Path,
   return changes
 
 
-def append_history(workdir, step: int, changes: dict, data_position: dict | None) -> None:
-  """Appends this start (step 0) or resume to WORKDIR/history.jsonl."""
+def append_history(workdir, step: int, changes: dict, data_position: dict | None,
+                   init_from: dict | None = None) -> None:
+  """Appends this start (step 0) or resume to WORKDIR/history.jsonl; a start from another run's
+  parameters (train.init_from) records that source and its changes from the source's config."""
   record = {**workdir_lib.this_process(), 'step': step,
             'changes': {key: list(values) for key, values in changes.items()},
             'data_position': data_position}
+  if init_from is not None:
+    record['init_from'] = init_from
   with (pathlib.Path(workdir) / 'history.jsonl').open('a') as history:
     history.write(json.dumps(record) + '\n')

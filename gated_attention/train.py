@@ -5,7 +5,8 @@ phases:
   2. data           the training split as a seeded grain pipeline, this process's share
   3. shardings      abstract model and train state, their shardings from logical axes
   4. init/restore   resume from the latest complete checkpoint in workdir (its config checked
-                    against this one), else initialise
+                    against this one), else start from train.init_from's parameters (another
+                    run's, `init_from`), else initialise
   5. compile        lower and compile the train step ahead of time; refuse it if it cannot fit
   6. loop           step, log, checkpoint; stop cleanly on a non-finite loss, a signal, or a
                     failed save
@@ -33,6 +34,7 @@ from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import flops as flops_lib
+from gated_attention import init_from as init_from_lib
 from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
@@ -223,6 +225,24 @@ def initialize_train_state(config, setup: TrainSetup, params: dict | None = None
                    out_shardings=setup.state_shardings)(params)
 
 
+def initialize_from_run(config, setup: TrainSetup) -> tuple[dict, init_from_lib.Plan]:
+  """(fresh train state, plan) from the parameters train.init_from names: matched by
+  `init_from.make_plan` (ConfigError for a changed shape, before any array is read), the rest
+  initialised as in a new run; the source's optimizer state too with train.init_from_optimizer."""
+  plan = init_from_lib.load_plan(config)
+  if config.train.init_from_optimizer:
+    state = init_from_lib.source_train_state(config, setup, plan)
+  else:
+    with jax.set_mesh(setup.mesh):
+      fresh = state_lib.init_params(config.model, config.train.seed, setup.param_shardings)
+      params = init_from_lib.initial_params(config, plan, setup.mesh, setup.param_shardings,
+                                            fresh)
+    state = initialize_train_state(config, setup, params)
+  log(plan.describe() + ('; optimizer state loaded' if config.train.init_from_optimizer
+                         else '; optimizer fresh'))
+  return state, plan
+
+
 def compile_train_step(config, setup: TrainSetup):
   """The train step, jitted with explicit shardings and donated state, compiled ahead of time."""
   step_fn = jax.jit(
@@ -346,11 +366,20 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
   """(start step, train state, saved loop state or None). From the latest complete checkpoint
   when there is one: its config checked against `config` (`resume.check_resume`), the data
   iterator moved to its position (translated when the data order changed); else a fresh state at
-  step 0. Then records this start in WORKDIR/history.jsonl and config.json."""
+  step 0, of train.init_from's parameters when it names a source. Then records this start in
+  WORKDIR/history.jsonl and config.json."""
   step = checkpointer.latest_step()
-  if step is None:
-    state, loop_state, changes, position = initialize_train_state(config, setup), None, {}, None
+  loop_state, changes, position, source = None, {}, None, None
+  if step is None and config.train.init_from:
+    state, plan = initialize_from_run(config, setup)
+    changes, source = resume_lib.differences(plan.source_config,
+                                             resume_lib.plain(config)), plan.record()
+  elif step is None:
+    state = initialize_train_state(config, setup)
   else:
+    if config.train.init_from:
+      log(f'train.init_from={config.train.init_from!r} applies to a new run only: resuming '
+          'from this run\'s own checkpoint')
     if step > config.train.steps:
       raise config_lib.ConfigError(
           f'train.steps={config.train.steps} is below step {step}, where the run in {workdir} '
@@ -391,7 +420,7 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
         + (f' with {resume_lib.describe(changes)}' if changes else ''))
   if jax.process_index() == 0:
     checkpoint_lib.save_config(workdir, config)
-    resume_lib.append_history(workdir, step or 0, changes, position)
+    resume_lib.append_history(workdir, step or 0, changes, position, source)
   return step or 0, state, loop_state
 
 

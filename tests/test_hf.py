@@ -93,6 +93,9 @@ KINDS = {  # name: (config class, model class, config keys, format)
                   'qwen3_moe'),
     'qwen3_next': (Qwen3NextConfig, Qwen3NextForCausalLM, dict(
         _NEXT, **_EXPERTS, shared_expert_intermediate_size=24), 'qwen3_next'),
+    'qwen3_yarn': (Qwen3Config, Qwen3ForCausalLM, dict(rope_parameters=dict(
+        rope_type='yarn', rope_theta=500.0, factor=4.0, original_max_position_embeddings=8,
+        beta_fast=4.0, beta_slow=1.0)), 'qwen3'),
     'qwen3_next_dense': (Qwen3NextConfig, Qwen3NextForCausalLM, dict(
         _NEXT, num_experts=0, rope_parameters=dict(rope_type='default', rope_theta=500.0,
                                                    partial_rotary_factor=0.5)), 'qwen3_next'),
@@ -152,7 +155,8 @@ def _tensors(directory) -> dict:
   return tensors
 
 
-@pytest.mark.parametrize('kind, scan', [('qwen3', False), ('paper_elementwise', True),
+@pytest.mark.parametrize('kind, scan', [('qwen3', False), ('qwen3_yarn', True),
+                                        ('paper_elementwise', True),
                                         ('paper_headwise', False), ('qwen3_moe', True),
                                         ('qwen3_next', False), ('qwen3_next_dense', True)])
 def test_imported_models_compute_transformers_logits_and_export_back_exactly(
@@ -183,6 +187,11 @@ EXPORTS = {  # name: (gate, model overrides, format auto picks, whether the norm
     'g1_elementwise_moe': ('g1_elementwise', dict(norm_plus_one=True, rope_fraction=0.25, moe=dict(
         num_experts=4, top_k=2, expert_mlp_dim=16, shared_expert_dim=24)), 'qwen3_next', False),
     'g1_headwise': ('g1_headwise', dict(rope_fraction=1.0), 'paper_release', False),
+    'baseline_yarn': ('none', dict(rope_fraction=1.0, rope_scaling=dict(
+        type='yarn', factor=4.0, original_max_position=8, beta_fast=4.0, mscale=0.8,
+        mscale_all_dim=0.5)), 'qwen3', False),
+    'g1_headwise_linear': ('g1_headwise', dict(rope_fraction=1.0, rope_scaling=dict(
+        type='linear', factor=3.0)), 'paper_release', False),
 }
 
 
@@ -255,15 +264,38 @@ def test_exported_byte_tokenizer_is_the_byte_tokenizer_in_transformers(tmp_path)
 QWEN3 = dict(model_type='qwen3', **SHAPES)
 
 
+@pytest.mark.parametrize('rope, expected', [
+    (dict(rope_scaling=dict(type='linear', factor=2.0)), dict(type='linear', factor=2.0)),
+    (dict(rope_parameters=dict(rope_type='default', rope_theta=1e4)), dict(type='none')),
+    (dict(rope_scaling=None), dict(type='none')),
+    # As transformers reads it: the original length defaults to max_position_embeddings, and a
+    # missing factor is the ratio of the two.
+    (dict(max_position_embeddings=64, rope_parameters=dict(rope_type='yarn', factor=8.0)),
+     dict(type='yarn', factor=8.0, original_max_position=64)),
+    (dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type='yarn', original_max_position_embeddings=16, beta_fast=8, truncate=False)),
+     dict(type='yarn', factor=4.0, original_max_position=16, beta_fast=8.0, truncate=False)),
+])
+def test_rope_scaling_is_imported_and_exported_back(rope, expected):
+  model, fmt = hf.model_config_from_hf(dict(QWEN3, **rope), _base_config().model)
+  assert {key: model.rope_scaling[key] for key in expected} == expected
+  config = _base_config()
+  config.model = model
+  back, _ = hf.model_config_from_hf(hf.hf_config(config, fmt, 64), _base_config().model)
+  assert back.rope_scaling.to_dict() == model.rope_scaling.to_dict()
+
+
 @pytest.mark.parametrize('config, message', [
     (dict(QWEN3, model_type='llama'), "model_type='llama' is not supported"),
     (dict(QWEN3, model_type='qwen3_next', layer_types=['full_attention', 'linear_attention']),
      "layer_types\\[1\\]='linear_attention'"),
     (dict(QWEN3, attention_bias=True), 'attention_bias=True'),
     (dict(QWEN3, use_sliding_window=True, sliding_window=16), 'use_sliding_window=True'),
-    (dict(QWEN3, rope_parameters=dict(rope_type='yarn', factor=4.0, rope_theta=1e4)),
-     "rope_parameters.rope_type='yarn'"),
-    (dict(QWEN3, rope_scaling=dict(type='linear', factor=2.0)), "rope_scaling.rope_type='linear'"),
+    (dict(QWEN3, rope_parameters=dict(rope_type='llama3', factor=4.0, rope_theta=1e4)),
+     "rope_parameters.rope_type='llama3' is not supported: the RoPE types implemented are "
+     "\\['default', 'linear', 'yarn'\\]"),
+    (dict(QWEN3, rope_scaling=dict(type='dynamic', factor=2.0)),
+     "rope_scaling.rope_type='dynamic'"),
     (dict(QWEN3, partial_rotary_factor=0.5), 'partial_rotary_factor=0.5'),
     (dict(QWEN3, hidden_act='gelu'), "hidden_act='gelu'"),
     (dict(QWEN3, elementwise_attn_output_gate=True, headwise_attn_output_gate=True),

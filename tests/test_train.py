@@ -1,22 +1,27 @@
 """Training end to end on the embedded corpus: learning, exact resume, determinism, errors."""
 
+import json
 import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
+from gated_attention import config as config_lib
+from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention.aot import CompileError
 from gated_attention.config import ConfigError
 from gated_attention.data import DataError
 from gated_attention.metrics import read_metrics
 from gated_attention.optimizer import weight_decay_mask
-from gated_attention.train import TrainingError, is_loss_spike, train
+from gated_attention.train import (TrainingError, initialize_from_run, is_loss_spike,
+                                   setup_train_state, train)
 from tests import helpers
 
 LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'step_time_s', 'mfu',
@@ -182,3 +187,117 @@ def test_weight_decay_falls_on_the_same_parameters_whether_layers_are_scanned_or
       == jax.tree.leaves(masks[True])
   assert not masks[True]['layers']['attention_norm']['scale']
   assert masks[True]['layers']['attention']['wq']
+
+
+def _initial_state(config):
+  """The train state a new run of `config` starts from (its phases 3 and 4, nothing compiled
+  for training)."""
+  setup = setup_train_state(config, sharding_lib.make_mesh(config.mesh))
+  state, plan = initialize_from_run(config, setup)
+  return jax.tree.map(np.asarray, state), plan
+
+
+def _unrolled(params, scan_layers: bool):
+  return state_lib.convert_layers(params, False) if scan_layers else params
+
+
+@pytest.fixture(scope='module')
+def baseline_run(tmp_path_factory):
+  """A 2-step ungated run with scanned layers: the source of the init_from tests."""
+  workdir = tmp_path_factory.mktemp('source')
+  config = helpers.run_config(steps=2, gate='none', checkpoint_every=2)
+  config.model.scan_layers = True
+  train(config, workdir)
+  return workdir, _unrolled(helpers.final_params(workdir, config), True)
+
+
+def test_init_from_with_a_changed_length_rope_and_schedule_starts_from_the_source_params(
+    baseline_run, tmp_path):
+  source_dir, source = baseline_run
+  config = helpers.run_config(steps=3, gate='none', learning_rate=1e-3,
+                              init_from=f'{source_dir}:2')
+  config.data.seq_len = 64
+  config.model.update(rope_theta=1e5, rope_scaling=dict(type='yarn', factor=2.0,
+                                                        original_max_position=32))
+  state, plan = _initial_state(config)  # Unrolled here, scanned in the source.
+  helpers.assert_same_params(state['params'], source)
+  assert plan.whole and len(plan.loaded) == len(jax.tree.leaves(source))
+  assert int(state['step']) == 0
+  assert all(not np.any(moment) for moment in jax.tree.leaves(state['opt_state'])
+             if moment.ndim)  # A fresh optimizer: zero moments.
+
+  train(config, tmp_path)  # End to end: trains on, and the start is recorded.
+  history = [json.loads(line) for line in (tmp_path / 'history.jsonl').read_text().splitlines()]
+  assert history[0]['init_from']['directory'] == str(source_dir.absolute())
+  assert history[0]['init_from']['step'] == 2
+  assert history[0]['changes']['data.seq_len'] == [32, 64]
+  assert history[0]['changes']['model.rope_theta'] == [10_000.0, 1e5]
+
+
+def test_init_from_adding_a_g1_gate_loads_everything_else_exactly(baseline_run):
+  source_dir, source = baseline_run
+  config = helpers.run_config(steps=2, gate='g1_elementwise', init_from=str(source_dir))
+  state, plan = _initial_state(config)
+  fresh = jax.tree.map(np.asarray, state_lib.init_params(config.model, config.train.seed, None))
+  head_dim = config.model.head_dim
+  for path, value in jax.tree_util.tree_leaves_with_path(state['params']):
+    keys = tuple(key.key for key in path)
+    want, init = source, fresh
+    for key in keys:
+      want, init = want[key], init[key]
+    if keys[-1] == 'wq':  # [embed, heads, head_dim + gate]: the query columns are the source's.
+      np.testing.assert_array_equal(value[..., :head_dim], want)
+      np.testing.assert_array_equal(value[..., head_dim:], init[..., head_dim:])
+    else:
+      np.testing.assert_array_equal(value, want)
+  assert plan.describe().endswith('gate columns initialised: blocks/*/attention/wq')
+  assert not plan.initialised and not plan.dropped
+
+
+def test_init_from_refuses_a_changed_parameter_shape_before_compiling(baseline_run, tmp_path):
+  source_dir, _ = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=str(source_dir))
+  config.model.d_model = 64
+  with pytest.raises(ConfigError, match=r"train.init_from='.*': parameter blocks/0/attention/wk "
+                                        r'has shape \[32, 2, 8\] in .* step 2 but \[64, 2, 8\] in '
+                                        r'this config \(model keys that differ: model.d_model: 32 '
+                                        r'-> 64\)'):
+    train(config, tmp_path)
+  assert not any((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
+def test_init_from_optimizer_loads_the_source_moments_only_when_every_parameter_matches(
+    baseline_run):
+  source_dir, source = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=str(source_dir),
+                              init_from_optimizer=True, learning_rate=1e-3)
+  state, _ = _initial_state(config)
+  helpers.assert_same_params(state['params'], source)
+  assert int(state['step']) == 0
+  assert any(np.any(moment) for moment in jax.tree.leaves(state['opt_state']) if moment.ndim)
+  counted = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+  nodes = jax.tree.leaves(state['opt_state'], is_leaf=lambda node: isinstance(node, counted))
+  counts = {type(node).__name__: int(node.count) for node in nodes if isinstance(node, counted)}
+  assert counts == {'ScaleByAdamState': 2, 'ScaleByScheduleState': 0}  # The new schedule's start.
+  config.model.gate = config_lib.gate_config('g1_elementwise')
+  with pytest.raises(ConfigError, match='train.init_from_optimizer=True needs every parameter '
+                                        'loaded whole'):
+    _initial_state(config)
+
+
+def test_init_from_an_imported_model_loads_its_parameters_but_has_no_optimizer(tmp_path):
+  """A parameters-only checkpoint (what import_hf writes) at step 0, unrolled layers, read by a
+  scanned run."""
+  source = helpers.run_config(gate='g1_headwise')
+  params = helpers.random_params(source.model, seed=3)
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save_params(0, params, {}, source)
+  checkpointer.close()
+  config = helpers.run_config(gate='g1_headwise', init_from=f'{tmp_path}:0')
+  config.model.scan_layers = True
+  state, plan = _initial_state(config)
+  helpers.assert_same_params(_unrolled(state['params'], True), jax.tree.map(np.asarray, params))
+  assert plan.whole
+  config.train.init_from_optimizer = True
+  with pytest.raises(ConfigError, match='step 0 holds parameters only'):
+    _initial_state(config)

@@ -1,0 +1,37 @@
+"""The laptop Table 5 (configs/long_context.py) as Markdown, from the runs' long_eval results:
+
+  python -m experiments.long_context_table --runs=/tmp/lc
+
+Reads RUNS/<gate>_s<seed>_<stage>/long_eval/step_N.json (the latest N of each run) and prints
+one table per measure, a row per gate and stage, seeds averaged (each seed's value beside).
+"""
+
+import collections
+import json
+import pathlib
+
+from absl import flags
+
+from experiments import cli
+from gated_attention.long_eval import comparison_tables
+
+_RUNS = flags.DEFINE_string('runs', '/tmp/lc', 'Directory holding the runs.')
+
+
+def main(argv):
+  del argv
+  rows = collections.defaultdict(list)
+  runs = pathlib.Path(_RUNS.value)
+  for run in sorted(runs.iterdir() if runs.is_dir() else ()):
+    results = sorted((run / 'long_eval').glob('step_*.json'),
+                     key=lambda path: int(path.stem.split('_')[1]))
+    if results:
+      gate, _, stage = run.name.rsplit('_', 2)
+      rows[f'{gate} {stage}'].append(json.loads(results[-1].read_text()))
+  if not rows:
+    cli.fail(f'--runs={_RUNS.value}: no run there holds long_eval results.')
+  print(comparison_tables(dict(sorted(rows.items()))))
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,155 @@
+"""Long-context evaluation: the retrieval tasks' rules, the position-bucket loss against NumPy,
+and the command end to end on a tiny random model."""
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from gated_attention import checkpoint as checkpoint_lib
+from gated_attention import config as config_lib
+from gated_attention import long_eval
+from gated_attention import state as state_lib
+from gated_attention.model import apply
+from gated_attention.tokenizer import ByteTokenizer
+from tests import helpers
+
+TOKENIZER = ByteTokenizer()
+# A haystack full of 5-digit numbers and assignments: values and names must avoid them.
+HAYSTACK = TOKENIZER.encode(''.join(f'x_{i} = {10_000 + 7 * i}  # KEY_ABCD VAR_\n'
+                                    for i in range(2000)))
+
+
+def test_position_buckets_double_from_16_to_the_length():
+  assert long_eval.bucket_edges(256) == [0, 16, 32, 64, 128, 256]
+  assert long_eval.bucket_edges(100) == [0, 16, 32, 64, 100]
+
+
+@pytest.mark.parametrize('task', sorted(long_eval.TASKS))
+def test_each_prompt_has_its_length_and_its_answer_exactly_once(task):
+  length = 512
+  examples = long_eval.make_examples(task, TOKENIZER, HAYSTACK, length, count=5)
+  for example in examples:
+    text = TOKENIZER.decode(example.prompt)
+    assert len(example.prompt) == length and example.prompt[0] == TOKENIZER.bos_id
+    assert len(example.answer) == 5 and text.count(example.answer) == 1
+  assert len({e.answer for e in examples}) == len(examples)
+
+
+def test_the_passkey_sits_at_its_depth_and_the_prompt_asks_for_it():
+  examples = long_eval.make_examples('passkey', TOKENIZER, HAYSTACK, 1024, count=5)
+  for example, depth in zip(examples, (0.05, 0.275, 0.5, 0.725, 0.95)):
+    text = TOKENIZER.decode(example.prompt)  # BOS dropped: text index i is prompt position i + 1.
+    at = text.index(f'\nPASSKEY = {example.answer}\n') + 1
+    assert abs(at / 1023 - depth) < 0.03, (at, depth)
+    assert text.endswith('\nPASSKEY = ') and text.count('PASSKEY') == 2
+
+
+def _assignments(text: str) -> dict:
+  return dict(re.findall(r'^((?:KEY|VAR)_[A-Z]{4}) = (\w+)$', text, flags=re.MULTILINE))
+
+
+def test_multikey_asks_for_one_of_four_distinct_keys():
+  for example in long_eval.make_examples('multikey', TOKENIZER, HAYSTACK, 1024, count=4):
+    text = TOKENIZER.decode(example.prompt)
+    keys = _assignments(text)
+    asked = text.rsplit('\n', 1)[1].removesuffix(' = ')
+    assert len(keys) == 4 and len(set(keys.values())) == 4
+    assert keys[asked] == example.answer
+    assert all(text.count(name) == 1 + (name == asked) for name in keys)
+
+
+def test_variable_tracking_answer_is_the_value_at_the_end_of_the_chain():
+  for example in long_eval.make_examples('variable_tracking', TOKENIZER, HAYSTACK, 1024, 4):
+    text = TOKENIZER.decode(example.prompt)
+    assigned = _assignments(text)
+    name = re.search(r'assert (VAR_[A-Z]{4}) == $', text).group(1)
+    hops = 0
+    while name in assigned:  # Each variable is defined before it is used.
+      assert text.index(f'\n{name} = ') < text.rindex(name)
+      name, hops = assigned[name], hops + 1
+    assert hops == long_eval.VARIABLE_HOPS and name == example.answer
+
+
+def _tiny_model():
+  model = helpers.model_config('g1_elementwise', attention_impl='chunked', vocab_size=259)
+  return state_lib.abstract_model(model)[0], helpers.random_params(model, std=0.1)
+
+
+def _numpy_token_losses(graphdef, params, tokens: np.ndarray) -> np.ndarray:
+  """-log p(token t + 1 | tokens <= t) [batch, length - 1], from the model's logits in NumPy."""
+  logits = np.asarray(apply(graphdef, params, tokens[:, :-1]).logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  return -np.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
+  graphdef, params = _tiny_model()
+  tokens = np.asarray(helpers.random_tokens(0, batch=3, length=101))
+  losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef), params, tokens,
+                                      batch_ways=2)
+  nll = _numpy_token_losses(graphdef, params, tokens)
+  expected = [nll[:, 0:16].mean(), nll[:, 16:32].mean(), nll[:, 32:64].mean(),
+              nll[:, 64:100].mean()]
+  np.testing.assert_allclose(long_eval.bucket_means(losses, long_eval.bucket_edges(100)),
+                             expected, rtol=1e-5)
+
+
+def test_answer_loss_is_the_mean_loss_of_the_answer_after_its_prompt():
+  graphdef, params = _tiny_model()
+  examples = long_eval.make_examples('multikey', TOKENIZER, HAYSTACK, 128, count=2)
+  losses = long_eval.answer_losses(long_eval.make_token_losses(graphdef), params, TOKENIZER,
+                                   examples, batch_ways=1)
+  for example, loss in zip(examples, losses):
+    tokens = np.array([example.prompt + [ord(digit) for digit in example.answer]])
+    np.testing.assert_allclose(loss, _numpy_token_losses(graphdef, params, tokens)[0, -5:].mean(),
+                               rtol=1e-5)
+
+
+def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
+  config = config_lib.base_config('tiny', 'g1_elementwise')
+  config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64)
+  config.data.seq_len = 64
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save_params(0, helpers.random_params(config.model, std=0.05), {}, config)
+  checkpointer.close()
+  checkpoint_lib.save_config(tmp_path, config)
+  result = helpers.run([sys.executable, '-m', 'experiments.long_eval', f'--workdir={tmp_path}',
+                        '--lengths=128,256', '--examples=2'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  written = json.loads((tmp_path / 'long_eval' / 'step_0.json').read_text())
+  assert sorted(written['lengths']) == ['128', '256']
+  entry = written['lengths']['256']
+  assert entry['bucket_edges'] == [0, 16, 32, 64, 128, 256] and len(entry['bucket_loss']) == 5
+  assert sorted(entry['retrieval']) == sorted(long_eval.TASKS)
+  assert all(len(task['examples']) == 2 and task['answer_loss'] > 0
+             for task in entry['retrieval'].values())
+  for figure in ('loss_by_position', 'retrieval'):
+    assert (tmp_path / 'long_eval' / f'step_0_{figure}.png').stat().st_size > 0
+
+  refused = helpers.run([sys.executable, '-m', 'experiments.long_eval', f'--workdir={tmp_path}',
+                         '--lengths=64,1k'])
+  assert refused.stderr.strip().splitlines() == [
+      'error: --lengths=64,1k: give integers, e.g. 256,512,1024.'] and refused.returncode == 1
+  refused = helpers.run([sys.executable, '-m', 'experiments.long_eval', f'--workdir={tmp_path}',
+                         '--lengths=64,256'])
+  assert refused.stderr.strip().splitlines() == [
+      'error: --lengths=64,256: give lengths of at least 128 tokens (room for the retrieval '
+      'needles).'] and refused.returncode == 1
+
+
+def test_comparison_tables_average_the_seeds_of_each_row():
+  def result(loss, accuracy):
+    entry = {'loss': loss, 'bucket_loss': [9.0, loss + 1],
+             'retrieval': {'passkey': {'answer_loss': 2 * loss, 'accuracy': accuracy}}}
+    return {'lengths': {'128': entry, '256': entry}}
+
+  text = long_eval.comparison_tables({'g1 extend': [result(1.0, 0.5), result(2.0, 1.0)],
+                                      'none extend': [result(3.0, 0.0)]})
+  assert '| g1 extend | 1.500 (1.000, 2.000) | 1.500 (1.000, 2.000) |' in text
+  assert '| none extend | 4.000 (4.000) | 4.000 (4.000) |' in text  # The last bucket.
+  assert '| g1 extend | 0.750 (0.500, 1.000) | 0.750 (0.500, 1.000) |' in text
