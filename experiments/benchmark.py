@@ -77,18 +77,18 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
   first = rows[0]['result']
   print(f'\n{first["devices"]} x {first["device_kind"]}, batch {config.data.batch_size} x seq '
         f'{config.data.seq_len}, dtype {config.model.dtype}')
-  print(f'{"gate":22} {"attention":>10} {"scan":>5} {"moe":>9} {"params":>11} {"ms/step":>9} '
+  print(f'{"gate":28} {"attention":>10} {"scan":>5} {"moe":>9} {"params":>11} {"ms/step":>9} '
         f'{"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10}')
   for row in rows:
     r = row['result']
     mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a'
     overhead = f'{r["overhead_vs_none"]:+.1%}' if r['overhead_vs_none'] is not None else 'n/a'
     memory = f'{r["memory_bytes"]["total"] / 2**20:.0f}' if r['memory_bytes'] else 'n/a'
-    print(f'{row["gate"]:22} {row["attention"]:>10} {str(row["scan"]):>5} {row["moe"]:>9} '
+    print(f'{row["gate"]:28} {row["attention"]:>10} {str(row["scan"]):>5} {row["moe"]:>9} '
           f'{r["params"]:>11,} {r["step_time_s"] * 1e3:>9.1f} {r["tokens_per_sec"]:>9,.0f} '
           f'{mfu:>6} {overhead:>8} {memory:>10}')
   for name, r in torch.items():
-    print(f'{name:22} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
+    print(f'{name:28} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
           f'{r["step_time_s"] * 1e3:>9.1f} {r["tokens_per_sec"]:>9,.0f}')
   if torch:
     print('(torch: PyTorch reference of the same shape, its own process; vocabulary and gate as '
