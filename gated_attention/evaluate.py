@@ -129,9 +129,8 @@ def _restore_params(checkpointer, config, mesh, step: int):
   graphdef, abstract_variables = state_lib.abstract_model(config.model)
   shardings = state_lib.param_shardings(mesh, abstract_variables)
   abstract = state_lib.with_shardings(nnx.to_pure_dict(abstract_variables), shardings)
-  saved_layout = checkpointer.saved_config(step)['model']['scan_layers']
-  params = checkpointer.restore_params(step, state_lib.in_layout(abstract, saved_layout))
-  return graphdef, state_lib.to_layout(params, config.model.scan_layers, shardings)
+  return graphdef, state_lib.restore_params(checkpointer, step, abstract,
+                                            config.model.scan_layers)
 
 
 def load_params(workdir, config, mesh, step: int | None = None):

@@ -102,6 +102,14 @@ def to_layout(tree, scan_layers: bool, shardings):
                  out_shardings=shardings)(tree)
 
 
+def restore_params(checkpointer, step: int, abstract_params, scan_layers: bool):
+  """The parameters of checkpoint `step`, restored in the layer layout they were saved in and
+  converted to `scan_layers`, placed as abstract_params' shardings say."""
+  saved_layout = checkpointer.saved_config(step)['model']['scan_layers']
+  params = checkpointer.restore_params(step, in_layout(abstract_params, saved_layout))
+  return to_layout(params, scan_layers, jax.tree.map(lambda a: a.sharding, abstract_params))
+
+
 def param_shardings(mesh: Mesh, abstract_state) -> dict:
   """NamedSharding per parameter (same nesting as the params dict), checked to divide evenly."""
   return _nested(

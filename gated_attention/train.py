@@ -388,40 +388,43 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
     params_only = checkpointer.holds_params_only(step)  # An imported model: no data position.
     changes = resume_lib.check_resume(saved_config, config, checkpointer.directory / str(step),
                                       allow_data_change or params_only)
-    saved_layout = saved_config['model']['scan_layers']  # Either layout resumes either.
-    if params_only:  # A fresh optimizer.
+    if params_only:  # A fresh optimizer; either layer layout continues in either.
       reader = checkpoint_lib.Checkpointer(workdir, read_only=True)  # Restores, never saves.
-      params = reader.restore_params(step, state_lib.in_layout(setup.abstract_state['params'],
-                                                               saved_layout))
+      state = initialize_train_state(config, setup, state_lib.restore_params(
+          reader, step, setup.abstract_state['params'], config.model.scan_layers))
       reader.close()
-      state = initialize_train_state(config, setup, state_lib.to_layout(
-          params, config.model.scan_layers, setup.param_shardings))
       log(f'continuing from the parameters in {checkpointer.directory / str(step)}')
       changes = {**changes, 'optimizer': ('imported parameters only', 'fresh')}
-      if jax.process_index() == 0:
-        checkpoint_lib.save_config(workdir, config)
-        resume_lib.append_history(workdir, step, changes, None)
-      return step, state, None
-    state, saved = checkpointer.restore(step, state_lib.in_layout(setup.abstract_state,
-                                                                  saved_layout))
-    state = state_lib.to_layout(state, config.model.scan_layers, setup.state_shardings)
-    iterator_state, loop_state, position = saved['iterator'], saved['loop'], None
-    if any(resume_lib.policy(key) == resume_lib.DATA_ORDER for key in changes):
-      saved_batch_size = saved_config['data']['batch_size']
-      iterator_state, consumed, repeated = data_lib.translate_position(
-          iterator_state, saved_batch_size, config.data.batch_size)
-      position = {'examples_consumed': consumed, 'batch_size': config.data.batch_size,
-                  'batches': iterator_state['next_index'], 'examples_repeated': repeated}
-      log(f'data order changed: continuing {consumed:,} examples into the new order (batch '
-          f'{position["batches"]:,} of {config.data.batch_size}); {repeated} example(s) of the '
-          'old position are seen again')
-    iterator.set_state(iterator_state)
-    log(f'resumed from {checkpointer.directory / str(step)}'
-        + (f' with {resume_lib.describe(changes)}' if changes else ''))
+    else:
+      state, loop_state, position = _resume(config, setup, checkpointer, iterator, step,
+                                            saved_config, changes)
   if jax.process_index() == 0:
     checkpoint_lib.save_config(workdir, config)
     resume_lib.append_history(workdir, step or 0, changes, position, source)
   return step or 0, state, loop_state
+
+
+def _resume(config, setup: TrainSetup, checkpointer, iterator, step: int, saved_config: dict,
+            changes: dict):
+  """(train state, loop state, data translation or None) of checkpoint `step`, in this config's
+  layer layout; the data iterator set to its position, translated when the data order changed."""
+  state, saved = checkpointer.restore(step, state_lib.in_layout(
+      setup.abstract_state, saved_config['model']['scan_layers']))
+  state = state_lib.to_layout(state, config.model.scan_layers, setup.state_shardings)
+  iterator_state, position = saved['iterator'], None
+  if any(resume_lib.policy(key) == resume_lib.DATA_ORDER for key in changes):
+    saved_batch_size = saved_config['data']['batch_size']
+    iterator_state, consumed, repeated = data_lib.translate_position(
+        iterator_state, saved_batch_size, config.data.batch_size)
+    position = {'examples_consumed': consumed, 'batch_size': config.data.batch_size,
+                'batches': iterator_state['next_index'], 'examples_repeated': repeated}
+    log(f'data order changed: continuing {consumed:,} examples into the new order (batch '
+        f'{position["batches"]:,} of {config.data.batch_size}); {repeated} example(s) of the '
+        'old position are seen again')
+  iterator.set_state(iterator_state)
+  log(f'resumed from {checkpointer.directory / str(step)}'
+      + (f' with {resume_lib.describe(changes)}' if changes else ''))
+  return state, saved['loop'], position
 
 
 def train(config, workdir, allow_data_change: bool = False) -> dict:

@@ -301,3 +301,20 @@ def test_init_from_an_imported_model_loads_its_parameters_but_has_no_optimizer(t
   config.train.init_from_optimizer = True
   with pytest.raises(ConfigError, match='step 0 holds parameters only'):
     _initial_state(config)
+
+
+def test_a_run_continues_in_a_workdir_holding_imported_parameters_as_init_from_would(tmp_path):
+  """Training on in an imported model's workdir (a step-0 parameters-only checkpoint, unrolled)
+  and a new scanned run with train.init_from on it end with the same parameters."""
+  source = helpers.run_config(steps=2)
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path / 'imported')
+  checkpointer.save_params(0, helpers.random_params(source.model, seed=3), {}, source)
+  checkpointer.close()
+  continued = source.copy_and_resolve_references()
+  continued.model.scan_layers = True
+  train(continued, tmp_path / 'imported')
+  fresh = helpers.run_config(steps=2, init_from=f'{tmp_path / "imported"}:0')
+  fresh.model.scan_layers = True
+  train(fresh, tmp_path / 'fresh')
+  helpers.assert_same_params(helpers.final_params(tmp_path / 'imported', continued),
+                             helpers.final_params(tmp_path / 'fresh', continued))
