@@ -8,6 +8,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from gated_attention import distributed
+
 _EXCEPTION_NAME = re.compile(r'^[A-Za-z_][\w.]*(Error|Exception): ')
 
 
@@ -60,5 +62,7 @@ def _parse_flags(argv):
 
 
 def run(main) -> None:
-  """app.run(main), with every flag error one line."""
+  """app.run(main), with every flag error one line, in a process that keeps its freed host
+  memory (`distributed.keep_freed_host_memory`: XLA:CPU steps ~15% faster)."""
+  distributed.keep_freed_host_memory()
   app.run(main, flags_parser=_parse_flags)

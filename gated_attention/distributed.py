@@ -1,10 +1,11 @@
-"""Multi-process start-up (one process per host) and preemption.
+"""Process start-up (host memory, one process per host) and preemption.
 
 On TPU pods and SLURM clusters `jax.distributed.initialize()` finds its arguments itself; on
 other machines they come from flags or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID environment variables (`experiments.launch_local` sets them for local runs).
 """
 
+import ctypes
 import math
 import os
 import signal
@@ -14,6 +15,28 @@ import jax
 from jax.experimental import multihost_utils
 
 from gated_attention.config import ConfigError
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_host_memory() -> bool:
+  """Keeps freed host memory in the process for reuse: one malloc arena, no mmap for large
+  blocks, trimming only past 2 GiB free. XLA:CPU allocates every buffer of a step afresh, and
+  glibc serves blocks over 32 MB (all blocks over 64 MB in a thread's arena) with mmap and
+  unmaps them when freed, so without this each step faults its whole working set in again
+  (measured on the `small` train step: 160k page faults, 0.95 s -> 0.80 s per step).
+
+  Takes effect only before JAX starts its backends (their threads take their own arenas), so
+  every command line calls it first (`experiments.cli.run`). Only the host's allocator changes;
+  on TPU and GPU hosts it is harmless. Returns False where the C library is not glibc."""
+  try:
+    libc = ctypes.CDLL('libc.so.6')
+  except OSError:
+    return False
+  return all(libc.mallopt(parameter, value) == 1 for parameter, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
 
 
 def _env_int(name: str) -> int | None:

@@ -109,9 +109,10 @@ class Gate(nnx.Module):
       return None
     return 'query' if self.position == 'sdpa' else self.position
 
-  def split(self, projected: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Splits a fused projection [..., heads, head_dim + width] into (tensor, gate logits)."""
-    return projected[..., :-self.width], projected[..., -self.width:]
+  def split(self, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Splits a fused kernel [embed, heads, head_dim + width] into (the projection's kernel,
+    W_theta [embed, heads, width])."""
+    return kernel[..., :-self.width], kernel[..., -self.width:]
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Gate logits of an unfused gate (G5, or input-independent) from X [batch, length, embed]."""

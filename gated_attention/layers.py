@@ -1,6 +1,7 @@
 """Building blocks of the decoder: parameters with logical axes, RMSNorm, RoPE and SwiGLU.
 Scaled dot-product attention lives in `gated_attention.attention`."""
 
+import functools
 import math
 
 import jax
@@ -30,10 +31,49 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int = 1,
   return out.reshape(*x.shape[:x.ndim - contract], *kernel.shape[contract:])
 
 
+def _inverse_rms(x32: jax.Array, eps: float) -> jax.Array:
+  """1 / rms over the last axis; NaN where the mean square overflows float32 (|x| past about
+  1.8e19, a diverged model), which would otherwise normalise the row to zeros, silently."""
+  mean_square = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+  return jnp.where(jnp.isinf(mean_square), jnp.nan, jax.lax.rsqrt(mean_square + eps))
+
+
 def rms_norm(x: jax.Array, eps: float) -> jax.Array:
   """Parameter-free RMSNorm over the last axis, computed in float32, returned in x's dtype."""
   x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+  return (x32 * _inverse_rms(x32, eps)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def scaled_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """rms_norm(x) * scale (float32 [dim]), returned in x's dtype (the normalised x is rounded to
+  x's dtype before the scale, as Hugging Face's Qwen3 norms do).
+
+  Its gradient is the closed form dx = r (g s - x_hat mean(g s x_hat)), ds = sum(g x_hat), with
+  r = 1 / rms(x) kept from the forward pass: two fused passes over x, where autodiff of the
+  forward formula costs XLA:CPU several."""
+  return _scaled_rms_norm_forward(x, scale, eps)[0]
+
+
+def _scaled_rms_norm_forward(x, scale, eps):
+  x32 = x.astype(jnp.float32)
+  inverse_rms = _inverse_rms(x32, eps)
+  normed = (x32 * inverse_rms).astype(x.dtype).astype(jnp.float32)
+  return (normed * scale).astype(x.dtype), (x, inverse_rms, scale)
+
+
+def _scaled_rms_norm_backward(eps, residuals, d_out):
+  del eps
+  x, inverse_rms, scale = residuals
+  x_hat = x.astype(jnp.float32) * inverse_rms
+  d_out = d_out.astype(jnp.float32)
+  d_normed = d_out * scale
+  d_x = inverse_rms * (d_normed - x_hat * jnp.mean(d_normed * x_hat, axis=-1, keepdims=True))
+  d_scale = jnp.sum(d_out * x_hat, axis=tuple(range(x.ndim - 1)))
+  return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+scaled_rms_norm.defvjp(_scaled_rms_norm_forward, _scaled_rms_norm_backward)
 
 
 class RMSNorm(nnx.Module):
@@ -47,8 +87,7 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.scale[...].astype(jnp.float32)
-    scale = 1.0 + scale if self.plus_one else scale
-    return (rms_norm(x, self.eps).astype(jnp.float32) * scale).astype(x.dtype)
+    return scaled_rms_norm(x, 1.0 + scale if self.plus_one else scale, self.eps)
 
 
 def _yarn_frequencies(inv_freq: np.ndarray, rotary_dim: int, theta: float, scaling):
@@ -100,15 +139,37 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray, attention_factor: fl
   return jnp.sin(angles) * attention_factor, jnp.cos(angles) * attention_factor
 
 
-def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-  """Rotate-half RoPE on the first 2 * sin.shape[-1] dims of x [batch, length, heads, head_dim]
-  (sin, cos from rope_tables); the remaining dims pass through (partial rotary)."""
+def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
   half = sin.shape[-1]
   x32 = x.astype(jnp.float32)
   x1, x2, rest = x32[..., :half], x32[..., half:2 * half], x32[..., 2 * half:]
   sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
   return rotated.astype(x.dtype)
+
+
+@jax.custom_vjp
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on the first 2 * sin.shape[-1] dims of x [batch, length, heads, head_dim]
+  (sin, cos from rope_tables); the remaining dims pass through (partial rotary).
+
+  Its gradient is the inverse rotation of the output's gradient (the rotation's transpose; a
+  YaRN factor in sin and cos scales both ways alike): one fused pass, where the gradient of the
+  slices and concatenation costs XLA:CPU pads and adds. sin and cos are functions of positions
+  and get no gradient."""
+  return _rotate(x, sin, cos)
+
+
+def _apply_rope_forward(x, sin, cos):
+  return _rotate(x, sin, cos), (sin, cos)
+
+
+def _apply_rope_backward(residuals, d_out):
+  sin, cos = residuals
+  return _rotate(d_out, -sin, cos), jnp.zeros_like(sin), jnp.zeros_like(cos)
+
+
+apply_rope.defvjp(_apply_rope_forward, _apply_rope_backward)
 
 
 class SwiGLU(nnx.Module):
@@ -120,6 +181,8 @@ class SwiGLU(nnx.Module):
     self.wo = param(rngs, (mlp_dim, d_model), ('mlp', 'embed'), param_dtype, out_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = dense(x, self.wi[...].astype(x.dtype))
-    h = constrain(jax.nn.silu(h[:, :, 0]) * h[:, :, 1], ('batch', 'length', 'mlp'))
+    # Two products from the kernel's halves rather than one whose output is sliced: the same
+    # FLOPs, and XLA:CPU runs them ~10% faster (no activation copies forward or backward).
+    wi = self.wi[...].astype(x.dtype)
+    h = constrain(jax.nn.silu(dense(x, wi[:, 0])) * dense(x, wi[:, 1]), ('batch', 'length', 'mlp'))
     return dense(h, self.wo[...].astype(x.dtype))

@@ -105,15 +105,17 @@ class Attention(nnx.Module):
     """x: normed block input [batch, length, embed]; rope: (sin, cos) at x's positions;
     cache: None, or this layer's (key, value, length) to write into and attend over.
     Returns ([batch, length, embed], outputs: stats and, with a cache, 'key' and 'value')."""
-    projections = {
-        'query': dense(x, self.wq[...].astype(x.dtype)),
-        'key': dense(x, self.wk[...].astype(x.dtype)),
-        'value': dense(x, self.wv[...].astype(x.dtype)),
-    }
     gate, logits, score = self.gate, None, None
-    if gate.fused_into:
-      projections[gate.fused_into], logits = gate.split(projections[gate.fused_into])
-    elif gate.enabled:
+    projections = {}
+    for name, kernel in (('query', self.wq), ('key', self.wk), ('value', self.wv)):
+      kernel = kernel[...].astype(x.dtype)
+      if gate.fused_into == name:
+        # The kernel, not its output, is split: slicing activations costs XLA:CPU a copy each
+        # way, slicing the kernel costs nothing measurable.
+        kernel, gate_kernel = gate.split(kernel)
+        logits = dense(x, gate_kernel)
+      projections[name] = dense(x, kernel)
+    if gate.enabled and not gate.fused_into:
       logits = gate.logits(x)
     if gate.position in projections:  # G2, G3, G4 gate a projection's output directly.
       projections[gate.position], score = gate(projections[gate.position], logits)

@@ -1,5 +1,6 @@
 """Layers against NumPy references and invariants."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +17,27 @@ def test_rms_norm_matches_reference():
                              reference.rms_norm(x), rtol=1e-5)
 
 
+
+def test_rms_norm_of_an_overflowing_row_is_nan_not_zeros():
+  x = jnp.asarray([[1e20, 1.0, -2.0, 3.0], [1.0, 2.0, 3.0, 4.0]], jnp.float32)
+  for out in (layers.rms_norm(x, 1e-6), layers.scaled_rms_norm(x, jnp.ones(4), 1e-6)):
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+def test_scaled_rms_norm_gradient_equals_autodiff():
+  """scaled_rms_norm's closed-form VJP equals autodiff of x / rms(x) * scale, for x and scale."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 16)).astype(np.float32))
+  scale = jnp.asarray(rng.normal(size=(16,)).astype(np.float32))
+  d_out = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+  plain = lambda x, scale: layers.rms_norm(x, 1e-6) * scale
+  np.testing.assert_allclose(layers.scaled_rms_norm(x, scale, 1e-6), plain(x, scale), rtol=1e-6)
+  _, custom = jax.vjp(lambda x, scale: layers.scaled_rms_norm(x, scale, 1e-6), x, scale)
+  _, autodiff = jax.vjp(plain, x, scale)
+  for got, want in zip(custom(d_out), autodiff(d_out)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('rotary_dim', [8, 4])
 def test_partial_rope_matches_reference(rotary_dim):
   x = np.random.default_rng(1).normal(size=(1, 6, 2, 8)).astype(np.float32)
@@ -25,6 +47,22 @@ def test_partial_rope_matches_reference(rotary_dim):
   np.testing.assert_allclose(out[0], reference.rope(x[0], range(6), rotary_dim, 10_000.0),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(out[..., rotary_dim:], x[..., rotary_dim:])
+
+
+
+@pytest.mark.parametrize('rotary_dim,attention_factor', [(8, 1.0), (4, 1.3)])
+def test_rope_gradient_is_the_inverse_rotation(rotary_dim, attention_factor):
+  """apply_rope's own VJP (the transposed rotation) equals autodiff of the same formula, with a
+  partial rotary and a YaRN-style factor in sin and cos."""
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 3, 8)).astype(np.float32))
+  d_out = jnp.asarray(np.random.default_rng(3).normal(size=x.shape).astype(np.float32))
+  inv_freq, _ = layers.rope_frequencies(rotary_dim, 10_000.0,
+                                        config_lib.base_config().model.rope_scaling)
+  sin, cos = layers.rope_tables(jnp.arange(6)[None], inv_freq, attention_factor)
+  _, custom = jax.vjp(lambda x: layers.apply_rope(x, sin, cos), x)
+  rotate = layers._rotate  # pylint: disable=protected-access
+  _, autodiff = jax.vjp(lambda x: rotate(x, sin, cos), x)
+  np.testing.assert_allclose(custom(d_out)[0], autodiff(d_out)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_swiglu_matches_reference():
