@@ -17,7 +17,6 @@ def test_rms_norm_matches_reference():
                              reference.rms_norm(x), rtol=1e-5)
 
 
-
 def test_rms_norm_of_an_overflowing_row_is_nan_not_zeros():
   x = jnp.asarray([[1e20, 1.0, -2.0, 3.0], [1.0, 2.0, 3.0, 4.0]], jnp.float32)
   for out in (layers.rms_norm(x, 1e-6), layers.scaled_rms_norm(x, jnp.ones(4), 1e-6)):
@@ -47,7 +46,6 @@ def test_partial_rope_matches_reference(rotary_dim):
   np.testing.assert_allclose(out[0], reference.rope(x[0], range(6), rotary_dim, 10_000.0),
                              rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(out[..., rotary_dim:], x[..., rotary_dim:])
-
 
 
 @pytest.mark.parametrize('rotary_dim,attention_factor', [(8, 1.0), (4, 1.3)])
