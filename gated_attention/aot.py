@@ -88,22 +88,32 @@ def _out_of_memory(error, setup, device_kind: str) -> Exception:
 def compiled_flops(config, mesh) -> float | None:
   """Train-step FLOPs per device as XLA's cost model counts them, loops multiplied out.
 
-  XLA counts a loop body once, so a scanned stack of layers or a microbatch loop would count
-  one layer of one microbatch. The count is extrapolated instead from one microbatch of
-  unrolled one- and two-layer versions of the model: cost = microbatches * (c1 + (layers - 1)
-  * (c2 - c1)). Kernels XLA cannot see into (the Pallas splash kernel) count nothing."""
-  costs = []
+  XLA counts a loop body once, so a scanned stack of layers, a microbatch loop or a chunked loss
+  would count one layer, one microbatch, one chunk. The count is extrapolated instead from four
+  compiles without loops: unrolled one- and two-layer versions of the model, the loss taken
+  whole (a chunked loss recomputes nothing, so its FLOPs are the same), on one and on two
+  sequences per batch shard. Each depth's count is a per-step part (the optimizer update) plus
+  a per-sequence part, and both grow linearly with depth. Left out: the microbatch loop's
+  gradient additions (one per parameter per microbatch). Kernels XLA cannot see into (the
+  Pallas splash kernel) count nothing."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+  per_step, per_unit = [], []  # By depth 1, 2; a unit is one sequence per batch shard.
   for layers in (1, 2):
-    part = config.copy_and_resolve_references()
-    part.model.update(num_layers=layers, scan_layers=False)
-    part.data.batch_size //= config.train.microbatches
-    part.train.microbatches = 1
-    cost = compile_train_step(part, setup_train_state(part, mesh)).cost_analysis() or {}
-    if 'flops' not in cost:
-      return None
-    costs.append(cost['flops'])
-  per_layer = costs[1] - costs[0]
-  return config.train.microbatches * (costs[0] + (config.model.num_layers - 1) * per_layer)
+    costs = []
+    for units in (1, 2):
+      part = config.copy_and_resolve_references()
+      part.model.update(num_layers=layers, scan_layers=False, loss_chunk=0)
+      part.data.batch_size = units * shards
+      part.train.microbatches = 1
+      cost = compile_train_step(part, setup_train_state(part, mesh)).cost_analysis() or {}
+      if 'flops' not in cost:
+        return None
+      costs.append(cost['flops'])
+    per_unit.append(costs[1] - costs[0])
+    per_step.append(costs[0] - per_unit[-1])
+  extra_layers = config.model.num_layers - 1
+  at_depth = lambda counts: counts[0] + extra_layers * (counts[1] - counts[0])
+  return at_depth(per_step) + config.data.batch_size / shards * at_depth(per_unit)
 
 
 def compile_report(config, devices) -> dict:
@@ -128,6 +138,8 @@ def compile_report(config, devices) -> dict:
     eval_step = jax.jit(make_eval_step(setup.graphdef, analysis=False,
                                        pad_id=pad_id(config.data.tokenizer))).lower(
         abstract_params, tokens).compile()
+  print('counting FLOPs: four loop-free compiles (1 and 2 layers, 1 and 2 sequences per batch '
+        'shard)', flush=True)
   summary = summarize(config)
   tokens_per_step = config.data.batch_size * config.data.seq_len
   report = {

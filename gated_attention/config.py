@@ -93,6 +93,9 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       # ('full'), or its weight matmuls' outputs ('save_dots'); see gated_attention.model.
       remat='none',
       scan_layers=False,  # Stack the layers' parameters and run one block under lax.scan.
+      # Positions whose logits the loss takes at a time (0: all); it must divide data.seq_len.
+      # Float32 logits of batch x loss_chunk x vocab are alive at once (gated_attention/loss.py).
+      loss_chunk=0,
       **SIZES[size]))
   config.model.gate = gate_config(gate)
   # RoPE scaling for longer contexts (gated_attention.layers.ROPE_SCALINGS): 'linear' divides
@@ -265,6 +268,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if model.attention_impl == 'splash' and data.seq_len % SPLASH_BLOCK:
     raise ConfigError(f'data.seq_len={data.seq_len}: model.attention_impl=splash needs a '
                       f'multiple of {SPLASH_BLOCK} (the kernel\'s block length).')
+  if model.loss_chunk < 0 or (model.loss_chunk and data.seq_len % model.loss_chunk):
+    raise ConfigError(f'model.loss_chunk={model.loss_chunk} must be 0 (all positions at once) '
+                      f'or divide data.seq_len={data.seq_len}.')
   _check_positive('data.batch_size', data.batch_size)
   if not 0 < data.heldout_fraction < 1:
     raise ConfigError(f'data.heldout_fraction={data.heldout_fraction} must be in (0, 1).')

@@ -36,7 +36,7 @@ from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention.model import apply, gate_histogram_edges
 from gated_attention.tokenizer import pad_id
-from gated_attention.train import check_batch, cross_entropy, global_batch, log
+from gated_attention.train import check_batch, global_batch, log
 
 
 QUERY_KINDS = ('all', 'trigger', 'non_trigger')
@@ -62,8 +62,8 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
     attention_map [layers, heads, m, m]: mean over the batch;
     max_activation, gate scores (see ModelOutput)."""
   def eval_step(params, tokens):
-    output = apply(graphdef, params, tokens[:, :-1], analysis=analysis)
-    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:], pad_id)
+    output = apply(graphdef, params, tokens[:, :-1], analysis=analysis, targets=tokens[:, 1:],
+                   pad_id=pad_id)
     stats = dict(output.stats)
     if analysis:
       queries = jnp.ones(tokens[:, :-1].shape, bool).at[:, 0].set(False)
@@ -79,7 +79,7 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
       value_norm = stats.pop('value_norm')  # [layers, batch, length, kv_heads]
       stats['value_norm_first_token'] = jnp.mean(value_norm[:, :, 0], axis=1)
       stats['value_norm_others'] = jnp.mean(value_norm[:, :, 1:], axis=(1, 2))
-    return {'loss_sum': loss_sum, 'tokens': num_tokens, **stats}
+    return {'loss_sum': output.loss_sum, 'tokens': output.num_tokens, **stats}
   return eval_step
 
 

@@ -1,9 +1,11 @@
 """Decoder-only language model with gated attention: embedding, pre-norm blocks (attention with
 its gate, SwiGLU MLP or mixture of experts), final RMSNorm, logits.
 
-`Transformer(config.model, rngs=...)(tokens)` returns a `ModelOutput` whose `logits` are float32.
-The same call serves training, evaluation with the paper's measurements (`analysis=True`; the
-training path never computes them) and generation (`cache=`, a `KVCache`).
+`Transformer(config.model, rngs=...)(tokens)` returns a `ModelOutput` whose `logits` are float32;
+given the next tokens (`targets=`) it returns their loss instead, computed `model.loss_chunk`
+positions at a time (gated_attention/loss.py). The same call serves training, evaluation with the
+paper's measurements (`analysis=True`; the training path never computes them) and generation
+(`cache=`, a `KVCache`).
 
 Layers are a Python loop over `blocks` or, with `model.scan_layers`, one block whose parameters
 are stacked on a leading `layers` axis (`layers`), run under jax.lax.scan: one block body is
@@ -22,6 +24,7 @@ from gated_attention import attention as attention_lib
 from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
 from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, rope_frequencies,
                                     rope_tables)
+from gated_attention.loss import next_token_loss, output_logits
 from gated_attention.moe import MoE
 from gated_attention.sharding import constrain, splits_evenly
 
@@ -60,7 +63,7 @@ class KVCache(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-  """logits: float32 [batch, length, vocab].
+  """logits: float32 [batch, length, vocab]; None when the call was given targets.
   aux_losses: mixture-of-experts load_balance_loss and router_z_loss, mean over layers ({} for
     a dense model).
   stats: with analysis=True, per-layer arrays (leading axis: layers):
@@ -70,11 +73,15 @@ class ModelOutput(NamedTuple):
     value_norm [layers, batch, length, kv_heads]: |v| of each position's value state;
     max_activation [layers]: max |hidden state| of the residual stream after each layer;
     gate_score_mean [layers], gate_score_histogram [layers, bins] (gated models only).
-  cache: the updated KVCache when one was given, else None."""
-  logits: jax.Array
+  cache: the updated KVCache when one was given, else None.
+  loss_sum, num_tokens: given targets, their summed cross-entropy and how many counted (targets
+    equal to pad_id do not), else None."""
+  logits: jax.Array | None
   aux_losses: dict
   stats: dict
   cache: KVCache | None
+  loss_sum: jax.Array | None = None
+  num_tokens: jax.Array | None = None
 
 
 class Attention(nnx.Module):
@@ -239,10 +246,13 @@ class Transformer(nnx.Module):
                                                   cfg.rope_theta, cfg.rope_scaling)
     self.rope = (tuple(inv_freq.tolist()), attention_factor)  # Static: hashable numbers.
     self.remat_policy = cfg.remat
+    self.loss_chunk = cfg.loss_chunk
 
-  def __call__(self, tokens: jax.Array, cache: KVCache | None = None,
-               analysis: bool = False) -> ModelOutput:
-    """tokens: int [batch, length]; with a cache, placed at positions cache.length onwards."""
+  def __call__(self, tokens: jax.Array, cache: KVCache | None = None, analysis: bool = False,
+               targets: jax.Array | None = None, pad_id: int | None = None) -> ModelOutput:
+    """tokens: int [batch, length]; with a cache, placed at positions cache.length onwards.
+    targets: int [batch, length], the next tokens: the output has their loss (those equal to
+    pad_id not counted) and no logits."""
     assert not (analysis and cache is not None), 'analysis runs on whole sequences'
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, ACTIVATION_AXES)
@@ -253,19 +263,21 @@ class Transformer(nnx.Module):
     x, per_layer = self._layers(x, rope, cache, analysis)
 
     x = self.final_norm(x)
-    if self.lm_head is None:
-      logits = jnp.einsum('bte,ve->btv', x, self.embedding[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+    kernel = (self.embedding[...].T if self.lm_head is None else self.lm_head[...])
+    kernel = kernel.astype(self.dtype)
+    logits, loss_sum, num_tokens = None, None, None
+    if targets is None:
+      logits = output_logits(x, kernel)
     else:
-      logits = dense(x, self.lm_head[...].astype(self.dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ('batch', 'length', 'vocab'))
+      loss_sum, num_tokens = next_token_loss(x, kernel, targets, pad_id, self.loss_chunk)
     aux_losses = {name: jnp.mean(per_layer.pop(name))
                   for name in ('load_balance_loss', 'router_z_loss') if name in per_layer}
     new_cache = None
     if cache is not None:
       new_cache = KVCache(per_layer.pop('key'), per_layer.pop('value'),
                           cache.length + tokens.shape[1])
-    return ModelOutput(logits, aux_losses, per_layer if analysis else {}, new_cache)
+    return ModelOutput(logits, aux_losses, per_layer if analysis else {}, new_cache, loss_sum,
+                       num_tokens)
 
   def _layers(self, x, rope, cache, analysis):
     """Runs every block; returns x and the blocks' outputs stacked over layers."""
@@ -296,6 +308,8 @@ class Transformer(nnx.Module):
 
 
 def apply(graphdef, params, tokens: jax.Array, cache: KVCache | None = None,
-          analysis: bool = False) -> ModelOutput:
+          analysis: bool = False, targets: jax.Array | None = None,
+          pad_id: int | None = None) -> ModelOutput:
   """Runs the model functionally: the one way training, evaluation and generation call it."""
-  return nnx.merge(graphdef, params)(tokens, cache=cache, analysis=analysis)
+  return nnx.merge(graphdef, params)(tokens, cache=cache, analysis=analysis, targets=targets,
+                                     pad_id=pad_id)

@@ -15,10 +15,12 @@ Two ways to run the routed experts (`impl`):
             every expert then runs over seq_len slots, num_experts / top_k times the routed
             work. Experts are sharded over the `expert` mesh axis and run where they live.
   ragged    dropless grouped matmuls: each device sorts its own tokens' assignments by expert
-            and runs jax.lax.ragged_dot (one GEMM per expert over exactly its rows), so the
-            work is the routed work. Expert weights are gathered where they are sharded over
+            and runs one GEMM per expert over exactly its rows (`grouped_matmul`), so the work
+            is the routed work. Expert weights are gathered where they are sharded over
             `expert` or `fsdp` (as FSDP gathers dense weights), and stay split over `tensor`.
-            On TPU and GPU ragged_dot is a grouped GEMM; on CPU XLA expands it densely.
+            On TPU the grouped GEMMs are the Pallas megablox kernels, forward and backward
+            (XLA's own ragged_dot lowers the weight gradient to a dense product over every
+            expert); elsewhere jax.lax.ragged_dot, which XLA:CPU expands densely.
 
 Auxiliary losses (returned with the output, averaged over layers by the model):
   load balance   num_experts * sum_e f_e * P_e, with f_e the share of (token, choice)
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gated_attention.layers import SwiGLU, param
-from gated_attention.sharding import constrain, logical_to_spec
+from gated_attention.sharding import constrain, logical_to_spec, target_platform
 
 def expert_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
   """Slots per expert per sequence; seq_len (dropless) when capacity_factor is 0."""
@@ -78,8 +80,34 @@ def _swiglu_rows(h: jax.Array) -> jax.Array:
   return jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
 
 
-def _ragged_experts(x, expert, weight, wi, wo):
-  """Dropless routed experts on one device's tokens, sorted by expert into ragged_dot groups.
+# Row tiles of the megablox kernels: rows are padded to a multiple of this.
+MEGABLOX_ROWS = 128
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                   pallas: bool) -> jax.Array:
+  """Rows of lhs [m, k], sorted into consecutive groups of group_sizes [g] (int32) rows, each
+  times its group's matrix of rhs [g, k, n] -> [m, n] in lhs's dtype.
+
+  pallas: the megablox grouped-GEMM kernels (jax.experimental.pallas.ops.tpu.megablox; its
+  custom VJP runs the gradients as grouped GEMMs too), in interpret mode off TPU; rows are
+  padded with zeros to a multiple of MEGABLOX_ROWS, counted in the last group. Otherwise
+  jax.lax.ragged_dot."""
+  if not pallas:
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes)
+  from jax.experimental.pallas.ops.tpu.megablox import gmm  # Pallas: imported where used.
+  rows, (_, k, n) = lhs.shape[0], rhs.shape
+  padding = -rows % MEGABLOX_ROWS
+  lhs = jnp.pad(lhs, ((0, padding), (0, 0)))
+  group_sizes = group_sizes.at[-1].add(padding)
+  tiling = (MEGABLOX_ROWS, min(k, 128), min(n, 128))
+  out = gmm(lhs, rhs, group_sizes, lhs.dtype, tiling, None, None, False,
+            target_platform() != 'tpu')
+  return out[:rows]
+
+
+def _ragged_experts(x, expert, weight, wi, wo, pallas: bool):
+  """Dropless routed experts on one device's tokens, sorted by expert into grouped matmuls.
   x [b, t, e]; expert, weight [b, k, t]; wi [E, e, 2, m]; wo [E, m, e]. Returns [b, t, e]."""
   batch, top_k, seq = expert.shape
   num_experts, embed, _, mlp = wi.shape
@@ -88,9 +116,10 @@ def _ragged_experts(x, expert, weight, wi, wo):
   token = (order // (top_k * seq)) * seq + order % seq  # Choice-major index -> token index.
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
   rows = x.reshape(batch * seq, embed)[token]
-  h = jax.lax.ragged_dot(rows, wi.reshape(num_experts, embed, 2 * mlp), group_sizes)
+  h = grouped_matmul(rows, wi.reshape(num_experts, embed, 2 * mlp), group_sizes, pallas)
   h = _swiglu_rows(h.reshape(-1, 2, mlp))
-  out = jax.lax.ragged_dot(h, wo, group_sizes) * weight.reshape(-1)[order, None].astype(x.dtype)
+  out = grouped_matmul(h, wo, group_sizes, pallas)
+  out = out * weight.reshape(-1)[order, None].astype(x.dtype)
   return jnp.zeros((batch * seq, embed), x.dtype).at[token].add(out).reshape(batch, seq, embed)
 
 
@@ -153,9 +182,9 @@ class MoE(nnx.Module):
     return jnp.einsum('bkte,bkt->bte', gathered, weight.astype(x.dtype))
 
   def _ragged(self, x, expert, weight, wi, wo):
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-      return _ragged_experts(x, expert, weight, wi, wo)
+    pallas = target_platform() == 'tpu'
+    if jax.sharding.get_abstract_mesh().empty:
+      return _ragged_experts(x, expert, weight, wi, wo, pallas)
     tokens_spec = logical_to_spec(('batch', None, None))
     wi_spec = logical_to_spec(('expert', 'embed', None, 'mlp'))
     wo_spec = logical_to_spec(('expert', 'mlp', 'embed'))
@@ -165,7 +194,7 @@ class MoE(nnx.Module):
       # and sum the partial outputs over it.
       wi = _all_gather(wi, wi_spec, (0, 1))
       wo = _all_gather(wo, wo_spec, (0, 2))
-      out = _ragged_experts(x, expert, weight, wi, wo)
+      out = _ragged_experts(x, expert, weight, wi, wo, pallas)
       return jax.lax.psum(out, wi_spec[3]) if wi_spec[3] else out
 
     return jax.shard_map(local, in_specs=(tokens_spec, tokens_spec, tokens_spec, wi_spec,

@@ -54,15 +54,6 @@ class TrainingError(RuntimeError):
     self.step = step
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  pad_id: int | None) -> tuple[jax.Array, jax.Array]:
-  """(summed next-token loss, number of counted targets) for float32 logits [b, t, v]; targets
-  equal to pad_id (the tokenizer's PAD; None: there is none) do not count."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  mask = jnp.ones(targets.shape, bool) if pad_id is None else targets != pad_id
-  return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
-
-
 def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | None,
                     microbatches: int = 1):
   """train_step(state, tokens [batch, seq_len + 1]) -> (state, metrics).
@@ -78,9 +69,8 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | Non
                  'router_z_loss': moe_config.router_z_weight}
 
   def objective(params, tokens):
-    output = apply(graphdef, params, tokens[:, :-1])
-    loss_sum, num_tokens = cross_entropy(output.logits, tokens[:, 1:], pad_id)
-    loss = loss_sum / jnp.maximum(num_tokens, 1)
+    output = apply(graphdef, params, tokens[:, :-1], targets=tokens[:, 1:], pad_id=pad_id)
+    loss = output.loss_sum / jnp.maximum(output.num_tokens, 1)
     total = loss + sum(aux_weights[name] * value for name, value in output.aux_losses.items())
     return total, {'loss': loss, **output.aux_losses}
 

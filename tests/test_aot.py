@@ -4,12 +4,17 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import paper
 from gated_attention import aot
 from gated_attention import config as config_lib
+from gated_attention import moe
 from gated_attention import sharding
+from gated_attention.train import compile_train_step, setup_train_state
 
 pytest.importorskip('libtpu', reason='the TPU runtime (requirements-tpu.txt) is not installed')
 V5E_2X2 = 'v5e:2x2'
@@ -80,3 +85,38 @@ def test_multi_slice_topology_puts_the_data_axis_across_slices():
   mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1), devices)
   for row, slice_index in zip(mesh.devices.reshape(2, -1), (0, 1)):
     assert {device.slice_index for device in row} == {slice_index}  # fsdp stays within a slice.
+
+
+def test_compiled_flops_multiply_out_the_scan_microbatch_and_loss_loops():
+  """The extrapolated count of a scanned, microbatched, chunked-loss step equals XLA's direct
+  count of the same step with every loop unrolled."""
+  config = config_lib.base_config('tiny')
+  config.model.update(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64, attention_impl='xla', scan_layers=True, loss_chunk=8)
+  config.data.update(batch_size=4, seq_len=32)
+  config.train.microbatches = 2
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  extrapolated = aot.compiled_flops(config, mesh)
+  config.model.update(scan_layers=False, loss_chunk=0)
+  config.train.microbatches = 1
+  direct = compile_train_step(config, setup_train_state(config, mesh)).cost_analysis()['flops']
+  assert extrapolated == pytest.approx(direct, rel=0.005)
+
+
+def test_grouped_matmul_compiles_for_tpu_to_grouped_gemms_forward_and_backward():
+  """On TPU the MoE's grouped matmuls run the megablox kernels: the product and both gradients
+  count the routed work, 3 x 2mkn. XLA's own ragged_dot makes the weight gradient a dense
+  product over all g groups (g x 2mkn on its own, so g + 2 in all)."""
+  m, k, n, groups = 1024, 256, 512, 8
+  mesh = jax.sharding.Mesh(np.array(aot.topology_devices(V5E_2X2)[:1]), ('x',))
+  shapes = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.replicated(mesh))
+            for shape, dtype in (((m, k), jnp.bfloat16), ((groups, k, n), jnp.bfloat16),
+                                 ((groups,), jnp.int32))]
+  counted = {}
+  for pallas in (True, False):
+    loss = lambda lhs, rhs, sizes: jnp.sum(
+        moe.grouped_matmul(lhs, rhs, sizes, pallas).astype(jnp.float32) ** 2)
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*shapes).compile()
+    counted[pallas] = compiled.cost_analysis()['flops'] / (2 * m * k * n)
+  assert 3 <= counted[True] < 3.1 and counted[False] > groups + 2, counted

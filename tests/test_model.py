@@ -93,6 +93,32 @@ def test_untied_embeddings_add_an_output_head():
   assert count(untied) - count(tied) == tied.d_model * tied.vocab_size
 
 
+@pytest.mark.parametrize('tie', [True, False])
+def test_the_loss_given_targets_is_the_cross_entropy_of_the_logits(tie):
+  """Targets in: summed cross-entropy out, whole or 4 positions at a time, with the gradients of
+  the cross-entropy written from the logits (log_softmax), PAD targets not counted."""
+  tokens = helpers.random_tokens(7, length=17)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:].at[0, :4].set(0)
+
+  def plain(p):
+    log_probs = jax.nn.log_softmax(nnx.merge(graphdef, p)(inputs).logits)
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return -jnp.sum(jnp.where(targets != 0, picked, 0.0))
+
+  for chunk in (0, 4):
+    cfg = helpers.model_config('g1_elementwise', tie_embeddings=tie, loss_chunk=chunk)
+    graphdef, params = nnx.split(helpers.transformer(cfg))
+    params = nnx.to_pure_dict(params)
+    output = nnx.merge(graphdef, params)(inputs, targets=targets, pad_id=0)
+    assert output.logits is None and int(output.num_tokens) == targets.size - 4
+    expected, expected_grads = jax.jit(jax.value_and_grad(plain))(params)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(
+        inputs, targets=targets, pad_id=0).loss_sum))(params)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5), grads,
+                 expected_grads)
+
+
 def test_sandwich_norm_adds_one_norm_per_layer():
   plain = helpers.model_config('none')
   sandwich = helpers.model_config('none', sandwich_norm=True)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from gated_attention.metrics import read_metrics
 from gated_attention.model import apply
+from gated_attention import moe
 from gated_attention.moe import MoE, capacity_slots, expert_capacity, load_balance_loss, route
 from gated_attention.train import train
 from tests import helpers, reference
@@ -131,6 +132,26 @@ def test_ragged_grouped_matmuls_equal_the_dropless_capacity_path(top_k):
     results[impl] = _moe_output_and_grads(cfg, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                results['ragged'], results['capacity'])
+
+
+@pytest.mark.parametrize('pallas', [False, True])
+def test_grouped_matmul_multiplies_each_row_by_its_group_and_so_do_its_gradients(pallas):
+  """ragged_dot and the megablox kernels (Pallas interpret mode here): against per-group NumPy
+  products, with an empty group and a row count that is no multiple of the kernel's tiles."""
+  rng = np.random.default_rng(5)
+  sizes = np.array([7, 0, 20, 3], np.int32)
+  lhs = rng.normal(size=(sizes.sum(), 24)).astype(np.float32)
+  rhs = rng.normal(size=(4, 24, 40)).astype(np.float32)
+  d_out = rng.normal(size=(sizes.sum(), 40)).astype(np.float32)
+  group = np.repeat(np.arange(4), sizes)
+  expected = np.einsum('mk,mkn->mn', lhs, rhs[group])
+  expected_d_lhs = np.einsum('mn,mkn->mk', d_out, rhs[group])
+  expected_d_rhs = np.stack([lhs[group == g].T @ d_out[group == g] for g in range(4)])
+  out, vjp = jax.vjp(lambda a, b: moe.grouped_matmul(a, b, jnp.asarray(sizes), pallas),
+                     jnp.asarray(lhs), jnp.asarray(rhs))
+  d_lhs, d_rhs = vjp(jnp.asarray(d_out))
+  for got, want in ((out, expected), (d_lhs, expected_d_lhs), (d_rhs, expected_d_rhs)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
 
 
 def test_shared_expert_adds_its_sigmoid_gated_swiglu():
