@@ -263,7 +263,7 @@ class Transformer(nnx.Module):
     x, per_layer = self._layers(x, rope, cache, analysis)
 
     x = self.final_norm(x)
-    kernel = (self.embedding[...].T if self.lm_head is None else self.lm_head[...])
+    kernel = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
     kernel = kernel.astype(self.dtype)
     logits, loss_sum, num_tokens = None, None, None
     if targets is None:
