@@ -4,8 +4,10 @@
       --gates=none,g1_elementwise,g1_headwise --attention_impls=xla,chunked [--scan=false,true]
       [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] [--json]
 
-Each row: parameters, ms/step, tokens/s, MFU (gate FLOPs included), compiled memory per device,
-and the overhead against the ungated row of the same settings. --torch_python runs the PyTorch
+Each row: parameters, ms/step (the median trial; the trials' range beside it), tokens/s, MFU
+(gate FLOPs included), compiled memory per device, and the overhead against the ungated row of
+the same settings. Rows run one after the other, each alone in memory: timed round-robin in one
+process, a row's time depended on the rows beside it (3-10% here). --torch_python runs the PyTorch
 reference (../shared/bench/torch_lm.py, in its own environment) on the same shape in the same
 run, eager and with torch.compile. --attention_memory=512,...,16384 prints the compiled memory
 of one attention layer's forward and backward pass per implementation and length.
@@ -78,18 +80,19 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
   print(f'\n{first["devices"]} x {first["device_kind"]}, batch {config.data.batch_size} x seq '
         f'{config.data.seq_len}, dtype {config.model.dtype}')
   print(f'{"gate":28} {"attention":>10} {"scan":>5} {"moe":>9} {"params":>11} {"ms/step":>9} '
-        f'{"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10}')
+        f'{"trial range":>13} {"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10}')
   for row in rows:
     r = row['result']
     mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a'
     overhead = f'{r["overhead_vs_none"]:+.1%}' if r['overhead_vs_none'] is not None else 'n/a'
     memory = f'{r["memory_bytes"]["total"] / 2**20:.0f}' if r['memory_bytes'] else 'n/a'
+    spread = f'{min(r["trial_step_times_s"]) * 1e3:.0f}-{max(r["trial_step_times_s"]) * 1e3:.0f}'
     print(f'{row["gate"]:28} {row["attention"]:>10} {str(row["scan"]):>5} {row["moe"]:>9} '
-          f'{r["params"]:>11,} {r["step_time_s"] * 1e3:>9.1f} {r["tokens_per_sec"]:>9,.0f} '
-          f'{mfu:>6} {overhead:>8} {memory:>10}')
+          f'{r["params"]:>11,} {r["step_time_s"] * 1e3:>9.1f} {spread:>13} '
+          f'{r["tokens_per_sec"]:>9,.0f} {mfu:>6} {overhead:>8} {memory:>10}')
   for name, r in torch.items():
     print(f'{name:28} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
-          f'{r["step_time_s"] * 1e3:>9.1f} {r["tokens_per_sec"]:>9,.0f}')
+          f'{r["step_time_s"] * 1e3:>9.1f} {"":>13} {r["tokens_per_sec"]:>9,.0f}')
   if torch:
     print('(torch: PyTorch reference of the same shape, its own process; vocabulary and gate as '
           'above, G1 only)')

@@ -18,7 +18,8 @@ from gated_attention.train import (check_batch, compile_train_step, compiled_mem
 
 
 def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
-  """Median over `trials` of the mean step time over `steps` steps, after a warm-up step."""
+  """Median over `trials` of the mean step time over `steps` steps, after a warm-up step; every
+  trial's time beside it (`trial_step_times_s`)."""
   config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh)
   check_batch(config, mesh)
@@ -41,7 +42,8 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
     step_times.append((time.perf_counter() - started) / steps)
   step_time = float(np.median(step_times))
   tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
-  return {'params': setup.num_params, 'step_time_s': step_time, 'tokens_per_sec': tokens_per_sec,
+  return {'params': setup.num_params, 'step_time_s': step_time, 'trial_step_times_s': step_times,
+          'tokens_per_sec': tokens_per_sec,
           'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': compile_s,
           'memory_bytes': compiled_memory(compiled), 'device_kind': jax.devices()[0].device_kind,
           'devices': jax.device_count()}
@@ -86,8 +88,9 @@ def torch_reference(python: str, script: str, config, compile_mode: bool = False
   line = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ''
   found = re.search(r'params=([\d,]+) ms/step=([\d.]+)', line)
   if result.returncode or not found:
-    raise config_lib.ConfigError(f'the PyTorch reference {script} failed under {python}: '
-                                 f'{(result.stderr or line).strip().splitlines()[-1:]}')
+    said = (result.stderr or line).strip().splitlines() or ['no output']
+    raise config_lib.ConfigError(f'the PyTorch reference {script} failed under {python} (exit '
+                                 f'status {result.returncode}): {said[-1]}')
   step_time = float(found.group(2)) / 1e3
   return {'params': int(found.group(1).replace(',', '')), 'step_time_s': step_time,
           'tokens_per_sec': data.batch_size * data.seq_len / step_time, 'line': line}

@@ -1,0 +1,62 @@
+"""The benchmark's results (arithmetic over its trials) and its PyTorch reference's contract."""
+
+import numpy as np
+import pytest
+
+from gated_attention import benchmark
+from gated_attention.config import ConfigError
+from tests.helpers import run_config
+
+
+def test_benchmark_train_step_reports_the_median_trial():
+  configs = [run_config(gate='none'), run_config(gate='g1_headwise')]
+  for config in configs:
+    config.model.num_layers = 1
+  results = [benchmark.benchmark_train_step(config, steps=1, trials=3) for config in configs]
+  model = configs[0].model
+  # The headwise gate adds one [d_model, num_heads] kernel per layer.
+  assert results[1]['params'] - results[0]['params'] == model.d_model * model.num_heads
+  tokens_per_step = configs[0].data.batch_size * configs[0].data.seq_len
+  for result in results:
+    assert len(result['trial_step_times_s']) == 3 and min(result['trial_step_times_s']) > 0
+    assert result['step_time_s'] == np.median(result['trial_step_times_s'])
+    assert result['tokens_per_sec'] == pytest.approx(tokens_per_step / result['step_time_s'])
+    assert result['memory_bytes']['total'] > 0 and result['devices'] == 1
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+  """An executable standing in for a PyTorch interpreter: records its environment, prints the
+  reference's result line (or fails, with FAIL=1 in its own environment)."""
+  script = tmp_path / 'python'
+  script.write_text('#!/bin/sh\n'
+                    f'env > {tmp_path}/env.txt\n'
+                    'if [ -n "$FAIL" ]; then echo "no torch here" >&2; exit 3; fi\n'
+                    'echo "torch 2 compile=$COMPILE gate=$GATE params=1,234 ms/step=250.0 '
+                    'tokens/s=1"\n')
+  script.chmod(0o755)
+  return script
+
+
+def test_torch_reference_gets_the_shape_and_reads_its_line(fake_python, tmp_path):
+  config = run_config(gate='g1_headwise')
+  result = benchmark.torch_reference(str(fake_python), 'torch_lm.py', config, compile_mode=True)
+  environment = dict(line.split('=', 1) for line in
+                     (tmp_path / 'env.txt').read_text().splitlines() if '=' in line)
+  model = config.model
+  assert {key: environment[key] for key in ('D', 'LAYERS', 'HEADS', 'KV_HEADS', 'HEAD_DIM',
+                                            'SEQ', 'BATCH', 'GATE', 'COMPILE')} == {
+      'D': '32', 'LAYERS': '2', 'HEADS': '4', 'KV_HEADS': '2', 'HEAD_DIM': '8',
+      'SEQ': '32', 'BATCH': '8', 'GATE': 'headwise', 'COMPILE': '1'}
+  assert environment['MLP'] == str(model.mlp_dim)
+  assert result['params'] == 1234 and result['step_time_s'] == 0.25
+  assert result['tokens_per_sec'] == 8 * 32 / 0.25
+
+
+def test_torch_reference_failure_names_the_script_and_its_error(fake_python, tmp_path):
+  failing = tmp_path / 'failing_python'
+  failing.write_text(f'#!/bin/sh\nFAIL=1 exec {fake_python} "$@"\n')
+  failing.chmod(0o755)
+  with pytest.raises(ConfigError, match=r'torch_lm\.py failed under .*failing_python \(exit '
+                                        r'status 3\): no torch here$'):
+    benchmark.torch_reference(str(failing), 'torch_lm.py', run_config(gate='none'))
