@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -61,8 +62,17 @@ def _parse_flags(argv):
     fail(_command_line_error(error, argv))
 
 
-def run(main) -> None:
+def run(main, compilation_cache: bool = True) -> None:
   """app.run(main), with every flag error one line, in a process that keeps its freed host
-  memory (`distributed.keep_freed_host_memory`: XLA:CPU steps ~15% faster)."""
+  memory (`distributed.keep_freed_host_memory`: XLA:CPU steps ~15% faster), starts the TPU
+  runtime quietly where no TPU chip is attached, and keeps compiled programs on disk
+  (`distributed.use_compilation_cache`) unless `compilation_cache` is False: for the commands
+  that time compiling."""
   distributed.keep_freed_host_memory()
+  if not distributed.tpu_chips_attached():
+    distributed.quiet_tpu_runtime()
+  if compilation_cache:
+    distributed.use_compilation_cache()
+  else:
+    jax.config.update('jax_enable_compilation_cache', False)
   app.run(main, flags_parser=_parse_flags)

@@ -10,9 +10,9 @@ refused, naming the config key. The tokenizer goes along (the byte tokenizer as 
 tokenizer.json), so `lm_eval --model hf --model_args pretrained=HF_DIR` runs on it.
 """
 
-from absl import app, flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention.hf import export_hf
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -13,9 +13,9 @@ and the timings.
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import sharding as sharding_lib
@@ -100,10 +100,11 @@ def main(argv):
     print(f'step {step}: prefill {timing["prefill_tokens"]} tokens at '
           f'{timing["prefill_tokens_per_sec"]:,.0f} tokens/s, decode {timing["decode_tokens"]} '
           f'tokens at {timing["decode_tokens_per_sec"]:,.0f} tokens/s (compile '
-          f'{timing["compile_seconds"]:.1f} s)')
+          f'{timing["compile_seconds"]:.1f} s' + (f', {timing["compile_cache_hits"]} program(s) '
+          'from the compilation cache)' if timing['compile_cache_hits'] else ')'))
 
   common.run_cleanly(run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

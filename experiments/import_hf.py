@@ -11,10 +11,10 @@ parameters; `experiments.train --config=configs/workdir.py:workdir=OUT --workdir
 training from it.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from experiments import common
+from experiments import cli, common
 from gated_attention import config as config_lib
 from gated_attention.hf import import_hf
 
@@ -44,4 +44,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from gated_attention import config as config_lib
+from gated_attention import distributed
 from gated_attention import sharding as sharding_lib
 from gated_attention.evaluate import make_eval_step
 from gated_attention.summary import summarize
@@ -47,10 +48,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   """The devices of a TPU topology such as 'v5p:4x4x4' (compile-only), or 'local' for these."""
   if topology == 'local':
     return jax.devices()
-  # libtpu asks the host for these; off a TPU VM they only quiet warnings. Compile-only devices
-  # never touch a chip, so the lock that keeps two processes off one TPU is not needed.
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-4')
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+  distributed.quiet_tpu_runtime()
+  # Compile-only devices never touch a chip: the lock that keeps two processes off one TPU is
+  # not needed.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   from jax.experimental import topologies
   try:

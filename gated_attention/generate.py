@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gated_attention.distributed import CompileTimer
 from gated_attention.model import KVCache, apply
 from gated_attention.sharding import named_sharding
 
@@ -41,7 +42,8 @@ class Sampling:
 class Generation:
   """tokens: the new ids of each prompt (up to and including EOS). timing: prefill_tokens (the
   prompts' ids), decode_tokens (new ids after each prompt's first, which prefill gives), their
-  seconds and tokens/s, and compile_seconds (not in the others)."""
+  seconds and tokens/s, compile_seconds (not in the others) and compile_cache_hits (programs the
+  compilation cache served)."""
   tokens: list[list[int]]
   timing: dict
 
@@ -145,13 +147,16 @@ class Generator:
     """New ids for each prompt (lists of ids, non-empty), batch_size prompts at a time, greedy
     or sampled, each stopping after eos_id or max_new_tokens."""
     tokens, totals = [], dict.fromkeys(('prefill_tokens', 'prefill_seconds', 'decode_tokens',
-                                        'decode_seconds', 'compile_seconds'), 0)
+                                        'decode_seconds', 'compile_seconds',
+                                        'compile_cache_hits'), 0)
     for start in range(0, len(prompts), batch_size):
       batch = prompts[start:start + batch_size]
-      new, seconds = self._generate_batch(batch, max_new_tokens, sampling, seed + start, eos_id)
+      new, seconds, cache_hits = self._generate_batch(batch, max_new_tokens, sampling,
+                                                      seed + start, eos_id)
       tokens += new
       totals['prefill_tokens'] += sum(len(p) for p in batch)
       totals['decode_tokens'] += sum(len(ids) - 1 for ids in new)  # The first is prefill's.
+      totals['compile_cache_hits'] += cache_hits
       for name, value in seconds.items():
         totals[f'{name}_seconds'] += value
     for stage in ('prefill', 'decode'):
@@ -160,7 +165,8 @@ class Generator:
     return Generation(tokens, totals)
 
   def _generate_batch(self, prompts, max_new_tokens, sampling, seed, eos_id):
-    """(new ids of each prompt, {'compile', 'prefill', 'decode': seconds}) for one batch."""
+    """(new ids of each prompt, {'compile', 'prefill', 'decode': seconds}, programs the
+    compilation cache served) for one batch."""
     batch = bucket(len(prompts), self.batch_ways, minimum=1)
     prompt_length = bucket(max(len(p) for p in prompts))
     steps = bucket(max_new_tokens)
@@ -175,9 +181,8 @@ class Generator:
                 jnp.float32(sampling.top_p))
     args = (self.params, tokens, lengths, key, settings)
 
-    started = time.perf_counter()
-    prefill, decode = self._compile(batch, prompt_length, steps, args)
-    compile_seconds = time.perf_counter() - started
+    with CompileTimer() as compile_timer:
+      prefill, decode = self._compile(batch, prompt_length, steps, args)
     started = time.perf_counter()
     cache, first = jax.block_until_ready(prefill(*args))
     prefill_seconds = time.perf_counter() - started
@@ -187,7 +192,8 @@ class Generator:
                                         len(prompts)))
     decode_seconds = time.perf_counter() - started
     return ([new[row, :counts[row]].tolist() for row in range(len(prompts))],
-            {'compile': compile_seconds, 'prefill': prefill_seconds, 'decode': decode_seconds})
+            {'compile': compile_timer.seconds, 'prefill': prefill_seconds,
+             'decode': decode_seconds}, compile_timer.cache_hits)
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

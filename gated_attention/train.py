@@ -39,7 +39,7 @@ from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention import workdir as workdir_lib
-from gated_attention.distributed import PreemptionWatch
+from gated_attention.distributed import CompileTimer, PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
@@ -456,10 +456,10 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
                                                         iterator, allow_data_change)
 
   # Phase 5: compile.
-  started = time.perf_counter()
-  compiled = compile_train_step(config, setup)
-  log(f'{setup.num_params:,} parameters; train step compiled in '
-      f'{time.perf_counter() - started:.1f}s; {describe_memory(compiled)}')
+  with CompileTimer() as compile_timer:
+    compiled = compile_train_step(config, setup)
+  log(f'{setup.num_params:,} parameters; train step {compile_timer}; '
+      f'{describe_memory(compiled)}')
   check_memory(compiled)
 
   # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host

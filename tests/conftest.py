@@ -5,6 +5,9 @@ reuse, as every command line does (`distributed.keep_freed_host_memory`)."""
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Command lines run by the tests compile afresh (each test stands alone); the compilation
+# cache has its own test.
+os.environ.setdefault('JAX_ENABLE_COMPILATION_CACHE', 'false')
 
 from gated_attention import distributed  # pylint: disable=wrong-import-position
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,6 +41,30 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   single, multi = read_metrics(tmp_path / 'single'), read_metrics(tmp_path / 'multi')
   assert [r['step'] for r in multi] == [1, 2, 3, 4]  # Steps 3 and 4 logged once, by the resume.
   np.testing.assert_allclose([r['loss'] for r in multi], [r['loss'] for r in single], rtol=2e-5)
+
+
+def test_a_relaunch_loads_its_train_step_from_the_compilation_cache_and_trains_alike(tmp_path):
+  """The same command line twice: the second run loads the train step the first compiled and
+  ends with the same parameters. The runs choose their platform as a user's would (no
+  JAX_PLATFORMS): where the TPU runtime is installed on a host without TPU chips, it starts
+  without its host warnings."""
+  environment = {key: value for key, value in helpers.env().items() if key != 'JAX_PLATFORMS'}
+  environment.update(JAX_ENABLE_COMPILATION_CACHE='true',
+                     JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'cache'),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')  # The tiny step compiles fast.
+  outputs = []
+  for run in ('first', 'second'):
+    result = subprocess.run(helpers.command('experiments.train', tmp_path / run, 2, 2),
+                            cwd=helpers.REPO, env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs.append(result.stdout + result.stderr)
+  assert 'train step compiled in' in outputs[0]
+  assert 'train step loaded from the compilation cache in' in outputs[1]
+  for output in outputs:
+    assert 'TPU_WORKER_HOSTNAMES' not in output and 'host bounds' not in output, output[:2000]
+  first, second = helpers.run_params(tmp_path / 'first'), helpers.run_params(tmp_path / 'second')
+  jax.tree.map(np.testing.assert_array_equal, first, second)
 
 
 def test_restore_onto_another_mesh_and_device_count(tmp_path):
