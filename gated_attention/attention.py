@@ -22,7 +22,8 @@ holds position j: it sees slots 0..q_offset[b] + i.
   splash       the Pallas TPU splash-attention kernel (forward and backward), run per shard
                with shard_map over the batch and head mesh axes; in Pallas interpret mode
                elsewhere (tests).
-  auto         splash on TPU, cudnn on GPU, chunked on CPU (the fastest there: see README).
+  auto         splash on TPU, cudnn on GPU in 16-bit dtypes (chunked in float32, which cuDNN's
+               kernel refuses), chunked on CPU (the fastest there: see README).
 """
 
 import functools
@@ -37,6 +38,7 @@ from gated_attention.sharding import logical_to_spec, target_platform
 # Implementations that take a q_offset (a KV cache); the others serve training and prefill.
 CACHE_IMPLEMENTATIONS = ('xla', 'chunked')
 AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'chunked'}
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # What cuDNN's fused attention takes.
 # Block length of `chunked` along queries and keys: 128, but 64 on CPUs below 1,024 tokens
 # (measured, one layer's forward and backward, 16 x 256 tokens: 47 ms with 64, 56 with 32, 67
 # with 128; from 1,024 tokens on 128 is as fast or faster).
@@ -45,13 +47,16 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # Finite: exp(masked - max) is
 
 
 def resolve(impl: str, cached: bool = False, platform: str | None = None,
-            length: int | None = None) -> str:
+            length: int | None = None, dtype=None) -> str:
   """The implementation to run: 'auto' by platform (chunked where splash's blocks do not
-  divide the length); with a KV cache, one that takes offsets."""
+  divide the length, or where cuDNN does not take the dtype); with a KV cache, one that takes
+  offsets."""
   platform = platform or target_platform()
   if impl == 'auto':
     impl = AUTO.get(platform, 'xla')
     if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
+      impl = 'chunked'
+    if impl == 'cudnn' and dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
       impl = 'chunked'
   if impl == 'cudnn' and platform != 'gpu':
     raise ConfigError(f'model.attention_impl=cudnn runs on NVIDIA GPUs only; this program is '
@@ -63,7 +68,7 @@ def resolve(impl: str, cached: bool = False, platform: str | None = None,
 
 def attention(q, k, v, impl: str, q_offset=None):
   """SDPA with the named implementation (see the module docstring); `impl` is resolved here."""
-  impl = resolve(impl, cached=q_offset is not None, length=q.shape[1])
+  impl = resolve(impl, cached=q_offset is not None, length=q.shape[1], dtype=q.dtype)
   return _IMPLEMENTATIONS[impl](q, k, v, q_offset)
 
 

@@ -225,6 +225,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice('model.remat', model.remat, REMAT_POLICIES)
   _check_choice('model.dtype', model.dtype, DTYPES)
   _check_choice('model.param_dtype', model.param_dtype, DTYPES)
+  if model.attention_impl == 'cudnn' and model.dtype not in ('bfloat16', 'float16'):
+    raise ConfigError(f'model.attention_impl=cudnn takes model.dtype bfloat16 or float16 (what '
+                      f'cuDNN\'s fused attention computes in), not {model.dtype!r}: choose a '
+                      '16-bit model.dtype, or auto (chunked in float32 on GPUs), chunked, xla or '
+                      'dot_product.')
 
   position = canonical_gate_position(gate.position)
   _check_choice('model.gate.position', gate.position, GATE_POSITIONS + tuple(GATE_POSITION_ALIASES))
@@ -232,6 +237,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice('model.gate.mode', gate.mode, GATE_MODES)
   _check_choice('model.gate.activation', gate.activation, GATE_ACTIVATIONS)
   _check_choice('model.gate.sdpa_nonlinearity', gate.sdpa_nonlinearity, SDPA_NONLINEARITIES)
+  if (position in ('key', 'query') and gate.granularity == 'headwise'
+      and gate.mode == 'multiplicative' and model.qk_norm):
+    raise ConfigError(f'model.gate.position={gate.position} with granularity=headwise and '
+                      f'mode=multiplicative scales each head\'s {position} vector by one number, '
+                      f'which model.qk_norm=True (the RMSNorm right after) divides out again: '
+                      'the gate would do nothing. Use granularity=elementwise, mode=additive, '
+                      'or model.qk_norm=False.')
   if position == 'dense' and (gate.granularity == 'headwise' or gate.head_shared):
     raise ConfigError('model.gate.position=dense (G5) gates the d_model-wide output of W_o, which '
                       'has no heads: use granularity=elementwise and head_shared=False.')

@@ -314,13 +314,15 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
 def comparison_tables(rows: dict[str, list[dict]]) -> str:
   """Markdown tables comparing long_eval results, one row per key of `rows` (a model and stage,
   its list holding one result per seed), one column per length all results share: held-out
-  loss over the window and in its last position bucket [L/2, L), and per retrieval task the
+  loss over the window and in its last position bucket (from the largest power of two below L:
+  [L/2, L) where L is a power of two), and per retrieval task the
   answer loss and greedy accuracy; each cell the mean over seeds, then every seed's value."""
   lengths = sorted(set.intersection(*(set(r['lengths']) for results in rows.values()
                                        for r in results)), key=int)
   tasks = list(next(iter(rows.values()))[0]['lengths'][lengths[0]]['retrieval'])
   measures = [('held-out loss, whole window', lambda e: e['loss']),
-              ('held-out loss, last bucket [L/2, L)', lambda e: e['bucket_loss'][-1])]
+              ('held-out loss, last position bucket [2^k, L), 2^k < L <= 2^(k+1)',
+               lambda e: e['bucket_loss'][-1])]
   for task in tasks:
     measures += [(f'{task}: answer loss', lambda e, t=task: e['retrieval'][t]['answer_loss']),
                  (f'{task}: accuracy', lambda e, t=task: e['retrieval'][t]['accuracy'])]

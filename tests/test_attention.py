@@ -90,6 +90,9 @@ def test_a_cache_resolves_to_an_implementation_that_takes_offsets():
   assert [attention.resolve('auto', platform=p) for p in ('tpu', 'gpu', 'cpu')] == [
       'splash', 'cudnn', 'chunked']
   assert attention.resolve('auto', platform='tpu', length=200) == 'chunked'  # Not 128-blocks.
+  # cuDNN's fused attention takes 16-bit dtypes only.
+  assert [attention.resolve('auto', platform='gpu', dtype=dtype)
+          for dtype in (jnp.bfloat16, jnp.float16, jnp.float32)] == ['cudnn', 'cudnn', 'chunked']
   with pytest.raises(ConfigError, match='model.attention_impl=cudnn runs on NVIDIA GPUs only'):
     attention.resolve('cudnn', platform='cpu')
 

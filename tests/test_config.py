@@ -36,6 +36,8 @@ def test_position_aliases(alias, position):
     (lambda c: c.model.gate.update(position='dense', head_shared=True), 'has no heads'),
     (lambda c: c.model.update(rope_fraction=0.1), 'model.rope_fraction=0.1'),
     (lambda c: c.model.update(attention_impl='flash'), "model.attention_impl='flash'"),
+    (lambda c: c.model.update(attention_impl='cudnn'),
+     'model.attention_impl=cudnn takes model.dtype bfloat16 or float16'),
     (lambda c: c.model.update(dtype='float8'), "model.dtype='float8'"),
     (lambda c: c.model.update(vocab_size=200), 'model.vocab_size=200'),
     (lambda c: c.data.update(source='web'), "data.source='web'"),
@@ -49,6 +51,22 @@ def test_bad_values_name_the_key(change, message):
   change(config)
   with pytest.raises(config_lib.ConfigError, match=message.replace('(', r'\(').replace('.', r'\.')):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize('position', ['g3', 'g4'])
+def test_a_headwise_key_or_query_gate_is_refused_where_the_qk_norm_divides_it_out(position):
+  """RMSNorm(c x) = RMSNorm(x) for one number c > 0 per head and token: a headwise
+  multiplicative gate before the QK-norm would do nothing."""
+  config = _config()
+  config.model.gate.update(position=position, granularity='headwise')
+  with pytest.raises(config_lib.ConfigError, match='the gate would do nothing'):
+    config_lib.validate(config)
+  for change in (dict(granularity='elementwise'), dict(mode='additive', activation='silu')):
+    accepted = _config()
+    accepted.model.gate.update({'position': position, 'granularity': 'headwise', **change})
+    config_lib.validate(accepted)
+  config.model.qk_norm = False
+  config_lib.validate(config)
 
 
 def test_unknown_gate_and_size_names_list_the_choices():
