@@ -95,13 +95,22 @@ def fingerprints(tree):
   return jax.tree.map(_checksum, tree), jax.tree.map(_finite, tree)
 
 
+def _key(path) -> str:
+  """'params/embedding': an array's key in checksums and in the saved state's metadata."""
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
 def checksums(tree) -> dict[str, tuple[int, bool]]:
   """{'params/embedding': (checksum, all finite), ...} for every array of `tree`."""
   sums, finite = jax.device_get(fingerprints(tree))
-  keys = [jax.tree_util.keystr(path, simple=True, separator='/')
-          for path, _ in jax.tree_util.tree_flatten_with_path(sums)[0]]
+  keys = [_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(sums)[0]]
   return {key: (int(checksum), bool(ok))
           for key, checksum, ok in zip(keys, jax.tree.leaves(sums), jax.tree.leaves(finite))}
+
+
+def _cast_like(tree, abstract_tree):
+  return jax.tree.map(lambda x, a: x if x.dtype == a.dtype else x.astype(a.dtype), tree,
+                      abstract_tree)
 
 
 class Checkpointer:
@@ -190,22 +199,38 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say,
-    checked against the checksums saved with them."""
-    restored = self._restore(step, state=ocp.args.StandardRestore(abstract_state),
-                             host=ocp.args.JsonRestore())
+    read in the dtypes they were saved in, checked against the checksums saved with them, then
+    cast to abstract_state's dtypes (`_as_saved`)."""
+    restored = self._restore(
+        step, state=ocp.args.StandardRestore(self._as_saved(step, abstract_state)),
+        host=ocp.args.JsonRestore())
     self._verify(step, restored.state)
-    return restored.state, restored.host
+    return _cast_like(restored.state, abstract_state), restored.host
 
   def restore_params(self, step: int, abstract_params):
     """Only the parameters of `step` (the optimizer state is never read), checked against their
-    checksums."""
-    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding),
-                                abstract_params)
+    checksums, in abstract_params' dtypes."""
+    saved = self._as_saved(step, {'params': abstract_params})
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), saved)
     restored = self._restore(step, state=ocp.args.PyTreeRestore(
-        item={'params': abstract_params}, restore_args={'params': restore_args},
-        partial_restore=True))
+        item=saved, restore_args=restore_args, partial_restore=True))
     self._verify(step, {'params': restored.state['params']})
-    return restored.state['params']
+    return _cast_like(restored.state['params'], abstract_params)
+
+  def _as_saved(self, step: int, abstract_tree):
+    """abstract_tree with each array's dtype as saved in `step`: a checksum holds for the saved
+    bits only, and a dtype may differ (bfloat16 models saved before the output projections'
+    fix held them in float32). Unchanged where the metadata cannot be read: the restore itself
+    then reports the damage."""
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / 'state').tree
+    except Exception:  # Orbax raises many types for missing or damaged metadata.
+      return abstract_tree
+    dtypes = {_key(path): leaf.dtype
+              for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: jax.ShapeDtypeStruct(a.shape, dtypes.get(_key(path), a.dtype),
+                                             sharding=a.sharding), abstract_tree)
 
   def _has_item(self, step: int, item: str) -> bool:
     return (self.directory / str(step) / item).is_dir()

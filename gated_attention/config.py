@@ -71,6 +71,16 @@ def gate_config(name: str = 'none') -> ml_collections.ConfigDict:
   return gate
 
 
+def rope_scaling_config() -> ml_collections.ConfigDict:
+  """model.rope_scaling's defaults (those of Hugging Face's RoPE types too), for longer contexts
+  (gated_attention.layers.ROPE_SCALINGS): 'linear' divides every frequency by factor; 'yarn' as
+  the YaRN paper and rope_type 'yarn' (attention_factor 0: derived from factor, or from mscale /
+  mscale_all_dim when both are set)."""
+  return ml_collections.ConfigDict(dict(
+      type='none', factor=1.0, original_max_position=0, beta_fast=32.0, beta_slow=1.0,
+      attention_factor=0.0, mscale=0.0, mscale_all_dim=0.0, truncate=True))
+
+
 def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collections.ConfigDict:
   """Every key the library reads, with defaults for a `size` model and a `gate` variant."""
   if size not in SIZES:
@@ -98,12 +108,7 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       loss_chunk=0,
       **SIZES[size]))
   config.model.gate = gate_config(gate)
-  # RoPE scaling for longer contexts (gated_attention.layers.ROPE_SCALINGS): 'linear' divides
-  # every frequency by factor; 'yarn' as the YaRN paper and Hugging Face's rope_type 'yarn'
-  # (attention_factor 0: derived from factor, or from mscale / mscale_all_dim when both set).
-  config.model.rope_scaling = ml_collections.ConfigDict(dict(
-      type='none', factor=1.0, original_max_position=0, beta_fast=32.0, beta_slow=1.0,
-      attention_factor=0.0, mscale=0.0, mscale_all_dim=0.0, truncate=True))
+  config.model.rope_scaling = rope_scaling_config()
   # Mixture of experts in place of the dense MLP when num_experts > 0 (gated_attention/moe.py).
   config.model.moe = ml_collections.ConfigDict(dict(
       num_experts=0, top_k=2, expert_mlp_dim=64, capacity_factor=0.0, normalize_top_k=True,
@@ -260,6 +265,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'model.moe.capacity_factor={moe.capacity_factor} must be 0 (dropless) '
                         'or positive.')
     _check_choice('model.moe.impl', moe.impl, MOE_IMPLS)
+    if moe.impl == 'ragged' and moe.capacity_factor:
+      raise ConfigError(f'model.moe.impl=ragged never drops a token, so it cannot honour '
+                        f'model.moe.capacity_factor={moe.capacity_factor}: set it to 0 '
+                        '(dropless) or use model.moe.impl=capacity.')
     if moe.shared_expert_dim < 0:
       raise ConfigError(f'model.moe.shared_expert_dim={moe.shared_expert_dim} must be 0 (no '
                         'shared expert) or positive.')
@@ -290,8 +299,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   train = config.train
   for key in ('steps', 'learning_rate', 'log_every', 'checkpoint_every', 'keep_checkpoints',
-              'loss_spike_window', 'loss_spike_margin', 'microbatches'):
+              'loss_spike_window', 'loss_spike_margin', 'microbatches', 'grad_clip'):
     _check_positive(f'train.{key}', train[key])
+  for key in ('b1', 'b2'):
+    if not 0 <= train[key] < 1:
+      raise ConfigError(f'train.{key}={train[key]} must be in [0, 1) (an Adam moment decay).')
+  if train.weight_decay < 0:
+    raise ConfigError(f'train.weight_decay={train.weight_decay} must be 0 or positive.')
   if not 0 <= train.warmup_steps <= train.steps:
     raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps].')
   if not 0 <= train.min_learning_rate <= train.learning_rate:

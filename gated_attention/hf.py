@@ -231,7 +231,7 @@ _ROPE_SCALING_KEYS = {
 }
 
 
-def _rope(hf: dict, fmt: str, base_scaling) -> tuple[float, float, ml_collections.ConfigDict]:
+def _rope(hf: dict, fmt: str) -> tuple[float, float, ml_collections.ConfigDict]:
   """(rope_theta, partial rotary fraction, model.rope_scaling) from rope_parameters
   (transformers 5) or the older top-level rope_theta, partial_rotary_factor and rope_scaling
   keys. A YaRN config without original_max_position_embeddings or factor reads them as
@@ -243,7 +243,7 @@ def _rope(hf: dict, fmt: str, base_scaling) -> tuple[float, float, ml_collection
   rope_type = rope.get('rope_type', rope.get('type')) or 'default'
   if rope_type not in _ROPE_TYPES:
     _refuse(f'{key}.rope_type', rope_type, f'the RoPE types implemented are {list(_ROPE_TYPES)}')
-  scaling = ml_collections.ConfigDict(base_scaling.to_dict())
+  scaling = config_lib.rope_scaling_config()  # Keys it leaves out: transformers' defaults.
   scaling.type = _ROPE_TYPES[rope_type]
   if rope_type == 'yarn':
     rope.setdefault('original_max_position_embeddings', hf.get(
@@ -309,11 +309,12 @@ def _dtype(hf: dict) -> str:
 
 def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDict, str]:
   """(project model config, format) for a Hugging Face config: its architecture over
-  `base_model`'s other keys (attention_impl, dtype, scan_layers, remat, MoE dispatch and loss
-  weights). Raises ConfigError for what the project cannot express."""
+  `base_model`'s other keys (attention_impl, dtype, scan_layers, remat, MoE dispatch, the router
+  z-loss weight, and the load-balance weight where the checkpoint names none). Raises
+  ConfigError for what the project cannot express."""
   fmt = detect_format(hf)
   _check_importable(hf, fmt)
-  rope_theta, rope_fraction, rope_scaling = _rope(hf, fmt, base_model.rope_scaling)
+  rope_theta, rope_fraction, rope_scaling = _rope(hf, fmt)
   heads, d_model = _required(hf, 'num_attention_heads'), _required(hf, 'hidden_size')
   gate = 'none'
   if fmt == 'qwen3_next':
@@ -337,12 +338,21 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
   experts = _num_experts(hf)
   model.moe.update(num_experts=experts)
   if experts:
-    model.moe.update(top_k=_required(hf, 'num_experts_per_tok'),
+    top_k = _required(hf, 'num_experts_per_tok')
+    model.moe.update(top_k=top_k, load_balance_weight=_load_balance_weight(hf, top_k, base_model),
                      expert_mlp_dim=_required(hf, 'moe_intermediate_size'),
                      normalize_top_k=bool(hf.get('norm_topk_prob', fmt == 'qwen3_next')),
                      shared_expert_dim=hf.get('shared_expert_intermediate_size', 0)
                      if fmt == 'qwen3_next' else 0)
   return model, fmt
+
+
+def _load_balance_weight(hf: dict, top_k: int, base_model) -> float:
+  """model.moe.load_balance_weight from router_aux_loss_coef: transformers' load-balance loss
+  sums over the top_k choices, so it is top_k times `moe.load_balance_loss` (1 for a uniform
+  router); the export divides by top_k."""
+  coefficient = hf.get('router_aux_loss_coef')
+  return base_model.moe.load_balance_weight if coefficient is None else coefficient * top_k
 
 
 def export_format(model, requested: str = 'auto') -> str:
@@ -442,7 +452,8 @@ def hf_config(config, fmt: str, max_position_embeddings: int) -> dict:
     hf.update(num_experts=moe.num_experts, decoder_sparse_step=1, mlp_only_layers=[])
   if moe.num_experts:
     hf.update(num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_mlp_dim,
-              norm_topk_prob=moe.normalize_top_k, router_aux_loss_coef=moe.load_balance_weight)
+              norm_topk_prob=moe.normalize_top_k,
+              router_aux_loss_coef=moe.load_balance_weight / moe.top_k)  # _load_balance_weight.
     if fmt == 'qwen3_next':
       hf['shared_expert_intermediate_size'] = moe.shared_expert_dim
   tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer)
@@ -562,13 +573,12 @@ def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None
   check_tensors(reader, by_leaf, abstract_params)
 
   shardings = state_lib.param_shardings(mesh, abstract_variables)
-  dtype = np.dtype(jnp.dtype(config.model.param_dtype))
   started = time.perf_counter()
   progress = tqdm(total=len(by_leaf), desc='import', unit='tensor', file=sys.stdout)
 
   def convert(key_path, abstract):
     path = _keys(key_path)
-    host = np.empty(abstract.shape, dtype)
+    host = np.empty(abstract.shape, abstract.dtype)
     for row, index in by_leaf[path]:
       host[index] = to_project(row, reader.get(row.name), host[index].shape)
     progress.update(1)

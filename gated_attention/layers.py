@@ -13,10 +13,12 @@ from gated_attention.sharding import LogicalAxes, constrain
 
 
 def param(rngs: nnx.Rngs, shape, logical_axes: LogicalAxes, dtype, std: float) -> nnx.Param:
-  """A normal(0, std) parameter tagged with its logical axis names (zeros when std is 0)."""
+  """A normal(0, std) parameter of `dtype`, tagged with its logical axis names (zeros when std
+  is 0)."""
   assert len(shape) == len(logical_axes), (shape, logical_axes)
+  # float(std): a NumPy float64 std would promote a 16-bit draw to float32.
   value = (jnp.zeros(shape, dtype) if std == 0 else
-           std * jax.random.normal(rngs.params(), shape, dtype))
+           float(std) * jax.random.normal(rngs.params(), shape, dtype))
   return nnx.Param(value, logical_axes=tuple(logical_axes))
 
 

@@ -6,12 +6,15 @@ import optax
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
-  """0 -> learning_rate over warmup_steps, then cosine to min_learning_rate at train.steps."""
-  return optax.warmup_cosine_decay_schedule(
+  """The learning rate of update `count` + 1 (optax counts updates from 0): rising linearly to
+  learning_rate at step warmup_steps (step 1 gets learning_rate / warmup_steps, not 0), then
+  cosine down to min_learning_rate at step train.steps."""
+  schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_config.learning_rate,
       warmup_steps=train_config.warmup_steps,
       decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
       end_value=train_config.min_learning_rate)
+  return lambda count: schedule(count + 1)
 
 
 def weight_decay_mask(params):

@@ -483,11 +483,14 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
       if preempted:
         break
   finally:
-    preemption.close()
     try:
       step_log.close()
     finally:
-      checkpointer.close()  # Last: if its save failed, that is the error reported.
+      try:
+        checkpointer.close()  # If its save failed, that is the error reported.
+      finally:
+        # Only now: a SIGTERM or Ctrl-C while the last save is in flight must not kill it.
+        preemption.close()
   if preempted:
     log(f'{preemption.describe()}: saved step {step}; run the same command to resume')
   else:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from gated_attention import checkpoint as checkpoint_lib
+from gated_attention import config as config_lib
 
 
 def _reference_checksum(array: np.ndarray) -> int:
@@ -46,3 +47,30 @@ def test_non_finite_values_are_flagged(bad):
   x = np.zeros((4, 4), np.float32)
   x[2, 1] = bad
   assert checkpoint_lib.checksums({'x': jnp.asarray(x)})['x'][1] is False
+
+
+def test_arrays_are_checked_in_the_dtype_they_were_saved_in_and_cast_to_the_models(tmp_path):
+  """A float32 array restored into a bfloat16 state passes its checksum (taken on the saved
+  bits) and arrives as the bfloat16 rounding of the saved values, by both restore paths."""
+  rng = np.random.default_rng(0)
+  saved = {'step': jnp.int32(3),
+           'params': {'wo': jnp.asarray(rng.normal(size=(4, 8)), jnp.float32),
+                      'scale': jnp.asarray(rng.normal(size=(8,)), jnp.bfloat16)}}
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  checkpointer.save(3, saved, {}, config_lib.base_config('tiny'))
+  checkpointer.wait()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16 if x.ndim else x.dtype,
+                                     sharding=sharding), saved)
+  state, _ = checkpointer.restore(3, abstract)
+  checkpointer.close()
+  reader = checkpoint_lib.Checkpointer(tmp_path)  # An evaluation's: parameters only.
+  params = reader.restore_params(3, abstract['params'])
+  reader.close()
+  for restored in (state['params'], params):
+    assert restored['wo'].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(restored['wo'], np.float32),
+                                  np.asarray(saved['params']['wo'].astype(jnp.bfloat16),
+                                             np.float32))
+    np.testing.assert_array_equal(restored['scale'], saved['params']['scale'])

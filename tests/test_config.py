@@ -44,6 +44,11 @@ def test_position_aliases(alias, position):
     (lambda c: c.data.update(source='text_files'), 'data.path is empty'),
     (lambda c: c.train.update(warmup_steps=10_000), 'train.warmup_steps=10000'),
     (lambda c: c.train.update(on_nonfinite='ignore'), "train.on_nonfinite='ignore'"),
+    (lambda c: c.train.update(grad_clip=0.0), 'train.grad_clip=0.0 must be positive'),
+    (lambda c: c.train.update(b2=1.0), 'train.b2=1.0 must be in'),
+    (lambda c: c.train.update(weight_decay=-0.1), 'train.weight_decay=-0.1 must be 0 or'),
+    (lambda c: c.model.moe.update(num_experts=4, impl='ragged', capacity_factor=1.25),
+     'model.moe.impl=ragged never drops a token'),
     (lambda c: c.eval.update(analysis_batches=100), 'eval.analysis_batches=100'),
 ])
 def test_bad_values_name_the_key(change, message):

@@ -118,6 +118,24 @@ def test_sigterm_saves_the_current_step_and_the_restart_finishes_exactly(tmp_pat
                              helpers.run_params(tmp_path / 'whole'))
 
 
+def test_a_signal_while_the_last_checkpoint_is_written_neither_kills_it_nor_the_run(tmp_path):
+  """SIGTERM or Ctrl-C arriving as the run ends, while its last save may be in flight (sent
+  here from inside Checkpointer.close), is still handled by the run: the save completes."""
+  script = ('import os, signal, sys\n'
+            'from gated_attention import checkpoint, train\n'
+            'from tests import helpers\n'
+            'close = checkpoint.Checkpointer.close\n'
+            'def close_after_a_signal(self):\n'
+            '  os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n'
+            '  close(self)\n'
+            'checkpoint.Checkpointer.close = close_after_a_signal\n'
+            'train.train(helpers.run_config(steps=4, checkpoint_every=2), sys.argv[2])\n')
+  for name in ('SIGTERM', 'SIGINT'):
+    result = helpers.run([sys.executable, '-c', script, name, str(tmp_path / name)])
+    assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+    assert sorted(p.name for p in (tmp_path / name / 'checkpoints').iterdir()) == ['2', '4']
+
+
 def _kill_when(command, checkpoints: pathlib.Path, ready, output: pathlib.Path) -> None:
   with _started(command, output) as process:
     deadline = time.monotonic() + 120

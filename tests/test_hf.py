@@ -12,14 +12,17 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors import torch as safetensors_torch
 from safetensors.numpy import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM,
                           Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3NextConfig,
                           Qwen3NextForCausalLM)
 from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
@@ -30,6 +33,7 @@ from gated_attention.config import ConfigError
 from gated_attention.evaluate import load_params
 from gated_attention.generate import Generator
 from gated_attention.model import apply
+from gated_attention.moe import load_balance_loss, route
 from gated_attention.tokenizer import save_byte_tokenizer
 from tests import helpers
 
@@ -112,11 +116,12 @@ def _randomize(model, plus_one: bool) -> None:
       parameter.copy_(mean + 0.2 * torch.randn(parameter.shape, generator=generator))
 
 
-def _hf_model_dir(kind: str, directory):
-  """A tiny random transformers model of `kind`, saved with the byte tokenizer."""
+def _hf_model_dir(kind: str, directory, dtype=torch.float32):
+  """A tiny random transformers model of `kind`, saved in `dtype` with the byte tokenizer."""
   config_class, model_class, keys, _ = KINDS[kind]
   model = model_class(config_class(**SHAPES, **keys))
   _randomize(model, plus_one=config_class is Qwen3NextConfig)
+  model = model.to(dtype)
   model.save_pretrained(directory)
   save_byte_tokenizer(directory)
   return model.eval()
@@ -176,6 +181,44 @@ def test_imported_models_compute_transformers_logits_and_export_back_exactly(
   assert sorted(exported) == sorted(original)
   for name, tensor in original.items():
     np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+
+
+def test_a_bfloat16_checkpoint_imports_in_bfloat16_and_exports_back_exactly(tmp_path):
+  """Released checkpoints are mostly bfloat16: every imported parameter keeps it (the model's
+  own layout, so the checkpoint loads), computes transformers' logits from the same bfloat16
+  weights, and exports back bit for bit."""
+  _hf_model_dir('qwen3', tmp_path / 'hf', torch.bfloat16)
+  hf.import_hf(tmp_path / 'hf', tmp_path / 'run', _base_config())
+  ours, config, _, params = _our_logits(tmp_path / 'run')
+  assert config.model.param_dtype == 'bfloat16'
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  # Read back in float32, as ours computes (model.dtype): the same bfloat16 weights.
+  torch_model = Qwen3ForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32).eval()
+  difference = np.abs(ours - _torch_logits(torch_model)).max()
+  assert difference <= TOLERANCE, difference
+
+  hf.export_hf(tmp_path / 'run', tmp_path / 'out', fmt='qwen3')
+  original, exported = (safetensors_torch.load_file(next(directory.glob('*.safetensors')))
+                        for directory in (tmp_path / 'hf', tmp_path / 'out'))
+  assert sorted(exported) == sorted(original)
+  for name, tensor in original.items():
+    assert exported[name].dtype == torch.bfloat16 and torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize('top_k', [1, 3])
+def test_the_load_balance_weight_means_the_same_in_transformers(top_k):
+  """Exported router_aux_loss_coef times transformers' load-balance loss is our weight times
+  ours, on the same router logits; the import reads it back."""
+  logits = np.random.default_rng(0).normal(size=(2, 16, 8)).astype(np.float32)
+  expert, _, probs = route(jnp.asarray(logits), top_k, True)
+  ours = float(load_balance_loss(probs, expert))
+  theirs = float(load_balancing_loss_func((torch.tensor(logits.reshape(-1, 8)),), 8, top_k))
+  config = _base_config()
+  config.model.moe.update(num_experts=8, top_k=top_k, expert_mlp_dim=16, load_balance_weight=0.02)
+  exported = hf.hf_config(config, 'qwen3_moe', 64)
+  np.testing.assert_allclose(exported['router_aux_loss_coef'] * theirs, 0.02 * ours, rtol=1e-5)
+  imported, _ = hf.model_config_from_hf(exported, _base_config().model)
+  assert imported.moe.load_balance_weight == pytest.approx(0.02)
 
 
 EXPORTS = {  # name: (gate, model overrides, format auto picks, whether the norms convert)
@@ -283,6 +326,16 @@ def test_rope_scaling_is_imported_and_exported_back(rope, expected):
   config.model = model
   back, _ = hf.model_config_from_hf(hf.hf_config(config, fmt, 64), _base_config().model)
   assert back.rope_scaling.to_dict() == model.rope_scaling.to_dict()
+
+
+def test_yarn_keys_a_checkpoint_leaves_out_take_transformers_defaults_not_the_base_configs():
+  base = _base_config().model
+  base.rope_scaling.update(mscale=1.0, mscale_all_dim=0.5, attention_factor=1.5, beta_fast=8.0)
+  model, _ = hf.model_config_from_hf(dict(QWEN3, max_position_embeddings=64, rope_parameters=dict(
+      rope_type='yarn', factor=4.0)), base)
+  assert model.rope_scaling.to_dict() == dict(
+      config_lib.rope_scaling_config().to_dict(), type='yarn', factor=4.0,
+      original_max_position=64)
 
 
 @pytest.mark.parametrize('config, message', [

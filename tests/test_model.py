@@ -198,3 +198,15 @@ def test_prefill_then_decode_with_a_kv_cache_equals_the_full_forward(variant, sc
                                err_msg=f'step {step}')
     cache = out.cache
   np.testing.assert_array_equal(np.asarray(cache.length), [9, 8])
+
+
+@pytest.mark.parametrize('gate, overrides', [
+    ('g1_elementwise', {}), ('g5', dict(scan_layers=True)),
+    ('g1_headwise', dict(moe=dict(num_experts=4, top_k=2, expert_mlp_dim=16, shared_expert_dim=8)))])
+@pytest.mark.parametrize('param_dtype', ['bfloat16', 'float16'])
+def test_every_parameter_is_created_in_param_dtype(gate, overrides, param_dtype):
+  """The output projections' smaller init std (a NumPy float) once promoted them to float32."""
+  model_config = helpers.model_config(gate, param_dtype=param_dtype, **overrides)
+  _, abstract = state_lib.abstract_model(model_config)
+  dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract))}
+  assert dtypes == {param_dtype}
