@@ -7,8 +7,9 @@ budget; then each is evaluated. `--config.variants=none,g1_elementwise` picks a 
 `--config.learning_rates=2e-3,8e-3` sweeps the learning rate (the paper's stability result),
 and `--config.train.*` / `--config.model.*` apply to every run.
 
-Measured here (2-core CPU, defaults: tiny, 500 steps of 16 x 128 tokens, LR 2e-3, seed 0; the
-sweep took about 35 minutes while the machine was shared, about 20 alone): held-out losses from
+Measured here (2-core CPU, defaults: tiny, 500 steps of 16 x 128 tokens, LR 2e-3, seed 0, the
+11 rows before G1 SiLU and the two SDPA rows were added; the sweep took about 35 minutes while
+the machine was shared, about 20 alone): held-out losses from
 1.878 (G1 headwise) to 1.925 (G1 additive SiLU), the baseline at 1.900 and G1 elementwise at
 1.894: differences of the size of seed noise at this budget. First-token attention stays near
 0.03 for every variant: the baseline forms no attention sink this small and short, so the
@@ -26,8 +27,8 @@ layer), first-token attention 0.012 / 0.010, gate score 0.33.
 from gated_attention import config as config_lib
 
 PAPER_ROWS = ('none', 'g1_elementwise', 'g1_headwise', 'g2_elementwise', 'g3_elementwise',
-              'g4_elementwise', 'g5', 'g1_head_shared', 'g1_additive_silu', 'g1_ns_sigmoid',
-              'g1_input_independent')
+              'g4_elementwise', 'g5', 'g1_head_shared', 'g1_additive_silu', 'g1_silu',
+              'g1_ns_sigmoid', 'g1_input_independent', 'sdpa_rms_norm', 'sdpa_silu')
 
 
 def get_config(arg: str = ''):

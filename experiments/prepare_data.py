@@ -38,6 +38,9 @@ def main(argv):
     data_config.update(source='text_files', path=_INPUT.value, seq_len=_SEQ_LEN.value,
                        heldout_fraction=_HELDOUT.value, tokenizer=_TOKENIZER.value)
     tokenizer = load_tokenizer(_TOKENIZER.value)  # A bad path fails here, before any reading.
+    if tokenizer is None:
+      raise config_lib.ConfigError(f'--tokenizer={_TOKENIZER.value!r}: text files need a '
+                                   "tokenizer: 'byte' or the path of a tokenizer.json.")
     output = pathlib.Path(_OUTPUT_DIR.value)
     output.mkdir(parents=True, exist_ok=True)
     for split in ('train', 'heldout'):

@@ -11,6 +11,7 @@ import pathlib
 
 from gated_attention import config as config_lib
 from gated_attention import state as state_lib
+from gated_attention import tokenizer as tokenizer_lib
 from gated_attention import workdir as workdir_lib
 from gated_attention.evaluate import evaluate
 from gated_attention.metrics import read_metrics
@@ -138,6 +139,8 @@ def report(results: dict, config) -> str:
         f'{result["perplexity"]:.3f} | {result["first_token_attention"]["mean"]:.3f} | '
         f'{result["max_activation"]["mean_of_layer_max"]:.1f} | {_cell(gate, ".3f")} | '
         f'{row["loss_spikes"]} |')
-  lines += ['', 'Held-out loss is nats per byte-level token; first-token attention and max '
-            'activation are the paper\'s F-Attn and M-Act (see README).', '']
+  unit = ('byte-level token' if config.data.tokenizer == tokenizer_lib.BYTE
+          else f'token of {config.data.tokenizer}')
+  lines += ['', f'Held-out loss is nats per {unit}; first-token attention and max activation '
+            'are the paper\'s F-Attn and M-Act (see README).', '']
   return '\n'.join(lines)

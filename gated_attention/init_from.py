@@ -105,6 +105,12 @@ def _unrolled_shapes(model_config) -> dict:
 def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -> Plan:
   """Matches this run's parameters with the source's; ConfigError for a changed shape."""
   source_model = ml_collections.ConfigDict(source_config['model'])
+  if source_model.get('norm_plus_one', False) != config.model.norm_plus_one:
+    raise ConfigError(
+        f'train.init_from={config.train.init_from!r}: {directory} step {step} has '
+        f'model.norm_plus_one={source_model.get("norm_plus_one", False)}, this config '
+        f'{config.model.norm_plus_one}: its norm scales w (scale 1 + w) would be read as scales '
+        '(or the reverse), changing the model. Set model.norm_plus_one to the source\'s.')
   source, target = _unrolled_shapes(source_model), _unrolled_shapes(config.model)
   head_dim = config.model.head_dim
   plan = Plan(directory, step, source_config, [], [], [],

@@ -62,8 +62,9 @@ def attention_map_grid(rows: dict, path: pathlib.Path, title: str) -> None:
         axis.set_xticks([])
         axis.set_yticks([])
     row[0].set_ylabel(f'{label}\nquery', fontsize=8)
-  figure.suptitle(f'{title}\nkey across, query down; in brackets: the head\'s first-token '
-                  'attention', fontsize=8)
+  figure.suptitle(f'{title}\nkey across, query down; in brackets: the head\'s sink score '
+                  '(first-token attention of non-trigger queries on Bigram-Backcopy, of all '
+                  'queries otherwise)', fontsize=8)
   figure.savefig(path, dpi=120)  # Constrained layout, not _save's tight_layout: the suptitle.
   plt.close(figure)
 

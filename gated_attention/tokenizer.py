@@ -57,7 +57,10 @@ class HuggingFaceTokenizer:
       raise ConfigError(f'data.tokenizer={str(path)!r}: cannot read it as a tokenizer.json '
                         f'({str(error).splitlines()[0][:200]}); give a Hugging Face '
                         f'tokenizer.json, {BYTE!r} or {NONE!r}.') from None
-    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    # The largest id + 1, not the count of tokens: a vocabulary may have gaps.
+    self.vocab_size = max(self._tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    # Text is text: a literal '</s>' or '<|endoftext|>' in a document is not the special token.
+    self._tokenizer.encode_special_tokens = True
     config_path = self.path.parent / 'tokenizer_config.json'
     special = _special_tokens(config_path)
     self.eos_id = self._token_id(special.get('eos_token'))
@@ -74,13 +77,22 @@ class HuggingFaceTokenizer:
     return None if token is None else self._tokenizer.token_to_id(token)
 
   def encode(self, text: str | bytes) -> np.ndarray:
-    """Token ids (int32) of text, no special ids added."""
+    """Token ids (int32) of text (UTF-8 if bytes), no special ids added; special tokens'
+    names in the text are read as text."""
     text = text.decode('utf-8', errors='replace') if isinstance(text, bytes) else text
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
 
   def encode_documents(self, documents) -> list[np.ndarray]:
-    """encode() of each (name, bytes) document, in parallel batches, with a progress bar."""
+    """encode() of each (name, bytes) document, in parallel batches, with a progress bar; a
+    warning names the documents that are not UTF-8 (their invalid bytes read as U+FFFD)."""
     texts = [text.decode('utf-8', errors='replace') for _, text in documents]
+    invalid = [name for (name, raw), text in zip(documents, texts)
+               if '\ufffd' in text and text.encode('utf-8') != raw]
+    if invalid:
+      print(f'warning: {len(invalid)} of {len(texts)} documents are not valid UTF-8, their '
+            f'invalid bytes read as U+FFFD (a tokenizer.json reads text): {invalid[0]}'
+            + (f' and {len(invalid) - 1} more' if len(invalid) > 1 else ''),
+            file=sys.stderr, flush=True)
     ids = []
     for start in tqdm(range(0, len(texts), _ENCODE_BATCH), desc='tokenize', unit='batch',
                       file=sys.stdout, leave=False, disable=len(texts) <= _ENCODE_BATCH):
@@ -160,4 +172,4 @@ def save_byte_tokenizer(directory) -> None:
   tokenizer.save(str(directory / 'tokenizer.json'))
   (directory / 'tokenizer_config.json').write_text(json.dumps({
       'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<s>', 'eos_token': '</s>',
-      'pad_token': '<pad>'}, indent=2))
+      'pad_token': '<pad>', 'split_special_tokens': True}, indent=2))  # '<s>' in text is text.

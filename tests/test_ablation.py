@@ -28,6 +28,10 @@ def test_sweep_writes_the_table_and_resumes(tmp_path):
   assert 0 < results['g1_headwise']['eval']['gate_score']['mean'] < 1
   report = (tmp_path / 'report.md').read_text()
   assert '| none | +0 |' in report and f'| g1_headwise | +{layers * d_model * heads} |' in report
+  assert 'Held-out loss is nats per byte-level token' in report
+  other = config.copy_and_resolve_references()
+  other.data.tokenizer = 'runs/bpe/tokenizer.json'
+  assert 'nats per token of runs/bpe/tokenizer.json' in ablation.report(results, other)
   assert json.loads((tmp_path / 'results.json').read_text()) == results
   assert (tmp_path / 'loss_curves.png').exists() and (tmp_path / 'first_token_attention.png').exists()
 

@@ -402,6 +402,9 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
                                   '--heldout_fraction=1.5'),
                            'error: flag --heldout_fraction=1.5: --heldout_fraction must be in '
                            '(0, 1).'),
+      'no tokenizer': (module('prepare_data', '--input=x', f'--output_dir={tmp_path}',
+                              '--tokenizer=none'),
+                       "error: --tokenizer='none': text files need a tokenizer"),
       'mesh': (module('eval', f'--workdir={tmp_path}', '--mesh=data=two'),
                "error: --mesh='data=two': invalid literal for int()"),
       'batches': (module('eval', f'--workdir={tmp_path}', '--batches=0'),

@@ -52,6 +52,38 @@ def test_the_byte_tokenizer_written_as_tokenizer_json_reads_text_the_same(tmp_pa
   assert written.decode([byte.bos_id, *byte.encode(TEXT), byte.eos_id]) == TEXT
 
 
+def test_special_token_names_in_text_are_text_here_and_in_transformers(tmp_path):
+  """'<s>' written in a document is three bytes, for the byte tokenizer, for its tokenizer.json
+  read here, and for transformers reading the exported files (special tokens kept out of data)."""
+  from transformers import AutoTokenizer  # Test dependency only.
+  text = 'a <s> b </s> c <pad> d'
+  save_byte_tokenizer(tmp_path)
+  expected = list(text.encode())
+  np.testing.assert_array_equal(ByteTokenizer().encode(text), expected)
+  np.testing.assert_array_equal(HuggingFaceTokenizer(tmp_path / 'tokenizer.json').encode(text),
+                                expected)
+  assert AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False)['input_ids'] == (
+      expected)
+
+
+def test_the_vocabulary_size_is_the_largest_id_plus_one(tmp_path):
+  """A tokenizer.json whose ids have gaps: the model needs the largest id + 1 rows."""
+  tokenizer = Tokenizer(models.WordLevel({'a': 0, 'b': 1, '<unk>': 2, '</s>': 70_000},
+                                         unk_token='<unk>'))
+  tokenizer.save(str(tmp_path / 'tokenizer.json'))
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '</s>'}))
+  assert HuggingFaceTokenizer(tmp_path / 'tokenizer.json').vocab_size == 70_001
+
+
+def test_documents_that_are_not_utf8_are_named(tmp_path, capsys):
+  tokenizer = HuggingFaceTokenizer(_bpe(tmp_path, {'eos_token': '<|endoftext|>'}))
+  latin1 = ('latin1.txt', 'café naïve'.encode('latin-1'))
+  ids = tokenizer.encode_documents([DOCUMENTS[0], latin1, ('replacement.txt', '\ufffd'.encode())])
+  assert len(ids) == 3
+  assert ('warning: 1 of 3 documents are not valid UTF-8, their invalid bytes read as U+FFFD '
+          '(a tokenizer.json reads text): latin1.txt\n') in capsys.readouterr().err
+
+
 def test_special_tokens_come_from_tokenizer_config(tmp_path):
   """Qwen's convention: no BOS (sequences start with EOS), PAD equal to EOS (so nothing is
   masked from the loss); a distinct PAD is masked."""

@@ -281,6 +281,16 @@ def test_init_from_refuses_a_changed_parameter_shape_before_compiling(baseline_r
   assert not any((tmp_path / 'checkpoints').glob('[0-9]*'))
 
 
+def test_init_from_refuses_another_norm_scale_convention(baseline_run, tmp_path):
+  """Norm scales have the same shape under model.norm_plus_one (scale 1 + w) as without (w),
+  but not the same meaning."""
+  source_dir, _ = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=str(source_dir))
+  config.model.norm_plus_one = True
+  with pytest.raises(ConfigError, match=r'has model.norm_plus_one=False, this config True'):
+    train(config, tmp_path)
+
+
 def test_init_from_optimizer_loads_the_source_moments_only_when_every_parameter_matches(
     baseline_run):
   source_dir, source = baseline_run
