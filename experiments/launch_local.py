@@ -1,7 +1,7 @@
 """Runs a command as N local processes of one jax.distributed job:
 
   python -m experiments.launch_local --num_processes=2 --devices_per_process=2 -- \\
-      --config=configs/lm.py --workdir=runs/two_process --config.mesh.fsdp=-1
+      --config=configs/lm.py --workdir=runs/two_process --config.mesh.data=1 --config.mesh.fsdp=-1
 
 Each process gets JAX_COORDINATOR_ADDRESS (a free port on 127.0.0.1), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID; its output is prefixed with its rank; if one fails the others are stopped.

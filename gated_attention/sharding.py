@@ -88,7 +88,9 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   described = ', '.join(f'mesh.{a}={s}' for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f'{described}: each size must be a positive integer, with at most one -1.')
+    raise ConfigError(f'{described}: each size must be a positive integer, with at most one -1 '
+                      '(mesh.data is -1 by default: give it a size, e.g. mesh.data=1, when '
+                      'another axis takes the remaining devices).')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
