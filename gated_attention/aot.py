@@ -28,7 +28,10 @@ MEMORY_BY_DEVICE_KIND = (
     ('TPU v5', 95 * GIB),
     ('TPU v4', 32 * GIB),
     ('H200', 141 * 10**9),
+    ('H100 NVL', 94 * 10**9),
     ('H100', 80 * GIB),
+    ('A100-SXM4-40GB', 40 * GIB),
+    ('A100-PCIE-40GB', 40 * GIB),
     ('A100', 80 * GIB),
 )
 
