@@ -32,13 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gated_attention.config import SPLASH_BLOCK, ConfigError
+from gated_attention.config import CUDNN_DTYPES, SPLASH_BLOCK, ConfigError
 from gated_attention.sharding import logical_to_spec, target_platform
 
 # Implementations that take a q_offset (a KV cache); the others serve training and prefill.
 CACHE_IMPLEMENTATIONS = ('xla', 'chunked')
 AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'chunked'}
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # What cuDNN's fused attention takes.
 # Block length of `chunked` along queries and keys: 128, but 64 on CPUs below 1,024 tokens
 # (measured, one layer's forward and backward, 16 x 256 tokens: 47 ms with 64, 56 with 32, 67
 # with 128; from 1,024 tokens on 128 is as fast or faster).
@@ -56,7 +55,7 @@ def resolve(impl: str, cached: bool = False, platform: str | None = None,
     impl = AUTO.get(platform, 'xla')
     if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
       impl = 'chunked'
-    if impl == 'cudnn' and dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
+    if impl == 'cudnn' and dtype is not None and jnp.dtype(dtype).name not in CUDNN_DTYPES:
       impl = 'chunked'
   if impl == 'cudnn' and platform != 'gpu':
     raise ConfigError(f'model.attention_impl=cudnn runs on NVIDIA GPUs only; this program is '

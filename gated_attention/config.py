@@ -20,6 +20,7 @@ SPLASH_BLOCK = 128  # The splash kernel's smallest block along the sequence.
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 MOE_IMPLS = ('capacity', 'ragged')
 DTYPES = ('float32', 'bfloat16', 'float16')
+CUDNN_DTYPES = ('bfloat16', 'float16')  # What cuDNN's fused attention computes in.
 DATA_SOURCES = ('embedded', 'text_files', 'array_record', 'bigram_backcopy')
 ON_NONFINITE = ('stop', 'skip')
 
@@ -230,7 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice('model.remat', model.remat, REMAT_POLICIES)
   _check_choice('model.dtype', model.dtype, DTYPES)
   _check_choice('model.param_dtype', model.param_dtype, DTYPES)
-  if model.attention_impl == 'cudnn' and model.dtype not in ('bfloat16', 'float16'):
+  if model.attention_impl == 'cudnn' and model.dtype not in CUDNN_DTYPES:
     raise ConfigError(f'model.attention_impl=cudnn takes model.dtype bfloat16 or float16 (what '
                       f'cuDNN\'s fused attention computes in), not {model.dtype!r}: choose a '
                       '16-bit model.dtype, or auto (chunked in float32 on GPUs), chunked, xla or '

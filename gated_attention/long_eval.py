@@ -261,7 +261,7 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
   config_lib.validate(config)
   tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer is None:
-    raise config_lib.ConfigError(f"data.tokenizer='none': long_eval builds prompts from text "
+    raise config_lib.ConfigError("data.tokenizer='none': long_eval builds prompts from text "
                                  'and needs the tokenizer the model was trained with.')
   mesh = sharding_lib.make_mesh(config.mesh)
   graphdef, params, step = load_params(workdir, config, mesh, step)
