@@ -1,7 +1,7 @@
 """The config saved in a workdir, for continuing its run (an imported model, say):
 
   python -m experiments.train --config=configs/workdir.py:workdir=runs/qwen3 --workdir=runs/qwen3 \
-      --config.train.steps=200 --config.train.learning_rate=1e-4
+      --config.train.steps=200 --config.train.learning_rate=1e-4 --config.train.min_learning_rate=1e-5
 
 Every key can be overridden as usual; the model keys must stay as saved.
 """

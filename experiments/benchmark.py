@@ -15,6 +15,7 @@ of one attention layer's forward and backward pass per implementation and length
 
 import itertools
 import json
+import pathlib
 
 import jax.numpy as jnp
 from absl import flags
@@ -131,6 +132,12 @@ def main(argv):
       return _attention_memory(config)
     rows = _rows(config)
     row_configs = [_row_config(config, row) for row in rows]  # All refused before any compile.
+    if _TORCH.value:
+      for flag, what in ((_TORCH, 'a Python interpreter'),
+                         (_TORCH_SCRIPT, 'the PyTorch reference (outside the repository, in '
+                                         '../shared/bench/ beside it)')):
+        if not pathlib.Path(flag.value).is_file():
+          raise config_lib.ConfigError(f'--{flag.name}={flag.value!r} is not a file; give {what}.')
     for row, row_config in zip(rows, row_configs):
       row['result'] = benchmark.benchmark_train_step(row_config, _STEPS.value, _TRIALS.value)
       label = ' '.join(f'{axis}={value}' for axis, value in row.items() if axis != 'result')

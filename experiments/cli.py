@@ -36,6 +36,11 @@ def _command_line_error(error: Exception, argv) -> str:
                 '--config')
     return f'{flag}: the config has no key {key!r}.' + (f' {hint}' if hint else '')
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if 'as a ConfigDict' in str(error):  # A whole block given a value: --config.model.gate=NAME.
+    flag = str(error).split("'")[1] if "'" in str(error) else 'the value'
+    return (f'{flag!r} is not a config block: set its keys one by one '
+            '(--config.model.gate.position=sdpa ...), or name a variant in the config argument '
+            '(--config=configs/lm.py:gate=g1_headwise).')
   if len(lines) > 1:  # A config file's own error comes with its traceback: keep its last line.
     return f'{lines[0]} {_EXCEPTION_NAME.sub("", lines[-1])}'
   return lines[0] if lines else type(error).__name__

@@ -20,9 +20,11 @@ _OUT = flags.DEFINE_string('out', None, 'Hugging Face model directory to write.'
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _FORMAT = flags.DEFINE_string('format', 'auto', 'auto, qwen3, qwen3_moe, qwen3_next or '
                               'paper_release.')
-_MAX_SHARD_MB = flags.DEFINE_integer('max_shard_mb', 2048, 'Largest safetensors file (MiB).')
+_MAX_SHARD_MB = flags.DEFINE_integer('max_shard_mb', 2048, 'Largest safetensors file (MiB).',
+                                     lower_bound=1)
 _MAX_POSITIONS = flags.DEFINE_integer('max_position_embeddings', None,
-                                      'max_position_embeddings (default: data.seq_len).')
+                                      'max_position_embeddings (default: data.seq_len).',
+                                      lower_bound=1)
 
 
 def main(argv):

@@ -45,7 +45,8 @@ def _prompts(tokenizer, vocab_size: int) -> list[list[int]]:
   texts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     try:
-      texts += [line for line in pathlib.Path(_PROMPTS_FILE.value).read_text().splitlines()
+      # Bytes, as training read its documents: each tokenizer reads them as it read those.
+      texts += [line for line in pathlib.Path(_PROMPTS_FILE.value).read_bytes().splitlines()
                 if line.strip()]
     except OSError as error:
       raise ConfigError(f'--prompts_file={_PROMPTS_FILE.value!r}: {error.strerror}.') from None
@@ -66,21 +67,27 @@ def _prompts(tokenizer, vocab_size: int) -> list[list[int]]:
   return prompts
 
 
+def _check_flags() -> None:
+  """One error naming the first flag out of range (NaN included)."""
+  for flag, ok, accepted in ((_MAX_NEW, _MAX_NEW.value >= 1, '>= 1'),
+                             (_BATCH, _BATCH.value >= 1, '>= 1'),
+                             (_TEMPERATURE, _TEMPERATURE.value >= 0, '>= 0 (0 is greedy)'),
+                             (_TOP_K, _TOP_K.value >= 0, '>= 0 (0: all tokens)'),
+                             (_TOP_P, 0 < _TOP_P.value <= 1, 'in (0, 1]')):
+    if not ok:
+      raise ConfigError(f'--{flag.name}={flag.value} must be {accepted}.')
+
+
 def main(argv):
   del argv
 
   def run():
-    if _MAX_NEW.value < 1 or _TEMPERATURE.value < 0 or _TOP_K.value < 0 or not (
-        0 < _TOP_P.value <= 1) or _BATCH.value < 1:
-      raise ConfigError(f'--max_new_tokens={_MAX_NEW.value} and --batch_size={_BATCH.value} '
-                        f'must be >= 1, --temperature={_TEMPERATURE.value} and '
-                        f'--top_k={_TOP_K.value} >= 0, --top_p={_TOP_P.value} in (0, 1].')
+    _check_flags()
     config = checkpoint_lib.load_config(_WORKDIR.value)
     config_lib.validate(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     prompts = _prompts(tokenizer, config.model.vocab_size)
-    mesh = sharding_lib.make_mesh(config_lib.parse_arg(_MESH.value, data=1, fsdp=-1, tensor=1,
-                                                       expert=1))
+    mesh = sharding_lib.make_mesh(common.parse_mesh(_MESH.value))
     graphdef, params, step = load_params(_WORKDIR.value, config, mesh, _STEP.value)
     generator = Generator(graphdef, params, config.model, mesh)
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)

@@ -11,15 +11,15 @@ parameters; `experiments.train --config=configs/workdir.py:workdir=OUT --workdir
 training from it.
 """
 
+import sys
+
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import cli, common
 from gated_attention import config as config_lib
 from gated_attention.hf import import_hf
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/lm.py',
-                                          'Config for everything but the architecture.')
+_CONFIG = cli.define_config('configs/lm.py', 'Config for everything but the architecture.')
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face model directory.', required=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir to create.', required=True)
 _MESH = flags.DEFINE_string('mesh', 'data=1,fsdp=-1,tensor=1,expert=1',
@@ -32,8 +32,11 @@ def main(argv):
   del argv
 
   def run():
-    mesh = config_lib.parse_arg(_MESH.value, data=1, fsdp=-1, tensor=1, expert=1)
-    summary = import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, mesh, _PARAM_DTYPE.value)
+    mesh = common.parse_mesh(_MESH.value)
+    overrides = tuple(arg.split('=')[0][len('--config.model.'):] for arg in sys.argv[1:]
+                      if arg.startswith('--config.model.'))
+    summary = import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, mesh, _PARAM_DTYPE.value,
+                        overrides)
     megabytes = summary['bytes'] / 2**20
     print(f'imported {summary["format"]}: {summary["parameters"]:,} parameters in '
           f'{summary["tensors"]} tensors, {megabytes:,.1f} MB in {summary["seconds"]:.2f} s '

@@ -3,12 +3,15 @@
   python -m experiments.long_context_table --runs=/tmp/lc
 
 Reads RUNS/<gate>_s<seed>_<stage>/long_eval/step_N.json (the latest N of each run) and prints
-one table per measure, a row per gate and stage, seeds averaged (each seed's value beside).
+one table per measure, a row per gate and stage, seeds averaged (each seed's value beside);
+columns are the lengths and tasks every run was evaluated at.
 """
 
 import collections
 import json
 import pathlib
+import re
+import sys
 
 from absl import flags
 
@@ -20,14 +23,19 @@ _RUNS = flags.DEFINE_string('runs', '/tmp/lc', 'Directory holding the runs.')
 
 def main(argv):
   del argv
-  rows = collections.defaultdict(list)
+  rows, skipped = collections.defaultdict(list), []
   runs = pathlib.Path(_RUNS.value)
   for run in sorted(runs.iterdir() if runs.is_dir() else ()):
     results = sorted((run / 'long_eval').glob('step_*.json'),
                      key=lambda path: int(path.stem.split('_')[1]))
-    if results:
-      gate, _, stage = run.name.rsplit('_', 2)
-      rows[f'{gate} {stage}'].append(json.loads(results[-1].read_text()))
+    name = re.fullmatch(r'(.+)_s\d+_([^_]+)', run.name)
+    if results and name:
+      rows[f'{name[1]} {name[2]}'].append(json.loads(results[-1].read_text()))
+    elif results:
+      skipped.append(run.name)
+  if skipped:
+    print(f'warning: skipped {", ".join(skipped)}: not named <gate>_s<seed>_<stage>',
+          file=sys.stderr)
   if not rows:
     cli.fail(f'--runs={_RUNS.value}: no run there holds long_eval results.')
   print(comparison_tables(dict(sorted(rows.items()))))

@@ -10,6 +10,7 @@ parallel, with a progress bar); then train with the same --config.data.tokenizer
   --config.data.eval_path=OUTPUT_DIR/heldout.array_record --config.data.seq_len=256
 """
 
+import glob
 import pathlib
 
 from absl import flags
@@ -41,6 +42,8 @@ def main(argv):
     if tokenizer is None:
       raise config_lib.ConfigError(f'--tokenizer={_TOKENIZER.value!r}: text files need a '
                                    "tokenizer: 'byte' or the path of a tokenizer.json.")
+    if not any(pathlib.Path(path).is_file() for path in glob.iglob(_INPUT.value, recursive=True)):
+      raise config_lib.ConfigError(f'--input={_INPUT.value!r} matches no files.')
     output = pathlib.Path(_OUTPUT_DIR.value)
     output.mkdir(parents=True, exist_ok=True)
     for split in ('train', 'heldout'):

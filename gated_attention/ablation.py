@@ -3,10 +3,12 @@ with the same budget and seed, evaluate each, and write a report.
 
 Per run, WORKDIR/runs/NAME holds an ordinary training workdir plus result.json once it is done.
 A rerun skips finished runs and resumes an interrupted one from its checkpoint. A run whose loss
-goes non-finite is reported as diverged (at which step) instead of stopping the sweep.
+goes non-finite, or ends with a held-out loss above chance (ln model.vocab_size, a uniform
+guess), is reported as diverged (at which step) instead of stopping the sweep.
 """
 
 import json
+import math
 import pathlib
 
 from gated_attention import config as config_lib
@@ -18,9 +20,12 @@ from gated_attention.metrics import read_metrics
 from gated_attention.train import TrainingError, log, train
 
 
-def parse_list(text: str, key: str, kind=str) -> list:
-  """'a,b,c' -> [a, b, c] (converted with kind); a bad item is a ConfigError naming `key`."""
+def parse_list(text: str, key: str, kind=str, empty_ok: bool = False) -> list:
+  """'a,b,c' -> [a, b, c] (converted with kind); a bad item, or no item unless empty_ok, is a
+  ConfigError naming `key`."""
   items = [item.strip() for item in text.split(',') if item.strip()]
+  if not items and not empty_ok:
+    raise config_lib.ConfigError(f'{key}={text!r} names nothing: give a comma-separated list.')
   try:
     return [kind(item) for item in items]
   except ValueError:
@@ -33,7 +38,7 @@ def sweep(config) -> list[tuple[str, str, float]]:
   variants = parse_list(config.variants, 'variants')
   for variant in variants:
     config_lib.gate_config(variant)  # Fails now, naming the variant, if it is unknown.
-  rates = parse_list(config.learning_rates, 'learning_rates', float) or [
+  rates = parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True) or [
       config.train.learning_rate]
   return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
           for rate in rates for variant in variants]
@@ -69,6 +74,11 @@ def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
          'loss_curve': [[r['step'], r['loss']] for r in records]}
   if diverged is None:
     row['eval'] = evaluate(run_dir, figures=False)
+    chance = math.log(run_config.model.vocab_size)
+    if row['eval']['loss'] > chance:  # Finite, but worse than a uniform guess over the vocabulary.
+      row['diverged'] = (f'held-out loss {row["eval"]["loss"]:.4g} is above chance, '
+                         f'ln(model.vocab_size) = {chance:.3f}')
+      row['diverged_at_step'] = records[-1]['step'] if records else None
   return row
 
 

@@ -14,7 +14,7 @@ from gated_attention import config as config_lib
 from gated_attention import distributed
 from gated_attention import sharding as sharding_lib
 from gated_attention.evaluate import make_eval_step
-from gated_attention.summary import summarize
+from gated_attention.summary import format_count, summarize
 from gated_attention.tokenizer import pad_id
 from gated_attention.train import (check_batch, compile_train_step, compiled_memory,
                                    setup_train_state)
@@ -172,7 +172,7 @@ def format_report(report: dict) -> str:
                    else f'{b / 2**20:.1f} MiB')
   memory = report['device_memory_bytes']
   lines = [f'{report["devices"]} x {report["device_kind"]}, mesh {report["mesh"]}, '
-           f'{report["params_total"] / 1e9:.3f}B parameters; train step compiled in '
+           f'{format_count(report["params_total"])} parameters; train step compiled in '
            f'{report["compile_seconds"]:.1f}s',
            f'{"per device":28} {"train step":>12} {"eval step":>12}']
   for key in ('arguments', 'outputs', 'temporaries', 'total'):

@@ -88,8 +88,8 @@ def chain_from_documents(documents, num_triggers: int) -> BigramChain:
 def bigram_chain(bigram_path: str, num_triggers: int) -> BigramChain:
   """The chain of the text files matching `bigram_path` (a glob), or of the embedded corpus when
   it is empty; computed once per process."""
-  documents = (data_lib.text_file_documents(bigram_path) if bigram_path
-               else data_lib.embedded_documents())
+  documents = (data_lib.text_file_documents(bigram_path, 'data.bigram_backcopy.bigram_path')
+               if bigram_path else data_lib.embedded_documents())
   return chain_from_documents(documents, num_triggers)
 
 

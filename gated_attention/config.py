@@ -5,6 +5,7 @@ and raises `ConfigError` naming the key, the value and what would be accepted.
 """
 
 import copy
+import math
 
 import ml_collections
 
@@ -14,7 +15,13 @@ GATE_GRANULARITIES = ('elementwise', 'headwise')
 GATE_MODES = ('multiplicative', 'additive')
 GATE_ACTIVATIONS = ('sigmoid', 'silu', 'identity', 'ns_sigmoid')
 SDPA_NONLINEARITIES = ('none', 'rms_norm', 'silu')
-ROPE_SCALING_TYPES = ('none', 'linear', 'yarn')
+# Each model.rope_scaling.type and the keys of model.rope_scaling it reads.
+ROPE_SCALING_KEYS = {
+    'none': (),
+    'linear': ('factor',),
+    'yarn': ('factor', 'original_max_position', 'beta_fast', 'beta_slow', 'attention_factor',
+             'mscale', 'mscale_all_dim', 'truncate'),
+}
 ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'chunked', 'splash')
 SPLASH_BLOCK = 128  # The splash kernel's smallest block along the sequence.
 REMAT_POLICIES = ('none', 'full', 'save_dots')
@@ -167,8 +174,18 @@ def _check_choice(key: str, value, choices) -> None:
 
 
 def _check_positive(key: str, value) -> None:
-  if not value > 0:
-    raise ConfigError(f'{key}={value!r} must be positive.')
+  if not (value > 0 and math.isfinite(value)):
+    raise ConfigError(f'{key}={value!r} must be positive{_finite(value)}.')
+
+
+def _check_non_negative(key: str, value, zero_means: str = '') -> None:
+  if not (value >= 0 and math.isfinite(value)):
+    raise ConfigError(f'{key}={value!r} must be 0{f" ({zero_means})" if zero_means else ""} or '
+                      f'positive{_finite(value)}.')
+
+
+def _finite(value) -> str:
+  return ' and finite' if isinstance(value, float) else ''
 
 
 def upgrade(saved: dict) -> dict:
@@ -200,6 +217,15 @@ def _check_tokenizer(config) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every key the library reads; raises one ConfigError naming the first bad key."""
+  try:
+    _validate(config)
+  except (AttributeError, KeyError) as error:  # A block replaced by a dict that lacks keys.
+    missing = str(error).strip('"\'')
+    raise ConfigError(f'the config has no key {missing!r} where one is read: override single '
+                      'keys (--config.model.gate.position=value), not a whole block.') from None
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
   model, gate = config.model, config.model.gate
   for key in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
               'mlp_dim'):
@@ -214,8 +240,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'model.rope_fraction={model.rope_fraction} gives {rotary} rotary dims of '
                       f'head_dim={model.head_dim}; it must be a positive even number.')
   _check_positive('model.rope_theta', model.rope_theta)
+  _check_positive('model.init_std', model.init_std)
+  _check_positive('model.norm_eps', model.norm_eps)
   scaling = model.rope_scaling
-  _check_choice('model.rope_scaling.type', scaling.type, ROPE_SCALING_TYPES)
+  _check_choice('model.rope_scaling.type', scaling.type, ROPE_SCALING_KEYS)
+  defaults = rope_scaling_config()
+  for key, default in defaults.items():
+    if key != 'type' and key not in ROPE_SCALING_KEYS[scaling.type] and scaling[key] != default:
+      raise ConfigError(
+          f'model.rope_scaling.{key}={scaling[key]!r} is not read by model.rope_scaling.type='
+          f'{scaling.type!r}: set the type that reads it ('
+          + ', '.join(t for t, keys in ROPE_SCALING_KEYS.items() if key in keys)
+          + f') or leave it at {default!r}.')
   if scaling.type != 'none' and not scaling.factor >= 1:
     raise ConfigError(f'model.rope_scaling.factor={scaling.factor} must be >= 1 for '
                       f'model.rope_scaling.type={scaling.type!r}.')
@@ -224,6 +260,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not scaling.beta_fast > scaling.beta_slow > 0:
       raise ConfigError(f'model.rope_scaling.beta_fast={scaling.beta_fast} must exceed '
                         f'model.rope_scaling.beta_slow={scaling.beta_slow} > 0.')
+    for key in ('attention_factor', 'mscale', 'mscale_all_dim'):
+      _check_non_negative(f'model.rope_scaling.{key}', scaling[key], 'derived from the factor')
   _check_choice('model.attention_impl', model.attention_impl, ATTENTION_IMPLS)
   if isinstance(model.remat, bool):
     raise ConfigError(f'model.remat={model.remat!r}: model.remat now names a policy, one of '
@@ -262,9 +300,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'model.moe.top_k={moe.top_k} must be in [1, model.moe.num_experts='
                         f'{moe.num_experts}].')
     _check_positive('model.moe.expert_mlp_dim', moe.expert_mlp_dim)
-    if moe.capacity_factor < 0:
-      raise ConfigError(f'model.moe.capacity_factor={moe.capacity_factor} must be 0 (dropless) '
-                        'or positive.')
+    _check_non_negative('model.moe.capacity_factor', moe.capacity_factor, 'dropless')
     _check_choice('model.moe.impl', moe.impl, MOE_IMPLS)
     if moe.impl == 'ragged' and moe.capacity_factor:
       raise ConfigError(f'model.moe.impl=ragged never drops a token, so it cannot honour '
@@ -276,11 +312,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if model.match_baseline_params and moe.num_experts:
     raise ConfigError('model.match_baseline_params narrows the dense MLP; it does not apply to '
                       'a mixture-of-experts model (model.moe.num_experts > 0).')
+  if model.match_baseline_params:
+    from gated_attention.model import mlp_width  # The model's own arithmetic.
+    if mlp_width(model) < 1:
+      raise ConfigError(f'model.match_baseline_params narrows model.mlp_dim={model.mlp_dim} to '
+                        f'{mlp_width(model)} to pay for the gate\'s parameters: raise mlp_dim or '
+                        'set match_baseline_params=False.')
 
   data = config.data
   _check_choice('data.source', data.source, DATA_SOURCES)
   if data.source in ('text_files', 'array_record') and not data.path:
     raise ConfigError(f'data.path is empty; data.source={data.source!r} needs a file glob.')
+  if data.path and data.source not in ('text_files', 'array_record'):
+    raise ConfigError(f'data.path={data.path!r} is read by data.source text_files or '
+                      f'array_record, not {data.source!r}: set data.source, or leave data.path '
+                      'empty.')
+  if data.eval_path and data.source != 'array_record':
+    raise ConfigError(f'data.eval_path={data.eval_path!r} is read by data.source=array_record '
+                      f'only ({data.source!r} holds out documents of data.path): leave it empty.')
   if data.source == 'bigram_backcopy':
     triggers = data.bigram_backcopy.num_triggers
     if not 0 <= triggers < 256:
@@ -305,8 +354,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('b1', 'b2'):
     if not 0 <= train[key] < 1:
       raise ConfigError(f'train.{key}={train[key]} must be in [0, 1) (an Adam moment decay).')
-  if train.weight_decay < 0:
-    raise ConfigError(f'train.weight_decay={train.weight_decay} must be 0 or positive.')
+  _check_non_negative('train.peak_flops_per_device', train.peak_flops_per_device,
+                      'look the device up')
+  _check_non_negative('train.weight_decay', train.weight_decay)
+  for key, seed in (('train.seed', train.seed),
+                    ('data.bigram_backcopy.seed', data.bigram_backcopy.seed)):
+    if seed < 0:
+      raise ConfigError(f'{key}={seed} must be 0 or positive (seeds are unsigned).')
   if not 0 <= train.warmup_steps <= train.steps:
     raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps].')
   if not 0 <= train.min_learning_rate <= train.learning_rate:

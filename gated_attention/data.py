@@ -32,6 +32,14 @@ class DataError(ValueError):
   """Input data that cannot be used; the message names the path or key."""
 
 
+class ShortSplitError(DataError):
+  """A split holds fewer tokens than one example takes; `tokens` is how many it holds."""
+
+  def __init__(self, message: str, tokens: int):
+    super().__init__(message)
+    self.tokens = tokens
+
+
 @functools.lru_cache(maxsize=1)
 def embedded_documents() -> tuple[tuple[str, bytes], ...]:
   """The standard library's .py files (no site-packages), sorted by path; read once per process."""
@@ -42,11 +50,12 @@ def embedded_documents() -> tuple[tuple[str, bytes], ...]:
   return tuple((str(p.relative_to(root)), p.read_bytes()) for p in paths)
 
 
-def text_file_documents(pattern: str) -> list[tuple[str, bytes]]:
-  """Files matching the glob `pattern` (recursive ** allowed), sorted by path."""
+def text_file_documents(pattern: str, key: str = 'data.path') -> list[tuple[str, bytes]]:
+  """Files matching the glob `pattern` (recursive ** allowed; `key` names it in errors), sorted
+  by path."""
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
   if not paths:
-    raise DataError(f'data.path={pattern!r} matches no files.')
+    raise DataError(f'{key}={pattern!r} matches no files.')
   documents = []
   for path in paths:
     try:
@@ -76,8 +85,9 @@ class TokenChunks:
                                   for ids in tokenizer.encode_documents(documents)])
     self.seq_len, self.bos_id = seq_len, tokenizer.bos_id
     if len(self) == 0:
-      raise DataError(f'The {name} split has {len(self.stream)} tokens, fewer than '
-                      f'data.seq_len={seq_len}: lower seq_len or add text.')
+      raise ShortSplitError(f'The {name} split has {len(self.stream)} tokens, fewer than '
+                            f'data.seq_len={seq_len}: lower seq_len or add text.',
+                            len(self.stream))
 
   def __len__(self) -> int:
     return len(self.stream) // self.seq_len
@@ -103,7 +113,10 @@ class ArrayRecordExamples:
     self.seq_len, self.vocab_size = seq_len, vocab_size
     if len(self) == 0:
       raise DataError(f'{key}={pattern!r} holds no records.')
-    self[0]  # Fails now, not mid-run, if the records were written for another seq_len or vocab.
+    # Fails now, not mid-run, if a file's records were written for another seq_len or vocab.
+    for start in self.starts[:-1]:
+      if start < len(self):
+        self[int(start)]
 
   def __len__(self) -> int:
     return int(self.starts[-1])

@@ -151,11 +151,12 @@ def _read_config(checkpointer, step: int, mesh_config=None, batches: int | None 
     config.mesh = mesh_config
   if batches is not None:
     config.eval.batches = batches
+    config.eval.analysis_batches = min(config.eval.analysis_batches, batches)
   if analysis_batches is not None:
     config.eval.analysis_batches = analysis_batches
   config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh)
-  check_batch(config, mesh)
+  check_batch(config, mesh, training=False)
   return config, mesh
 
 

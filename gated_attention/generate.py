@@ -145,7 +145,12 @@ class Generator:
   def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, eos_id: int | None = None, batch_size: int = 8) -> Generation:
     """New ids for each prompt (lists of ids, non-empty), batch_size prompts at a time, greedy
-    or sampled, each stopping after eos_id or max_new_tokens."""
+    or sampled, each stopping after eos_id or max_new_tokens (>= 1)."""
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1.')
+    empty = [index for index, prompt in enumerate(prompts) if not len(prompt)]
+    if empty:
+      raise ValueError(f'prompts {empty[:5]} are empty; a prompt holds at least one id (BOS).')
     tokens, totals = [], dict.fromkeys(('prefill_tokens', 'prefill_seconds', 'decode_tokens',
                                         'decode_seconds', 'compile_seconds',
                                         'compile_cache_hits'), 0)
@@ -196,7 +201,7 @@ class Generator:
              'decode': decode_seconds}, compile_timer.cache_hits)
 
 
-def prompt_ids(tokenizer, text: str) -> list[int]:
+def prompt_ids(tokenizer, text: str | bytes) -> list[int]:
   """A text prompt as the model reads it: BOS, then the text's ids (as every training
   example starts)."""
   return [tokenizer.bos_id, *tokenizer.encode(text).tolist()]

@@ -307,6 +307,15 @@ def _dtype(hf: dict) -> str:
   return hf.get('dtype') or hf.get('torch_dtype') or 'float32'
 
 
+def _at_key(config: ml_collections.ConfigDict, key: str):
+  """config['a.b'] as config.a.b (None where the config has no such key)."""
+  for part in key.split('.'):
+    if not isinstance(config, ml_collections.ConfigDict) or part not in config:
+      return None
+    config = config[part]
+  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+
+
 def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDict, str]:
   """(project model config, format) for a Hugging Face config: its architecture over
   `base_model`'s other keys (attention_impl, dtype, scan_layers, remat, MoE dispatch, the router
@@ -547,15 +556,26 @@ def _keys(key_path) -> tuple:
   return tuple(key.key for key in key_path)
 
 
-def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None = None) -> dict:
+def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None = None,
+              model_overrides: tuple[str, ...] = ()) -> dict:
   """Converts the Hugging Face model in hf_dir into a project workdir: WORKDIR/config.json
   (`config` with the model's architecture and its tokenizer, copied into WORKDIR/tokenizer)
   and a parameters-only orbax checkpoint at step 0, each parameter placed on the mesh
-  (mesh_config, default config.mesh) as it is read. Returns a summary."""
+  (mesh_config, default config.mesh) as it is read. model_overrides: keys of config.model the
+  user set (such as 'num_layers', 'moe.impl'); one the checkpoint's architecture replaces is a
+  ConfigError, not dropped. Returns a summary."""
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
   hf = read_hf_config(hf_dir)
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model, fmt = model_config_from_hf(hf, config.model)
+  base_model = config.model
+  config.model, fmt = model_config_from_hf(hf, base_model)
+  for key in model_overrides:
+    given, imported = _at_key(base_model, key), _at_key(config.model, key)
+    if given != imported:
+      raise config_lib.ConfigError(
+          f'--config.model.{key}={given!r}: the architecture comes from {hf_dir}/config.json, '
+          f'which gives {imported!r}' + ('; use --param_dtype to store the parameters in '
+                                         'another dtype.' if key == 'param_dtype' else '.'))
   if param_dtype:
     config.model.param_dtype = param_dtype
   tokenizer_json = hf_dir / 'tokenizer.json'

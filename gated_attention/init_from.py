@@ -155,6 +155,10 @@ def _open_source(config) -> tuple[checkpoint_lib.Checkpointer, pathlib.Path, int
   such checkpoint."""
   directory, step = parse(config.train.init_from)
   if not (directory / 'checkpoints').is_dir():
+    run, colon, tail = config.train.init_from.rpartition(':')
+    if colon and (pathlib.Path(run) / 'checkpoints').is_dir():
+      raise ConfigError(f'train.init_from={config.train.init_from!r}: {tail!r} is not a step '
+                        'number; give DIR or DIR:STEP with STEP an integer.')
     raise ConfigError(f'train.init_from={config.train.init_from!r}: {directory} holds no '
                       'checkpoints/ directory; name a run or an imported model (DIR or DIR:STEP).')
   reader = checkpoint_lib.Checkpointer(directory, read_only=True)

@@ -91,16 +91,30 @@ def heldout_examples(data_config, vocab_size: int, length: int, count: int) -> n
                              'data.source=array_record holds examples of one fixed length.')
   data_config = ml_collections.ConfigDict(data_config.to_dict())
   data_config.seq_len = length
-  source = data_lib.load_split(data_config, 'heldout', vocab_size)
+  try:
+    source = data_lib.load_split(data_config, 'heldout', vocab_size)
+  except data_lib.ShortSplitError as error:
+    raise data_lib.DataError(
+        f'the held-out split has {error.tokens} tokens, fewer than the longest length asked '
+        f'({length}): ask for lengths up to {error.tokens}, or hold out more text '
+        '(data.heldout_fraction, more documents).') from None
   return np.stack([source[i] for i in range(min(count, len(source)))])
 
 
+ROWS_PER_CALL = 8  # Examples run together (rounded up to the mesh's batch ways).
+
+
 def loss_by_position(token_losses, params, tokens: np.ndarray, batch_ways: int) -> np.ndarray:
-  """Per-token losses [examples, length] of held-out examples [examples, length + 1], in one
-  batch padded to a multiple of the mesh's batch ways."""
-  rows = -(-len(tokens) // batch_ways) * batch_ways
-  padded = np.concatenate([tokens, np.repeat(tokens[:1], rows - len(tokens), axis=0)])
-  return np.asarray(token_losses(params, padded))[:len(tokens)]
+  """Per-token losses [examples, length] of held-out examples [examples, length + 1], in
+  batches of ROWS_PER_CALL rounded up to a multiple of the mesh's batch ways (the last one
+  padded), so memory does not grow with the number of examples."""
+  rows = -(-min(len(tokens), ROWS_PER_CALL) // batch_ways) * batch_ways
+  losses = []
+  for start in range(0, len(tokens), rows):
+    part = tokens[start:start + rows]
+    padded = np.concatenate([part, np.repeat(part[:1], rows - len(part), axis=0)])
+    losses.append(np.asarray(token_losses(params, padded))[:len(part)])
+  return np.concatenate(losses)
 
 
 # ---- retrieval tasks --------------------------------------------------------------------------
@@ -316,10 +330,13 @@ def comparison_tables(rows: dict[str, list[dict]]) -> str:
   its list holding one result per seed), one column per length all results share: held-out
   loss over the window and in its last position bucket (from the largest power of two below L:
   [L/2, L) where L is a power of two), and per retrieval task the
-  answer loss and greedy accuracy; each cell the mean over seeds, then every seed's value."""
+  answer loss and greedy accuracy (the tasks all results share); each cell the mean over
+  seeds, then every seed's value."""
   lengths = sorted(set.intersection(*(set(r['lengths']) for results in rows.values()
                                        for r in results)), key=int)
-  tasks = list(next(iter(rows.values()))[0]['lengths'][lengths[0]]['retrieval'])
+  results = [r for results in rows.values() for r in results]
+  tasks = [task for task in results[0]['lengths'][lengths[0]]['retrieval']
+           if all(task in r['lengths'][lengths[0]]['retrieval'] for r in results)]
   measures = [('held-out loss, whole window', lambda e: e['loss']),
               ('held-out loss, last position bucket [2^k, L), 2^k < L <= 2^(k+1)',
                lambda e: e['bucket_loss'][-1])]

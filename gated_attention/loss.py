@@ -85,6 +85,11 @@ def _summed_loss_backward(chunk, gradients, cotangent):
 _summed_loss.defvjp(_summed_loss_forward, _summed_loss_backward)
 
 
+def target_mask(targets: jax.Array, pad_id: int | None) -> jax.Array:
+  """Where targets count in the loss: everywhere but pad_id (None: there is none)."""
+  return jnp.ones(targets.shape, bool) if pad_id is None else targets != pad_id
+
+
 def next_token_loss(x: jax.Array, kernel: jax.Array, targets: jax.Array, pad_id: int | None,
                     chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """(summed cross-entropy, number of counted targets) of the logits output_logits(x, kernel)
@@ -94,5 +99,5 @@ def next_token_loss(x: jax.Array, kernel: jax.Array, targets: jax.Array, pad_id:
   chunk = chunk or length
   if length % chunk:
     raise ValueError(f'model.loss_chunk={chunk} must divide the sequence length {length}.')
-  mask = jnp.ones(targets.shape, bool) if pad_id is None else targets != pad_id
+  mask = target_mask(targets, pad_id)
   return _summed_loss(x, kernel, targets, mask, chunk), jnp.sum(mask)

@@ -64,8 +64,8 @@ def format_record(record: dict) -> str:
   """One human-readable log line."""
   parts = []
   for key, value in record.items():
-    if isinstance(value, float):
-      parts.append(f'{key}={value:.4g}')
+    if isinstance(value, float):  # Rates such as tokens_per_sec in full, not as 1.006e+04.
+      parts.append(f'{key}={value:,.0f}' if abs(value) >= 1e4 else f'{key}={value:.4g}')
     elif value is not None:
       parts.append(f'{key}={value}')
   return ' '.join(parts)

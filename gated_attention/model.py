@@ -51,7 +51,9 @@ class KVCache(NamedTuple):
   """Keys and values of every layer for generation: slot j holds position j.
 
   key, value: [layers, batch, max_length, kv_heads, head_dim]; length: int [batch], the
-  positions filled so far (where the next tokens go)."""
+  positions filled so far (where the next tokens go). A call must leave length <= max_length:
+  the rows of a call that would write past the end get NaN logits (a write there would land on
+  the last slots)."""
   key: jax.Array
   value: jax.Array
   length: jax.Array
@@ -254,6 +256,9 @@ class Transformer(nnx.Module):
     targets: int [batch, length], the next tokens: the output has their loss (those equal to
     pad_id not counted) and no logits."""
     assert not (analysis and cache is not None), 'analysis runs on whole sequences'
+    if cache is not None and tokens.shape[1] > cache.key.shape[2]:
+      raise ValueError(f'{tokens.shape[1]} tokens do not fit a KV cache of max_length '
+                       f'{cache.key.shape[2]}.')
     x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
     x = constrain(x, ACTIVATION_AXES)
     positions = jnp.arange(tokens.shape[1])[None, :]
@@ -268,6 +273,9 @@ class Transformer(nnx.Module):
     logits, loss_sum, num_tokens = None, None, None
     if targets is None:
       logits = output_logits(x, kernel)
+      if cache is not None:
+        overflow = cache.length + tokens.shape[1] > cache.key.shape[2]
+        logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
     else:
       loss_sum, num_tokens = next_token_loss(x, kernel, targets, pad_id, self.loss_chunk)
     aux_losses = {name: jnp.mean(per_layer.pop(name))

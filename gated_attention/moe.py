@@ -26,7 +26,8 @@ Auxiliary losses (returned with the output, averaged over layers by the model):
   load balance   num_experts * sum_e f_e * P_e, with f_e the share of (token, choice)
                  assignments sent to expert e and P_e the mean router probability of e, both
                  over the whole global batch (jit sees the global batch, so this is one global
-                 reduction, not a per-device loss). 1.0 for a uniform router.
+                 reduction, not a per-device loss); with train.microbatches > 1, over each
+                 microbatch, and the mean of those. 1.0 for a uniform router.
   router z       mean over tokens of logsumexp(router logits)^2.
 """
 

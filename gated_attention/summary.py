@@ -66,15 +66,23 @@ def summarize(config) -> dict:
   }
 
 
+def format_count(count: float) -> str:
+  """A parameter count to three significant figures: '1.72B', '201M', '2.05K', '12'."""
+  for scale, suffix in ((1e9, 'B'), (1e6, 'M'), (1e3, 'K')):
+    if count >= scale:
+      return f'{count / scale:.3g}{suffix}'
+  return f'{count:.0f}'
+
+
 def format_summary(summary: dict) -> str:
   """The summary as an aligned text table."""
   lines = [f'{"part":14} {"params":>16} {"active":>16}']
   for name, row in summary['parts'].items():
     lines.append(f'{name:14} {row["params"]:>16,} {row["active"]:>16,}')
   lines.append(f'{"total":14} {summary["params_total"]:>16,} {summary["params_active"]:>16,}')
-  lines.append(f'({summary["params_total"] / 1e9:.3f}B total, '
-               f'{summary["params_active"] / 1e9:.3f}B active, gate '
-               f'{summary["params_gate"] / 1e6:.1f}M)')
+  lines.append(f'({format_count(summary["params_total"])} total, '
+               f'{format_count(summary["params_active"])} active, gate '
+               f'{format_count(summary["params_gate"])})')
   lines.append(f'training FLOPs per token at seq_len {summary["seq_len"]}: '
                f'{summary["flops_per_token"]:.4g}')
   return '\n'.join(lines)

@@ -41,6 +41,7 @@ from gated_attention import state as state_lib
 from gated_attention import workdir as workdir_lib
 from gated_attention.distributed import CompileTimer, PreemptionWatch
 from gated_attention.metrics import MetricsWriter, format_record
+from gated_attention.loss import target_mask
 from gated_attention.model import apply
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
 from gated_attention.tokenizer import pad_id
@@ -58,43 +59,51 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | Non
                     microbatches: int = 1):
   """train_step(state, tokens [batch, seq_len + 1]) -> (state, metrics).
 
-  The objective is the next-token cross-entropy (`loss`) plus, for mixture-of-experts models,
-  load_balance_weight * load_balance_loss + router_z_weight * router_z_loss (both reported).
-  With microbatches > 1 the batch is split into that many equal parts whose gradients are
-  averaged (one optimizer update, activations of one part alive at a time); the losses are the
-  mean over parts. A step whose loss or gradient norm is not finite leaves parameters and
-  optimizer state as they were (its `finite` metric is False); the loop decides what to do.
+  The objective is the next-token cross-entropy (`loss`, the mean over the batch's counted
+  targets) plus, for mixture-of-experts models, load_balance_weight * load_balance_loss +
+  router_z_weight * router_z_loss (both reported). With microbatches > 1 the batch is split
+  into that many equal parts, one alive at a time, for one optimizer update: each part's
+  cross-entropy is summed and divided by the whole batch's count of targets, so loss and
+  gradients are those of the whole batch, padding or not; the auxiliary losses are the mean of
+  each part's (each over its part: the load-balance product is not additive over parts). A step
+  whose loss or gradient norm is not finite leaves parameters and optimizer state as they were
+  (its `finite` metric is False); the loop decides what to do.
   """
   aux_weights = {'load_balance_loss': moe_config.load_balance_weight,
                  'router_z_loss': moe_config.router_z_weight}
 
-  def objective(params, tokens):
+  def objective(params, tokens, num_targets):
+    """This part's share of the objective and metrics: its summed cross-entropy over the
+    batch's num_targets, its auxiliary losses over the number of parts."""
     output = apply(graphdef, params, tokens[:, :-1], targets=tokens[:, 1:], pad_id=pad_id)
-    loss = output.loss_sum / jnp.maximum(output.num_tokens, 1)
-    total = loss + sum(aux_weights[name] * value for name, value in output.aux_losses.items())
-    return total, {'loss': loss, **output.aux_losses}
+    metrics = {'loss': output.loss_sum / jnp.maximum(num_targets, 1),
+               **{name: value / microbatches for name, value in output.aux_losses.items()}}
+    total = metrics['loss'] + sum(aux_weights[name] * value for name, value in metrics.items()
+                                  if name in aux_weights)
+    return total, metrics
 
   gradients = jax.value_and_grad(objective, has_aux=True)
 
-  def accumulate(params, tokens):
-    """Mean gradients and metrics over microbatches, one microbatch alive at a time."""
+  def accumulate(params, tokens, num_targets):
+    """Gradients and metrics summed over the microbatches, one microbatch alive at a time."""
     batch = tokens.shape[0]
     # Rows i, i + k, ... form microbatch i, so every device keeps an equal share of each.
     parts = tokens.reshape(batch // microbatches, microbatches, -1).swapaxes(0, 1)
     parts = sharding_lib.constrain(parts, (None, 'batch', 'length'))
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(gradients, params, parts[0]))
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(gradients, params, parts[0], num_targets))
 
     def add(total, part):
-      return jax.tree.map(jnp.add, total, gradients(params, part)), None
+      return jax.tree.map(jnp.add, total, gradients(params, part, num_targets)), None
 
     ((_, metrics), grads), _ = jax.lax.scan(add, zeros, parts)
-    return jax.tree.map(lambda x: x / microbatches, (metrics, grads))
+    return metrics, grads
 
   def train_step(state, tokens):
+    num_targets = jnp.sum(target_mask(tokens[:, 1:], pad_id))
     if microbatches == 1:
-      (_, metrics), grads = gradients(state['params'], tokens)
+      (_, metrics), grads = gradients(state['params'], tokens, num_targets)
     else:
-      metrics, grads = accumulate(state['params'], tokens)
+      metrics, grads = accumulate(state['params'], tokens, num_targets)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     updated = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
@@ -153,18 +162,22 @@ def check_memory(compiled) -> None:
       'model.remat, or shard over more devices (mesh.fsdp, mesh.tensor).')
 
 
-def check_batch(config, mesh) -> None:
-  """The global batch must split evenly over the batch mesh axes, microbatches and processes."""
+def check_batch(config, mesh, training: bool = True) -> None:
+  """The global batch (training) and the eval batch must split evenly over the batch mesh axes,
+  microbatches and processes."""
   batch_ways = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
-  for key, size, ways in (
-      ('data.batch_size', config.data.batch_size, batch_ways * config.train.microbatches),
-      ('eval.batch_size', config.eval.batch_size, batch_ways)):
+  batches = [('eval.batch_size', config.eval.batch_size, batch_ways)]
+  if training:
+    batches.insert(0, ('data.batch_size', config.data.batch_size,
+                       batch_ways * config.train.microbatches))
+  for key, size, ways in batches:
     if size % ways or size % jax.process_count():
       raise config_lib.ConfigError(
           f'{key}={size} must be a multiple of mesh data x fsdp x expert = {batch_ways}'
           + (f' times train.microbatches = {config.train.microbatches}'
              if key == 'data.batch_size' and config.train.microbatches > 1 else '')
-          + f', and of the process count {jax.process_count()}.')
+          + f', and of the process count {jax.process_count()}'
+          + ('.' if training else ': give a --mesh whose data x fsdp x expert divides it.'))
 
 
 def log(message: str) -> None:
@@ -282,8 +295,16 @@ class StepLog:
     self.writer = MetricsWriter(workdir, start_step)
     self.progress = tqdm(total=config.train.steps, initial=start_step, desc='train', unit='step',
                          disable=jax.process_index() != 0, file=sys.stdout, dynamic_ncols=True)
+    # (time, step) an interval's step time is measured from; the first step of a process is
+    # left out of the next interval (its first run of the program is slower).
     self.clock = (time.perf_counter(), start_step)
+    self.first_step = start_step + 1
     self.last_record: dict = {}
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of host work (a checkpoint save, while no step runs) out of the
+    current interval's step time."""
+    self.clock = (self.clock[0] + seconds, self.clock[1])
 
   def state(self) -> dict:
     return {'skipped_steps': self.skipped_steps, 'loss_spikes': self.loss_spikes,
@@ -317,6 +338,8 @@ class StepLog:
       self.loss_spikes += spike
       self.recent_losses.append(loss)
     if step % train_config.log_every and step != train_config.steps and not spike:
+      if step == self.first_step:
+        self.clock = (time.perf_counter(), step)
       return
     now = time.perf_counter()
     step_time = (now - self.clock[0]) / max(step - self.clock[1], 1)
@@ -478,8 +501,10 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
       if step % train_config.checkpoint_every == 0 or step == train_config.steps or preempted:
         step_log.finish(*pending)
         pending = None
+        started = time.perf_counter()
         checkpointer.save(step, state, {'iterator': iterator.get_state(),
                                         'loop': step_log.state()}, config)
+        step_log.exclude(time.perf_counter() - started)
       if preempted:
         break
   finally:

@@ -54,9 +54,21 @@ def test_divergence_is_reported_not_raised(tmp_path):
       tmp_path / 'report.md').read_text()
 
 
+def test_a_finite_loss_above_chance_is_reported_as_diverged(tmp_path, monkeypatch):
+  """A held-out loss above ln(vocab_size) is worse than a uniform guess: not a table row."""
+  monkeypatch.setattr(ablation, 'train', lambda config, workdir: {'preempted': False})
+  config = _ablation_config('g1_elementwise', '')
+  for loss, diverged in ((5.9, False), (351.0, True)):
+    monkeypatch.setattr(ablation, 'evaluate', lambda workdir, figures: {'loss': loss})
+    row = ablation.run_variant(ablation.variant_config(config, 'g1_elementwise', 1e-3), tmp_path)
+    assert bool(row['diverged']) == diverged
+  assert row['diverged'] == 'held-out loss 351 is above chance, ln(model.vocab_size) = 5.951'
+
+
 @pytest.mark.parametrize('variants, learning_rates, message', [
     ('none,g9', '', "gate='g9' is not a known variant"),
     ('none', '2e-3,fast', "learning_rates='2e-3,fast': expected comma-separated floats"),
+    (',', '', "variants=',' names nothing"),
 ])
 def test_bad_sweeps_are_named(variants, learning_rates, message):
   with pytest.raises(config_lib.ConfigError, match=message):

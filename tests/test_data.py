@@ -139,6 +139,16 @@ def test_a_translated_position_continues_the_same_stream_of_examples():
     np.testing.assert_array_equal(next(new), stream[start:start + batch_size])
 
 
+def test_array_record_files_of_another_seq_len_are_named_at_start_up(tmp_path):
+  """Each file's first record is read when the source opens, not only the first file's."""
+  data.write_array_record(np.zeros((3, 9), np.int32), tmp_path / 'a.ar')
+  data.write_array_record(np.zeros((3, 17), np.int32), tmp_path / 'b.ar')
+  records = config_lib.base_config('tiny').data
+  records.update(source='array_record', path=str(tmp_path / '*.ar'), seq_len=8)
+  with pytest.raises(data.DataError, match='b.ar: record 0 has 17 tokens; data.seq_len=8 needs 9'):
+    data.load_split(records, 'train', 384)
+
+
 def test_array_record_ids_outside_the_vocabulary_name_file_and_record(tmp_path):
   examples = np.tile(np.arange(9, dtype=np.int32), (10, 1))
   examples[3, 4], examples[8, 0] = 384, -1

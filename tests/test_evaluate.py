@@ -136,6 +136,7 @@ def test_measurements_combine_batches():
 
 def test_eval_command_writes_json_and_figures(tmp_path):
   config = helpers.run_config(steps=4)
+  config.eval.analysis_batches = 2
   train(config, tmp_path)
   result = evaluate(tmp_path)
   saved = json.loads((tmp_path / 'eval' / 'step_4.json').read_text())
@@ -154,6 +155,9 @@ def test_eval_command_writes_json_and_figures(tmp_path):
   assert maps.shape == (config.model.num_layers, config.model.num_heads, config.data.seq_len,
                         config.data.seq_len)
   np.testing.assert_allclose(maps.sum(-1), 1, rtol=1e-5)  # Rows of attention are distributions.
+  # Fewer batches than the run's eval.analysis_batches: the analysis takes what there is.
+  assert evaluate(tmp_path, batches=1, figures=False)['tokens'] == (config.eval.batch_size
+                                                                     * config.data.seq_len)
 
 
 def test_eval_reads_the_new_latest_checkpoint_when_one_is_rotated_away(tmp_path, monkeypatch):

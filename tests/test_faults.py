@@ -379,6 +379,21 @@ def test_a_full_disk_stops_the_run_at_once_and_loses_nothing(trained_run, small_
 
 # --- Bad command lines -----------------------------------------------------------------------
 
+def test_generate_takes_a_non_utf8_prompts_file_and_refuses_a_bad_mesh_in_one_line(trained_run,
+                                                                                 tmp_path):
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_bytes(b'caf\xe9\n\xff\xfe text\n')  # Latin-1, not UTF-8: read as bytes.
+  args = [sys.executable, '-m', 'experiments.generate', f'--workdir={trained_run}',
+          f'--prompts_file={prompts}', '--max_new_tokens=2', '--json']
+  results = _in_parallel({'file': args, 'mesh': args + ['--mesh=data=two']})
+  assert results['file'].returncode == 0, results['file'].stderr[-2000:]
+  completions = json.loads(results['file'].stdout.splitlines()[-1])['completions']
+  assert [c['prompt_ids'][1:] for c in completions] == [[99, 97, 102, 0xe9], [0xff, 0xfe, 32, 116,
+                                                                             101, 120, 116]]
+  assert _error_line(results['mesh']) == ("error: --mesh='data=two': invalid literal for int() "
+                                          "with base 10: 'two'")
+
+
 def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
   module = lambda name, *args: [sys.executable, '-m', f'experiments.{name}', *args]
   cases = {
@@ -414,6 +429,23 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
                  'error: flag --num_slices=0: 0 is not a positive integer'),
       'launcher': (module('launch_local', '--num_processes=0'),
                    'error: flag --num_processes=0: 0 is not a positive integer'),
+      'temperature': (module('generate', f'--workdir={tmp_path}', '--prompt=x',
+                             '--temperature=nan'),
+                      'error: --temperature=nan must be >= 0 (0 is greedy).'),
+      'top_p': (module('generate', f'--workdir={tmp_path}', '--prompt=x', '--top_p=0'),
+                'error: --top_p=0.0 must be in (0, 1].'),
+      'shard size': (module('export_hf', f'--workdir={tmp_path}', f'--out={tmp_path}',
+                            '--max_shard_mb=0'),
+                     'error: flag --max_shard_mb=0: 0 is not a positive integer'),
+      'input': (module('prepare_data', '--input=/nonexistent/*.txt', f'--output_dir={tmp_path}'),
+                "error: --input='/nonexistent/*.txt' matches no files."),
+      'gate block': (module('summary', '--config.model.gate=g1_headwise'),
+                     "error: 'g1_headwise' is not a config block: set its keys one by one"),
+      'import key': (module('import_hf', f'--hf_dir={tmp_path}', f'--workdir={tmp_path}',
+                            '--config.model.nonexistent=1'),
+                     "error: --config.model.nonexistent: the config has no key 'nonexistent'."),
+      'no seeds': (module('sink', f'--workdir={tmp_path}', '--seeds=,'),
+                   "error: seeds=',' names nothing: give a comma-separated list."),
   }
   results = _in_parallel({name: args for name, (args, _) in cases.items()})
   for name, (_, message) in cases.items():

@@ -8,7 +8,7 @@ import pytest
 from gated_attention import sharding
 from gated_attention import state as state_lib
 from gated_attention.generate import Generator, Sampling, bucket, sample
-from gated_attention.model import apply
+from gated_attention.model import KVCache, apply
 from tests import helpers
 
 PROMPTS = [[257, 5, 6, 7, 8, 9, 10], [257, 40], [257, 71, 72, 73]]  # Three lengths, one batch.
@@ -68,6 +68,34 @@ def test_eos_ends_one_sequence_and_not_the_others(generator):
     end = free_run.index(eos) + 1 if eos in free_run else len(free_run)
     assert stopped_run == free_run[:end]
   assert stopped[0][-1] == eos and len(stopped[0]) <= 4
+
+
+@pytest.mark.parametrize('prompts, max_new_tokens, message', [
+    (PROMPTS, 0, 'max_new_tokens=0 must be >= 1'),
+    ([[257, 5], []], 4, r'prompts \[1\] are empty'),
+])
+def test_nothing_to_generate_from_or_to_is_refused(generator, prompts, max_new_tokens, message):
+  with pytest.raises(ValueError, match=message):
+    generator.generate(prompts, max_new_tokens)
+
+
+def test_a_call_past_the_kv_caches_end_gives_nan_logits_for_its_rows():
+  """A write past the end would land on the last slots (dynamic_update_slice clamps): the rows
+  that overflow read NaN, the others what the full forward gives."""
+  model_cfg = helpers.model_config('g1_elementwise')
+  graphdef, _ = state_lib.abstract_model(model_cfg)
+  params = helpers.random_params(model_cfg)
+  tokens = np.asarray(helpers.random_tokens(0, 2, 8, 256))
+  cache = KVCache.empty(model_cfg, 2, 8, jnp.float32)
+  cache = apply(graphdef, params, tokens[:, :6], cache=cache).cache
+  cache = cache._replace(length=jnp.asarray([6, 5], jnp.int32))  # Row 1: two slots left.
+  logits = apply(graphdef, params, tokens[:, 5:8], cache=cache).logits  # Row 0: 6 + 3 > 8.
+  assert np.all(np.isnan(logits[0])) and not np.any(np.isnan(logits[1]))
+  full = apply(graphdef, params, tokens[1:2, :8]).logits
+  np.testing.assert_allclose(logits[1], full[0, 5:8], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='9 tokens do not fit a KV cache of max_length 8'):
+    apply(graphdef, params, np.zeros((2, 9), np.int32), cache=KVCache.empty(model_cfg, 2, 8,
+                                                                              jnp.float32))
 
 
 def test_batches_give_what_single_prompts_give(generator):

@@ -364,6 +364,17 @@ def test_unsupported_configs_are_refused_by_key_before_any_weight(config, messag
   assert not (tmp_path / 'run').exists()
 
 
+def test_an_architecture_key_given_on_the_command_line_is_refused_not_dropped(tmp_path):
+  _hf_model_dir('qwen3', tmp_path / 'hf')
+  config = _base_config()
+  config.model.update(num_layers=7, attention_impl='xla')
+  with pytest.raises(ConfigError, match=r"--config.model.num_layers=7: the architecture comes "
+                                        r"from .*config.json, which gives 2\."):
+    hf.import_hf(tmp_path / 'hf', tmp_path / 'run', config,
+                 model_overrides=('attention_impl', 'num_layers'))
+  assert not (tmp_path / 'run').exists()
+
+
 def test_missing_and_misshapen_tensors_are_named(tmp_path):
   _hf_model_dir('qwen3', tmp_path / 'hf')
   tensors = _tensors(tmp_path / 'hf')

@@ -12,6 +12,7 @@ from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import long_eval
 from gated_attention import state as state_lib
+from gated_attention.data import DataError
 from gated_attention.model import apply
 from gated_attention.tokenizer import ByteTokenizer
 from tests import helpers
@@ -87,8 +88,9 @@ def _numpy_token_losses(graphdef, params, tokens: np.ndarray) -> np.ndarray:
 
 
 def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
+  """11 examples: two calls of 8 rows, the second padded."""
   graphdef, params = _tiny_model()
-  tokens = np.asarray(helpers.random_tokens(0, batch=3, length=101))
+  tokens = np.asarray(helpers.random_tokens(0, batch=11, length=101))
   losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef), params, tokens,
                                       batch_ways=2)
   nll = _numpy_token_losses(graphdef, params, tokens)
@@ -142,14 +144,46 @@ def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
       'needles).'] and refused.returncode == 1
 
 
+def test_a_length_past_the_held_out_split_names_the_lengths_asked(tmp_path):
+  for name in ('a.txt', 'b.txt'):
+    (tmp_path / name).write_text('x' * 300)
+  data = config_lib.base_config('tiny').data
+  data.update(source='text_files', path=str(tmp_path / '*.txt'))
+  with pytest.raises(DataError, match=re.escape(
+      'the held-out split has 301 tokens, fewer than the longest length asked (512): ask for '
+      'lengths up to 301')):
+    long_eval.heldout_examples(data, 384, 512, 2)
+
+
 def test_comparison_tables_average_the_seeds_of_each_row():
-  def result(loss, accuracy):
+  def result(loss, accuracy, tasks=('passkey',)):
     entry = {'loss': loss, 'bucket_loss': [9.0, loss + 1],
-             'retrieval': {'passkey': {'answer_loss': 2 * loss, 'accuracy': accuracy}}}
+             'retrieval': {task: {'answer_loss': 2 * loss, 'accuracy': accuracy}
+                           for task in tasks}}
     return {'lengths': {'128': entry, '256': entry}}
 
   text = long_eval.comparison_tables({'g1 extend': [result(1.0, 0.5), result(2.0, 1.0)],
-                                      'none extend': [result(3.0, 0.0)]})
+                                      'none extend': [result(3.0, 0.0, ('passkey', 'multikey'))]})
+  assert 'multikey' not in text  # Only the tasks every result holds.
   assert '| g1 extend | 1.500 (1.000, 2.000) | 1.500 (1.000, 2.000) |' in text
   assert '| none extend | 4.000 (4.000) | 4.000 (4.000) |' in text  # The last bucket.
   assert '| g1 extend | 0.750 (0.500, 1.000) | 0.750 (0.500, 1.000) |' in text
+
+
+def test_the_table_command_skips_runs_not_named_for_it_and_keeps_the_shared_tasks(tmp_path):
+  def write(run, tasks):
+    entry = {'loss': 1.0, 'bucket_loss': [1.0],
+             'retrieval': {task: {'answer_loss': 1.0, 'accuracy': 0.5} for task in tasks}}
+    (tmp_path / run / 'long_eval').mkdir(parents=True)
+    (tmp_path / run / 'long_eval' / 'step_3.json').write_text(
+        json.dumps({'lengths': {'128': entry}}))
+
+  write('g1_elementwise_s0_extend', ('passkey', 'multikey'))
+  write('g1_elementwise_s1_extend', ('passkey',))
+  write('scratch', ('passkey',))
+  result = helpers.run([sys.executable, '-m', 'experiments.long_context_table',
+                        f'--runs={tmp_path}'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'warning: skipped scratch: not named <gate>_s<seed>_<stage>' in result.stderr
+  assert '| g1_elementwise extend | 1.000 (1.000, 1.000) |' in result.stdout
+  assert 'passkey: accuracy' in result.stdout and 'multikey' not in result.stdout

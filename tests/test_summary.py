@@ -4,7 +4,7 @@ scaled-down versions train."""
 import pytest
 
 from configs import paper
-from gated_attention.summary import summarize
+from gated_attention.summary import format_count, summarize
 from gated_attention.train import train
 from tests.test_gate import PAPER_GATE_PARAMS
 
@@ -80,3 +80,9 @@ def test_mini_presets_train(tmp_path, model):
   record = train(config, tmp_path)
   assert record['step'] == 3 and record['loss'] < 7.0
   assert summarize(config)['params_total'] < 10e6
+
+
+@pytest.mark.parametrize('count, text', [(1_720_000_000, '1.72B'), (201_326_592, '201M'),
+                                         (2048, '2.05K'), (12, '12')])
+def test_parameter_counts_print_with_three_significant_figures(count, text):
+  assert format_count(count) == text

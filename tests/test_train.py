@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -15,13 +16,14 @@ from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
+from gated_attention import train as train_lib
 from gated_attention.aot import CompileError
 from gated_attention.config import ConfigError
 from gated_attention.data import DataError
 from gated_attention.metrics import read_metrics
 from gated_attention.optimizer import weight_decay_mask
-from gated_attention.train import (TrainingError, initialize_from_run, is_loss_spike,
-                                   setup_train_state, train)
+from gated_attention.train import (TrainingError, compile_train_step, initialize_from_run,
+                                   initialize_train_state, is_loss_spike, setup_train_state, train)
 from tests import helpers
 
 LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', 'step_time_s', 'mfu',
@@ -165,6 +167,62 @@ def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
                helpers.final_params(tmp_path / '4', config))
 
 
+@pytest.mark.parametrize('moe', [False, True])
+def test_microbatches_weigh_every_counted_target_alike_however_padding_falls(moe):
+  """Microbatch 0 holds 4 counted targets, microbatch 1 holds 60: the loss and the update are
+  still the whole batch's (a mean of the parts' means would weigh microbatch 0's 15x)."""
+  config = helpers.run_config(steps=2)
+  config.data.update(seq_len=16, batch_size=4)
+  if moe:
+    config.model.moe.update(num_experts=4, top_k=1, expert_mlp_dim=32)
+  tokens = np.array(helpers.random_tokens(3, 4, 17, 256))
+  tokens[0::2, 3:] = 256  # PAD: rows 0 and 2 form microbatch 0 of two.
+  results = {}
+  for microbatches in (1, 2):
+    config.train.microbatches = microbatches
+    setup = setup_train_state(config, sharding_lib.make_mesh(config.mesh))
+    state = initialize_train_state(config, setup)
+    results[microbatches] = jax.device_get(compile_train_step(config, setup)(state, tokens))
+  (whole_state, whole), (parts_state, parts) = results[1], results[2]
+  np.testing.assert_allclose(parts['loss'], whole['loss'], rtol=1e-6)
+  if not moe:  # The load-balance loss is each microbatch's (documented), so not for MoE.
+    np.testing.assert_allclose(parts['grad_norm'], whole['grad_norm'], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 parts_state['params'], whole_state['params'])
+
+
+def test_step_times_leave_out_checkpoint_saves_and_the_first_steps_warm_up(tmp_path,
+                                                                          monkeypatch):
+  """A save (made 2 s slow) and the first run of the program (2 s slow) are not steps: the
+  logged step times stay those of the steps themselves."""
+  compile_step, save = train_lib.compile_train_step, checkpoint_lib.Checkpointer.save
+
+  class SlowFirstCall:
+    def __init__(self, compiled):
+      self.compiled, self.calls = compiled, 0
+
+    def __getattr__(self, name):  # memory_analysis() and the rest.
+      return getattr(self.compiled, name)
+
+    def __call__(self, *args):
+      self.calls += 1
+      if self.calls == 1:
+        time.sleep(2)
+      return self.compiled(*args)
+
+  def slow_save(self, *args, **kwargs):
+    time.sleep(2)
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(train_lib, 'compile_train_step',
+                      lambda *args: SlowFirstCall(compile_step(*args)))
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', slow_save)
+  train(helpers.run_config(steps=4, log_every=2, checkpoint_every=3), tmp_path)
+  records = read_metrics(tmp_path)
+  assert [r['step'] for r in records] == [2, 4]
+  assert all(r['step_time_s'] < 1.0 for r in records), records
+
+
 def test_a_run_resumes_and_evaluates_in_the_other_layer_layout(tmp_path):
   """A checkpoint of unrolled layers loads as scanned (the same arrays, stacked) and trains on
   as the run that never changed layout."""
@@ -279,6 +337,13 @@ def test_init_from_refuses_a_changed_parameter_shape_before_compiling(baseline_r
                                         r'-> 64\)'):
     train(config, tmp_path)
   assert not any((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
+def test_init_from_with_a_step_that_is_not_a_number_says_so(baseline_run, tmp_path):
+  source_dir, _ = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=f'{source_dir}:last')
+  with pytest.raises(ConfigError, match="'last' is not a step number; give DIR or DIR:STEP"):
+    train(config, tmp_path)
 
 
 def test_init_from_refuses_another_norm_scale_convention(baseline_run, tmp_path):
