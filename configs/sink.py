@@ -7,12 +7,12 @@
 Arguments: gate (any name in gated_attention.config.GATE_PRESETS; the single run of
 experiments.train), seed. experiments.sink trains every name in `variants`, with each seed.
 
-Measured with the command above (seeds 0 / 1; 30.4 minutes on one core of a busy 2-core
-machine): first-token attention of non-trigger queries in the most sink-like head, baseline
-0.62 / 0.69 (trigger queries 0.00: an active-dormant head; past 0.3 by step 50 / 75; M-Act
-139 / 129); G1 elementwise 0.10 / 0.15, G2 0.04 / 0.18 (never past 0.3); G1 headwise 0.30 /
-0.14, head-shared 0.02 / 0.55, NS-sigmoid 0.06 / 0.70 (reduced, not in every seed);
-input-independent 0.72 / 0.99 (kept). Held-out loss: baseline 1.269 / 1.260, gates 1.218-1.234.
+Measured with the command above at cbceb34 (seeds 0 / 1; 18 minutes on a busy 2-core machine):
+first-token attention of non-trigger queries in the most sink-like head, baseline 0.66 / 0.79
+(trigger queries 0.00: an active-dormant head; past 0.3 by step 125 / 75; M-Act 135 / 170);
+G2 0.04 / 0.02 (never past 0.3), G1 elementwise 0.23 / 0.06 (seed 1 past 0.3 once, at step
+50); G1 headwise 0.36 / 0.10, head-shared 0.20 / 0.03, NS-sigmoid 0.15 / 0.32 (reduced);
+input-independent 0.38 / 0.95 (kept). Held-out loss: baseline 1.238 / 1.253, gates 1.216-1.232.
 
 Recipe, chosen by measuring (one layer, d_model 128, 4 heads of 32, MLP 512, batch 16 x 256,
 BB with the 3 most frequent bytes of the embedded corpus as triggers; numbers are the baseline's

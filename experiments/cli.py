@@ -37,8 +37,10 @@ def _command_line_error(error: Exception, argv) -> str:
     return f'{flag}: the config has no key {key!r}.' + (f' {hint}' if hint else '')
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if 'as a ConfigDict' in str(error):  # A whole block given a value: --config.model.gate=NAME.
-    flag = str(error).split("'")[1] if "'" in str(error) else 'the value'
-    return (f'{flag!r} is not a config block: set its keys one by one '
+    value = str(error).split("'")[1] if "'" in str(error) else ''
+    flag = next((arg for arg in argv if arg.startswith('--config.') and arg.endswith(f'={value}')),
+                repr(value))
+    return (f'{flag}: a config block, not a value: set its keys one by one '
             '(--config.model.gate.position=sdpa ...), or name a variant in the config argument '
             '(--config=configs/lm.py:gate=g1_headwise).')
   if len(lines) > 1:  # A config file's own error comes with its traceback: keep its last line.

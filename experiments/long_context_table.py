@@ -4,7 +4,7 @@
 
 Reads RUNS/<gate>_s<seed>_<stage>/long_eval/step_N.json (the latest N of each run) and prints
 one table per measure, a row per gate and stage, seeds averaged (each seed's value beside);
-columns are the lengths and tasks every run was evaluated at.
+columns are the lengths (every run's the same) and the tasks every run was evaluated at.
 """
 
 import collections
@@ -38,7 +38,10 @@ def main(argv):
           file=sys.stderr)
   if not rows:
     cli.fail(f'--runs={_RUNS.value}: no run there holds long_eval results.')
-  print(comparison_tables(dict(sorted(rows.items()))))
+  try:
+    print(comparison_tables(dict(sorted(rows.items()))))
+  except ValueError as error:
+    cli.fail(f'--runs={_RUNS.value}: {error}')
 
 
 if __name__ == '__main__':

@@ -331,6 +331,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'data.eval_path={data.eval_path!r} is read by data.source=array_record '
                       f'only ({data.source!r} holds out documents of data.path): leave it empty.')
   if data.source == 'bigram_backcopy':
+    if data.tokenizer != 'byte':
+      raise ConfigError(f'data.tokenizer={data.tokenizer!r}: data.source=bigram_backcopy '
+                        "generates byte sequences; leave data.tokenizer='byte'.")
     triggers = data.bigram_backcopy.num_triggers
     if not 0 <= triggers < 256:
       raise ConfigError(f'data.bigram_backcopy.num_triggers={triggers} must be in [0, 256): '

@@ -327,16 +327,20 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
 
 def comparison_tables(rows: dict[str, list[dict]]) -> str:
   """Markdown tables comparing long_eval results, one row per key of `rows` (a model and stage,
-  its list holding one result per seed), one column per length all results share: held-out
-  loss over the window and in its last position bucket (from the largest power of two below L:
-  [L/2, L) where L is a power of two), and per retrieval task the
-  answer loss and greedy accuracy (the tasks all results share); each cell the mean over
-  seeds, then every seed's value."""
-  lengths = sorted(set.intersection(*(set(r['lengths']) for results in rows.values()
-                                       for r in results)), key=int)
-  results = [r for results in rows.values() for r in results]
-  tasks = [task for task in results[0]['lengths'][lengths[0]]['retrieval']
-           if all(task in r['lengths'][lengths[0]]['retrieval'] for r in results)]
+  its list holding one result per seed), one column per length: held-out loss over the window
+  and in its last position bucket (from the largest power of two below L: [L/2, L) where L is
+  a power of two), and per retrieval task the answer loss and greedy accuracy (the tasks all
+  results share); each cell the mean over seeds, then every seed's value. ValueError if the
+  results were evaluated at different lengths: each run's windows are cut from its longest
+  length, so its loss at a shorter one depends on the set."""
+  every = [result for results in rows.values() for result in results]
+  length_sets = {tuple(sorted(result['lengths'], key=int)) for result in every}
+  if len(length_sets) > 1:
+    raise ValueError(f'the runs were evaluated at different lengths ({sorted(length_sets)}): '
+                     'windows are cut from the longest, so re-run long_eval with one --lengths.')
+  lengths = list(length_sets.pop())
+  tasks = [task for task in every[0]['lengths'][lengths[0]]['retrieval']
+           if all(task in result['lengths'][lengths[0]]['retrieval'] for result in every)]
   measures = [('held-out loss, whole window', lambda e: e['loss']),
               ('held-out loss, last position bucket [2^k, L), 2^k < L <= 2^(k+1)',
                lambda e: e['bucket_loss'][-1])]

@@ -40,8 +40,8 @@ from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention import workdir as workdir_lib
 from gated_attention.distributed import CompileTimer, PreemptionWatch
-from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.loss import target_mask
+from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
 from gated_attention.tokenizer import pad_id

@@ -76,6 +76,8 @@ def test_position_aliases(alias, position):
     (lambda c: c.model.rope_scaling.update(type='yarn', factor=4.0, original_max_position=64,
                                            attention_factor=-1.0),
      'model.rope_scaling.attention_factor=-1.0 must be 0 (derived from the factor)'),
+    (lambda c: c.data.update(source='bigram_backcopy', tokenizer='none'),
+     "data.tokenizer='none': data.source=bigram_backcopy generates byte sequences"),
     (lambda c: setattr(c.model, 'gate', {'position': 'value'}),
      "the config has no key 'granularity' where one is read"),
 ])

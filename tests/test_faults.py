@@ -440,7 +440,8 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
       'input': (module('prepare_data', '--input=/nonexistent/*.txt', f'--output_dir={tmp_path}'),
                 "error: --input='/nonexistent/*.txt' matches no files."),
       'gate block': (module('summary', '--config.model.gate=g1_headwise'),
-                     "error: 'g1_headwise' is not a config block: set its keys one by one"),
+                     'error: --config.model.gate=g1_headwise: a config block, not a value: set its '
+                     'keys one by one'),
       'import key': (module('import_hf', f'--hf_dir={tmp_path}', f'--workdir={tmp_path}',
                             '--config.model.nonexistent=1'),
                      "error: --config.model.nonexistent: the config has no key 'nonexistent'."),

@@ -165,6 +165,9 @@ def test_comparison_tables_average_the_seeds_of_each_row():
   text = long_eval.comparison_tables({'g1 extend': [result(1.0, 0.5), result(2.0, 1.0)],
                                       'none extend': [result(3.0, 0.0, ('passkey', 'multikey'))]})
   assert 'multikey' not in text  # Only the tasks every result holds.
+  short = {'lengths': {'128': result(1.0, 0.5)['lengths']['128']}}
+  with pytest.raises(ValueError, match='evaluated at different lengths'):
+    long_eval.comparison_tables({'g1 extend': [result(1.0, 0.5), short]})
   assert '| g1 extend | 1.500 (1.000, 2.000) | 1.500 (1.000, 2.000) |' in text
   assert '| none extend | 4.000 (4.000) | 4.000 (4.000) |' in text  # The last bucket.
   assert '| g1 extend | 0.750 (0.500, 1.000) | 0.750 (0.500, 1.000) |' in text
