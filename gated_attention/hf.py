@@ -221,14 +221,12 @@ def detect_format(hf: dict) -> str:
 
 # Hugging Face rope_type -> model.rope_scaling.type; the keys below map one to one.
 _ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'yarn': 'yarn'}
-# model.rope_scaling key -> Hugging Face rope parameter, for the types that read it.
-_ROPE_SCALING_KEYS = {
-    'linear': {'factor': 'factor'},
-    'yarn': {'factor': 'factor', 'original_max_position': 'original_max_position_embeddings',
-             'beta_fast': 'beta_fast', 'beta_slow': 'beta_slow',
-             'attention_factor': 'attention_factor', 'mscale': 'mscale',
-             'mscale_all_dim': 'mscale_all_dim', 'truncate': 'truncate'},
-}
+# model.rope_scaling key -> Hugging Face rope parameter (config.ROPE_SCALING_KEYS says which
+# keys each type reads).
+_ROPE_PARAMETERS = {'factor': 'factor', 'original_max_position': 'original_max_position_embeddings',
+                    'beta_fast': 'beta_fast', 'beta_slow': 'beta_slow',
+                    'attention_factor': 'attention_factor', 'mscale': 'mscale',
+                    'mscale_all_dim': 'mscale_all_dim', 'truncate': 'truncate'}
 
 
 def _rope(hf: dict, fmt: str) -> tuple[float, float, ml_collections.ConfigDict]:
@@ -250,7 +248,8 @@ def _rope(hf: dict, fmt: str) -> tuple[float, float, ml_collections.ConfigDict]:
         'original_max_position_embeddings') or _required(hf, 'max_position_embeddings'))
     if rope.get('factor') is None:
       rope['factor'] = hf['max_position_embeddings'] / rope['original_max_position_embeddings']
-  for ours, theirs in _ROPE_SCALING_KEYS.get(rope_type, {}).items():
+  for ours in config_lib.ROPE_SCALING_KEYS[scaling.type]:
+    theirs = _ROPE_PARAMETERS[ours]
     if rope.get(theirs) is not None:  # Absent or null: the project's default, as theirs.
       scaling[ours] = type(scaling[ours])(rope[theirs])
   theta = float(rope.get('rope_theta', hf.get('rope_theta', 10_000.0)))
@@ -265,8 +264,8 @@ def _rope_parameters(model) -> dict:
   """The Hugging Face rope parameters of model.rope_scaling (the inverse of `_rope`)."""
   scaling = model.rope_scaling
   rope = {'rope_type': {ours: theirs for theirs, ours in _ROPE_TYPES.items()}[scaling.type]}
-  rope.update({theirs: scaling[ours]
-               for ours, theirs in _ROPE_SCALING_KEYS.get(scaling.type, {}).items()})
+  rope.update({_ROPE_PARAMETERS[ours]: scaling[ours]
+               for ours in config_lib.ROPE_SCALING_KEYS[scaling.type]})
   if scaling.type == 'yarn' and not scaling.attention_factor:
     rope['attention_factor'] = None  # 0 here means: derived from factor and mscale, as theirs.
   return rope
