@@ -16,6 +16,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory.', required=Tru
 
 def main(argv):
   del argv
+  cli.refuse_gate_overrides(_CONFIG, '--config.variants')
   common.run_cleanly(lambda: run_ablation(_CONFIG.value, _WORKDIR.value))
 
 

@@ -26,7 +26,8 @@ from gated_attention import config as config_lib
 
 _CONFIG = cli.define_config('configs/lm.py')
 _GATES = flags.DEFINE_list('gates', ['none', 'g1_elementwise', 'g1_headwise'],
-                           'Gate variants (names of gated_attention.config.GATE_PRESETS).')
+                           'Gate variants: names of gated_attention.config.GATE_PRESETS, each '
+                           'optionally with model keys for its row (g1_silu+gate.mode=additive).')
 _ATTENTION = flags.DEFINE_list('attention_impls', [], 'model.attention_impl values to compare '
                                '(default: the config\'s).')
 _SCAN = flags.DEFINE_list('scan', [], 'model.scan_layers values to compare: false, true.')
@@ -69,7 +70,7 @@ def _rows(config) -> list[dict]:
 
 def _row_config(config, row: dict):
   run = config.copy_and_resolve_references()
-  run.model.gate = config_lib.gate_config(row['gate'])
+  config_lib.set_variant(run.model, row['gate'], '--gates')
   run.model.attention_impl, run.model.scan_layers = row['attention'], row['scan']
   run.model.moe.impl = row['moe']
   config_lib.validate(run)
@@ -125,6 +126,7 @@ def _attention_memory(config) -> None:
 
 def main(argv):
   del argv
+  cli.refuse_gate_overrides(_CONFIG, '--gates')
   config = _CONFIG.value
 
   def run():

@@ -57,6 +57,16 @@ def define_config(default: str, help_string: str = 'Experiment config file.'):
     fail(_command_line_error(error, sys.argv))
 
 
+def refuse_gate_overrides(config, variants_flag: str) -> None:
+  """Refuses --config.model.gate.* in a command whose `variants_flag`, a list of variants, sets
+  each run's gate (`config`: the holder define_config returned): the key would be replaced."""
+  for key, value in config_flags.get_override_values(flags.FLAGS[config.name]).items():
+    if key.startswith('model.gate.'):
+      fail(f'--config.{key}={value}: {variants_flag} sets each run\'s gate, so a gate key for '
+           f'every run would be ignored; give it to the runs it is for: {variants_flag}='
+           f'g1_elementwise+gate.{key.removeprefix("model.gate.")}={value}.')
+
+
 def _parse_flags(argv):
   """absl's flag parsing, every refusal one line; a config file that failed to load is refused
   here rather than when main first reads it."""

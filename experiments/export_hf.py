@@ -23,7 +23,8 @@ _FORMAT = flags.DEFINE_string('format', 'auto', 'auto, qwen3, qwen3_moe, qwen3_n
 _MAX_SHARD_MB = flags.DEFINE_integer('max_shard_mb', 2048, 'Largest safetensors file (MiB).',
                                      lower_bound=1)
 _MAX_POSITIONS = flags.DEFINE_integer('max_position_embeddings', None,
-                                      'max_position_embeddings (default: data.seq_len).',
+                                      'max_position_embeddings (default: data.seq_len; with YaRN, '
+                                      'original_max_position x factor).',
                                       lower_bound=1)
 
 

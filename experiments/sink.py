@@ -20,6 +20,7 @@ _SEEDS = flags.DEFINE_string('seeds', '0,1', 'Comma-separated train.seed values.
 
 def main(argv):
   del argv
+  cli.refuse_gate_overrides(_CONFIG, '--config.variants')
   common.run_cleanly(lambda: run_sink_comparison(
       _CONFIG.value, _WORKDIR.value, parse_list(_SEEDS.value, 'seeds', int)))
 

@@ -34,10 +34,12 @@ def parse_list(text: str, key: str, kind=str, empty_ok: bool = False) -> list:
 
 
 def sweep(config) -> list[tuple[str, str, float]]:
-  """[(run name, variant, learning rate)] in order; names carry the LR only when it varies."""
+  """[(run name, variant spec, learning rate)] in order; names carry the LR only when it varies.
+  Each run's gate is its variant's (config.set_variant), whatever config.model.gate holds."""
   variants = parse_list(config.variants, 'variants')
-  for variant in variants:
-    config_lib.gate_config(variant)  # Fails now, naming the variant, if it is unknown.
+  for variant in variants:  # Fails now, naming the variant, if it is malformed.
+    config_lib.set_variant(config.model.copy_and_resolve_references(), variant,
+                           '--config.variants')
   rates = parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True) or [
       config.train.learning_rate]
   return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
@@ -45,11 +47,12 @@ def sweep(config) -> list[tuple[str, str, float]]:
 
 
 def variant_config(config, variant: str, learning_rate: float):
-  """The experiment config of one run: the shared config with this gate and learning rate."""
+  """The experiment config of one run: the shared config with this variant's gate and model
+  keys (config.set_variant) and this learning rate."""
   run = config.copy_and_resolve_references()
   with run.unlocked():  # Command-line configs arrive locked.
     del run['variants'], run['learning_rates']
-  run.model.gate = config_lib.gate_config(variant)
+  config_lib.set_variant(run.model, variant, '--config.variants')
   run.train.learning_rate = learning_rate
   run.train.min_learning_rate = min(run.train.min_learning_rate, learning_rate)
   config_lib.validate(run)
@@ -100,7 +103,7 @@ def _run_sweep(config, runs, workdir: pathlib.Path) -> dict:
       log(f'[{index}/{len(runs)}] {name}: finished earlier, skipped')
       results[name] = json.loads(done.read_text())
       continue
-    log(f'[{index}/{len(runs)}] {name}: gate={variant}, learning_rate={rate:g}')
+    log(f'[{index}/{len(runs)}] {name}: variant {variant}, learning_rate={rate:g}')
     row = run_variant(run_config, run_dir)
     if row is None:
       log(f'preempted during {name}: rerun the same command to continue the sweep')
@@ -108,9 +111,8 @@ def _run_sweep(config, runs, workdir: pathlib.Path) -> dict:
     results[name] = row
     done.write_text(json.dumps(row, indent=2))
 
-  baseline = next((r['params'] for r in results.values()
-                   if r['variant']['position'] == 'none'
-                   and r['variant']['sdpa_nonlinearity'] == 'none'), None)
+  baseline = next((results[name]['params'] for name, variant, _, _ in runs
+                   if variant == 'none' and name in results), None)
   for row in results.values():
     row['added_params'] = None if baseline is None else row['params'] - baseline
   (workdir / 'results.json').write_text(json.dumps(results, indent=2))

@@ -79,6 +79,33 @@ def gate_config(name: str = 'none') -> ml_collections.ConfigDict:
   return gate
 
 
+def set_variant(model: ml_collections.ConfigDict, spec: str, flag: str) -> None:
+  """Makes `model` (a config.model block) the variant `spec`: a gate preset (GATE_PRESETS),
+  optionally followed by model keys for this variant alone, 'PRESET+KEY=VALUE+...' with KEY a
+  path under config.model (g1_elementwise+gate.activation=ns_sigmoid, none+num_kv_heads=4).
+  Errors name `flag`, the list the spec came from."""
+  preset, *assignments = spec.split('+')
+  if preset not in GATE_PRESETS:
+    raise ConfigError(
+        f'{flag}: {spec!r} does not start with a known gate variant; choose one of '
+        f'{sorted(GATE_PRESETS)}, optionally followed by model keys for that variant alone: '
+        'g1_elementwise+gate.activation=ns_sigmoid, none+num_kv_heads=4.')
+  model.gate = gate_config(preset)
+  for assignment in assignments:
+    key, sep, text = assignment.partition('=')
+    *blocks, leaf = key.split('.')
+    node = model
+    for block in blocks:
+      node = node.get(block) if isinstance(node, ml_collections.ConfigDict) else None
+    if not (sep and text):
+      raise ConfigError(f'{flag}: {spec!r}: {assignment!r} is not KEY=VALUE.')
+    if (not isinstance(node, ml_collections.ConfigDict) or leaf not in node
+        or isinstance(node[leaf], ml_collections.ConfigDict)):
+      raise ConfigError(f'{flag}: {spec!r}: model.{key} is not a model key with a value (the '
+                        'keys are those of config.model, as --config.model.KEY sets them).')
+    node[leaf] = parse_value(text, node[leaf], f'{flag}: {spec!r}: model.{key}')
+
+
 def rope_scaling_config() -> ml_collections.ConfigDict:
   """model.rope_scaling's defaults (those of Hugging Face's RoPE types too), for longer contexts
   (gated_attention.layers.ROPE_SCALINGS): 'linear' divides every frequency by factor; 'yarn' as
@@ -160,8 +187,21 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
     if not sep or key not in defaults:
       raise ConfigError(f'Config argument {item!r}: expected key=value with key one of '
                         f'{sorted(defaults)}.')
-    parsed[key] = type(defaults[key])(value)
+    parsed[key] = parse_value(value, defaults[key], key)
   return parsed
+
+
+def parse_value(text: str, like, key: str):
+  """`text` as a value of `like`'s type (bool from true/false, int, float or str), as a
+  command line gives it for `key`; ConfigError naming the key otherwise."""
+  try:
+    if isinstance(like, bool):
+      return {'true': True, 'false': False}[text.strip().lower()]
+    return type(like)(text)
+  except (KeyError, ValueError):
+    kind = ('true or false' if isinstance(like, bool) else
+            {int: 'an integer', float: 'a number'}.get(type(like), type(like).__name__))
+    raise ConfigError(f'{key}={text!r}: expected {kind}.') from None
 
 
 def canonical_gate_position(position: str) -> str:

@@ -175,16 +175,23 @@ def load_split(data_config, split: str, vocab_size: int):
                      tokenizer)
 
 
-def train_dataset(source, global_batch_size: int, seed: int, process_index: int,
-                  process_count: int) -> grain.IterDataset:
-  """Endless, seeded, reshuffled-every-epoch batches of this process's share of each global batch.
+def train_dataset(source, global_batch_size: int, seed: int, part: int,
+                  parts: int) -> grain.IterDataset:
+  """Endless, seeded, reshuffled-every-epoch batches: of each global batch, rows
+  [part * n, (part + 1) * n), n = global_batch_size // parts (this process's part:
+  sharding.batch_part), so the parts in order are the one-process batch, row for row.
 
-  Yields int32 [global_batch_size // process_count, seq_len + 1]. Its iterator's get_state()
-  goes into checkpoints, so a resumed run sees exactly the batches it would have seen.
+  Yields int32 [n, seq_len + 1]. Its iterator's get_state() goes into checkpoints (it counts
+  global batches), so a resumed run sees exactly the batches it would have seen.
   """
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  dataset = dataset[process_index::process_count]
-  return dataset.batch(global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+  return _part_of_each_batch(dataset, global_batch_size, part, parts).to_iter_dataset()
+
+
+def _part_of_each_batch(dataset: grain.MapDataset, global_batch_size: int, part: int,
+                        parts: int) -> grain.MapDataset:
+  """Batches of the rows [part * n, (part + 1) * n) of each global batch of `dataset`."""
+  return dataset.batch(global_batch_size // parts, drop_remainder=True)[part::parts]
 
 
 def translate_position(iterator_state: dict, saved_batch_size: int,
@@ -199,13 +206,13 @@ def translate_position(iterator_state: dict, saved_batch_size: int,
   return {**iterator_state, 'next_index': batches}, consumed, consumed - batches * batch_size
 
 
-def heldout_batches(source, global_batch_size: int, num_batches: int, process_index: int,
-                    process_count: int):
+def heldout_batches(source, global_batch_size: int, num_batches: int, part: int, parts: int):
   """The first num_batches global batches of the held-out split, in order (fewer if it is short);
-  yields this process's int32 [global_batch_size // process_count, seq_len + 1] share."""
+  yields this process's part of each (as train_dataset), int32 [global_batch_size // parts,
+  seq_len + 1]."""
   usable = min(num_batches, len(source) // global_batch_size) * global_batch_size
   if usable == 0:
     raise DataError(f'The held-out split has {len(source)} examples, fewer than one eval batch '
                     f'of {global_batch_size}: lower eval.batch_size or data.seq_len.')
-  dataset = grain.MapDataset.source(source)[:usable][process_index::process_count]
-  return iter(dataset.batch(global_batch_size // process_count, drop_remainder=True))
+  return iter(_part_of_each_batch(grain.MapDataset.source(source)[:usable], global_batch_size,
+                                  part, parts))

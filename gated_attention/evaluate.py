@@ -66,10 +66,12 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
                    pad_id=pad_id)
     stats = dict(output.stats)
     if analysis:
-      queries = jnp.ones(tokens[:, :-1].shape, bool).at[:, 0].set(False)
+      inputs = tokens[:, :-1]
+      real = jnp.ones(inputs.shape, bool) if pad_id is None else inputs != pad_id
+      queries = real.at[:, 0].set(False)
       masks = {'all': queries}
       if triggers is not None:
-        is_trigger = jnp.isin(tokens[:, :-1], jnp.asarray(triggers))
+        is_trigger = jnp.isin(inputs, jnp.asarray(triggers))
         masks.update(trigger=queries & is_trigger, non_trigger=queries & ~is_trigger)
       first_token = stats.pop('first_token_attention')  # [layers, batch, heads, length]
       stats['first_token_attention_sum'] = {
@@ -78,7 +80,9 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
       stats['query_count'] = {kind: jnp.sum(mask) for kind, mask in masks.items()}
       value_norm = stats.pop('value_norm')  # [layers, batch, length, kv_heads]
       stats['value_norm_first_token'] = jnp.mean(value_norm[:, :, 0], axis=1)
-      stats['value_norm_others'] = jnp.mean(value_norm[:, :, 1:], axis=(1, 2))
+      stats['value_norm_others'] = jnp.einsum(
+          'lbtk,bt->lk', value_norm[:, :, 1:], real[:, 1:].astype(value_norm.dtype)
+      ) / jnp.maximum(jnp.sum(real[:, 1:]), 1)
     return {'loss_sum': output.loss_sum, 'tokens': output.num_tokens, **stats}
   return eval_step
 
@@ -113,9 +117,11 @@ def summarize_measurements(per_batch: list[dict], activation: str | None) -> dic
                          'per_layer': layer_max.tolist()},
       'gate_score': None,
   }
-  if 'gate_score_mean' in per_batch[0]:
-    per_layer = np.mean([b['gate_score_mean'] for b in per_batch], axis=0)
-    counts = np.sum([b['gate_score_histogram'] for b in per_batch], axis=(0, 1))
+  if 'gate_score_sum' in per_batch[0]:
+    histograms = np.sum([b['gate_score_histogram'] for b in per_batch], axis=0)  # [layers, bins]
+    per_layer = (np.sum([b['gate_score_sum'] for b in per_batch], axis=0)
+                 / np.maximum(histograms.sum(axis=-1), 1))
+    counts = histograms.sum(axis=0)
     result['gate_score'] = {
         'mean': float(per_layer.mean()), 'per_layer': per_layer.tolist(),
         'histogram': {'edges': gate_histogram_edges(activation).tolist(),
@@ -167,13 +173,16 @@ class _Evaluator:
   def __init__(self, config, mesh, graphdef, params):
     self.config, self.mesh = config, mesh
     self.source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
-    self.batch_sharding = sharding_lib.named_sharding(mesh, ('batch', 'length'))
+    self.batch_sharding = sharding_lib.batch_sharding(mesh)
+    self.part = sharding_lib.batch_part(self.batch_sharding, config.eval.batch_size)
     shardings = jax.tree.map(lambda p: p.sharding, params)
     triggers = query_triggers(config.data)
+    # Outputs replicated: every process reads them whole, however the mesh spans hosts.
     self.steps = {
         analysis: jax.jit(make_eval_step(graphdef, analysis, pad_id(config.data.tokenizer),
                                          triggers),
-                          in_shardings=(shardings, self.batch_sharding))
+                          in_shardings=(shardings, self.batch_sharding),
+                          out_shardings=sharding_lib.replicated(mesh))
         for analysis in (False, True)}
 
   def __call__(self, params, step: int, progress: bool = True) -> dict:
@@ -183,13 +192,13 @@ class _Evaluator:
     loss_sum, num_tokens, measured = 0.0, 0, []
     with jax.set_mesh(self.mesh):
       batches = data_lib.heldout_batches(self.source, config.eval.batch_size, config.eval.batches,
-                                         jax.process_index(), jax.process_count())
+                                         *self.part)
       for index, local in enumerate(tqdm(batches, desc='eval', unit='batch', file=sys.stdout,
                                          total=config.eval.batches,
                                          disable=not progress or jax.process_index() != 0)):
         analysis = index < config.eval.analysis_batches
-        out = jax.device_get(self.steps[analysis](params,
-                                                  global_batch(local, self.batch_sharding)))
+        out = jax.device_get(self.steps[analysis](
+            params, global_batch(local, self.batch_sharding, self.part)))
         loss_sum += float(out['loss_sum'])
         num_tokens += int(out['tokens'])
         if analysis:

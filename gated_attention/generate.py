@@ -25,7 +25,7 @@ import numpy as np
 
 from gated_attention.distributed import CompileTimer
 from gated_attention.model import KVCache, apply
-from gated_attention.sharding import named_sharding
+from gated_attention.sharding import batch_sharding, named_sharding
 
 CACHE_AXES = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')
 MIN_BUCKET = 8
@@ -179,7 +179,7 @@ class Generator:
     lengths = np.ones((batch,), np.int32)  # Rows past the prompts: a one-token dummy.
     for row, prompt in enumerate(prompts):
       tokens[row, :len(prompt)], lengths[row] = prompt, len(prompt)
-    tokens = jax.device_put(tokens, named_sharding(self.mesh, ('batch', 'length')))
+    tokens = jax.device_put(tokens, batch_sharding(self.mesh))
     lengths = jax.device_put(lengths, named_sharding(self.mesh, ('batch',)))
     key = jax.random.key(seed)
     settings = (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),

@@ -192,13 +192,22 @@ def _swiglu_rows(name: str, path: tuple, expert: tuple) -> list[Row]:
 
 def read_hf_config(hf_dir) -> dict:
   path = pathlib.Path(hf_dir) / 'config.json'
-  try:
-    return json.loads(path.read_text())
-  except FileNotFoundError:
+  if not path.exists():
     raise checkpoint_lib.CheckpointError(
-        f'{path} does not exist: --hf_dir must be a Hugging Face model directory.') from None
+        f'{path} does not exist: --hf_dir must be a Hugging Face model directory.')
+  return _read_json_object(path)
+
+
+def _read_json_object(path: pathlib.Path) -> dict:
+  """The JSON object in `path`; CheckpointError naming the file when it holds anything else."""
+  try:
+    value = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise checkpoint_lib.CheckpointError(f'{path} is not valid JSON ({error}).') from None
+  if not isinstance(value, dict):
+    raise checkpoint_lib.CheckpointError(f'{path} holds a JSON {type(value).__name__}, not an '
+                                         'object of keys.')
+  return value
 
 
 def _refuse(key: str, value, accepted: str):
@@ -232,8 +241,8 @@ _ROPE_PARAMETERS = {'factor': 'factor', 'original_max_position': 'original_max_p
 def _rope(hf: dict, fmt: str) -> tuple[float, float, ml_collections.ConfigDict]:
   """(rope_theta, partial rotary fraction, model.rope_scaling) from rope_parameters
   (transformers 5) or the older top-level rope_theta, partial_rotary_factor and rope_scaling
-  keys. A YaRN config without original_max_position_embeddings or factor reads them as
-  transformers does: max_position_embeddings, and its ratio to the original."""
+  keys. A YaRN config without original_max_position_embeddings reads it as transformers
+  does (max_position_embeddings); one without a factor is refused, as transformers refuses it."""
   key = 'rope_parameters' if hf.get('rope_parameters') is not None else 'rope_scaling'
   rope = dict(hf.get(key) or {})
   if 'full_attention' in rope:  # Nested per layer type; every layer is full attention here.
@@ -243,11 +252,11 @@ def _rope(hf: dict, fmt: str) -> tuple[float, float, ml_collections.ConfigDict]:
     _refuse(f'{key}.rope_type', rope_type, f'the RoPE types implemented are {list(_ROPE_TYPES)}')
   scaling = config_lib.rope_scaling_config()  # Keys it leaves out: transformers' defaults.
   scaling.type = _ROPE_TYPES[rope_type]
+  if rope_type != 'default' and rope.get('factor') is None:
+    _refuse(f'{key}.factor', None, f'rope_type {rope_type!r} needs a factor')
   if rope_type == 'yarn':
     rope.setdefault('original_max_position_embeddings', hf.get(
         'original_max_position_embeddings') or _required(hf, 'max_position_embeddings'))
-    if rope.get('factor') is None:
-      rope['factor'] = hf['max_position_embeddings'] / rope['original_max_position_embeddings']
   for ours in config_lib.ROPE_SCALING_KEYS[scaling.type]:
     theirs = _ROPE_PARAMETERS[ours]
     if rope.get(theirs) is not None:  # Absent or null: the project's default, as theirs.
@@ -475,16 +484,22 @@ def hf_config(config, fmt: str, max_position_embeddings: int) -> dict:
 
 
 class SafetensorsReader:
-  """The tensors of a Hugging Face model directory (model.safetensors, or the shards that
-  model.safetensors.index.json lists), read one at a time with safetensors' NumPy API."""
+  """The tensors of a Hugging Face model directory, found as transformers finds them:
+  model.safetensors, else the shards model.safetensors.index.json lists, else every
+  *.safetensors file; read one at a time with safetensors' NumPy API."""
 
   def __init__(self, hf_dir):
     from safetensors import safe_open  # Only where checkpoints are read.
     directory = pathlib.Path(hf_dir)
     index = directory / SAFETENSORS_INDEX
-    if index.exists():
-      files = sorted({directory / file for file in json.loads(index.read_text())['weight_map']
-                      .values()})
+    if (directory / 'model.safetensors').exists():
+      files = [directory / 'model.safetensors']
+    elif index.exists():
+      weight_map = _read_json_object(index).get('weight_map')
+      if not isinstance(weight_map, dict):
+        raise checkpoint_lib.CheckpointError(f'{index} has no weight_map of tensor names to '
+                                             'files.')
+      files = sorted({directory / file for file in weight_map.values()})
     else:
       files = sorted(directory.glob('*.safetensors'))
     if not files:
@@ -656,6 +671,10 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
   files = _shard_files(sizes, max_shard_bytes)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  # An earlier export's weights would be read in place of these (as transformers' own
+  # save_pretrained does, they go).
+  for stale in [*out_dir.glob('model*.safetensors'), out_dir / SAFETENSORS_INDEX]:
+    stale.unlink(missing_ok=True)
 
   started, pending, host_path, host = time.perf_counter(), {}, None, None
   for position, (path, row, index) in enumerate(tqdm(order, desc='export', unit='tensor',
@@ -671,7 +690,11 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
     (out_dir / SAFETENSORS_INDEX).write_text(json.dumps({
         'metadata': {'total_size': sum(sizes)},
         'weight_map': {row.name: file for (_, row, _), file in zip(order, files)}}, indent=2))
-  hf = hf_config(config, fmt, max_position_embeddings or config.data.seq_len)
+  scaling = config.model.rope_scaling
+  if max_position_embeddings is None:  # YaRN's factor is this over the original length.
+    max_position_embeddings = (round(scaling.original_max_position * scaling.factor)
+                               if scaling.type == 'yarn' else config.data.seq_len)
+  hf = hf_config(config, fmt, max_position_embeddings)
   (out_dir / 'config.json').write_text(json.dumps(hf, indent=2))
   _write_tokenizer(config.data.tokenizer, out_dir)
   return {'format': fmt, 'step': step, 'tensors': len(order), 'files': len(set(files)),

@@ -10,11 +10,13 @@ unrolled layer layout, so either model.scan_layers reads either:
   gate columns  a projection that carries a fused gate (gate.py: [head tensor | head gate] per
                 head on the last axis) on one side only, or gates of different widths: the
                 head_dim columns shared by both are loaded, this run's gate columns keep their
-                fresh initialisation, the source's are dropped;
+                fresh initialisation, the source's are dropped (a gate removed: the projection
+                is loaded, its source's gate columns dropped);
   initialised   only in this run (a G5 gate kernel, an input-independent gate's score);
   dropped       only in the source.
-Any other shape change (d_model, head_dim, layers, vocabulary, MLP width) is one ConfigError
-naming the parameter, both shapes and the model keys that differ, before anything is compiled.
+Any other shape change (d_model, head_dim, vocabulary, MLP width) is one ConfigError naming the
+parameter, both shapes and the model keys that differ, and another depth one naming
+model.num_layers, before anything is compiled.
 The optimizer starts fresh, unless train.init_from_optimizer asks for the source's moments
 (then every parameter must be loaded whole).
 """
@@ -52,7 +54,7 @@ class Plan:
   step: int
   source_config: dict
   loaded: list
-  gate_columns: list  # (path, shared head_dim columns)
+  gate_columns: list  # (path, shared head_dim columns, source width, this run's width)
   initialised: list
   dropped: list
 
@@ -64,16 +66,27 @@ class Plan:
   def record(self) -> dict:
     """The plan for WORKDIR/history.jsonl: the source and the parameter names of each kind."""
     return {'directory': str(self.directory.absolute()), 'step': self.step,
-            'loaded': len(self.loaded), 'gate_columns': names(p for p, _ in self.gate_columns),
+            'loaded': len(self.loaded), **{key.replace(' ', '_'): names(paths)
+                                           for key, paths in self._partly_loaded().items()},
             'initialised': names(self.initialised), 'dropped': names(self.dropped)}
+
+  def _partly_loaded(self) -> dict[str, list]:
+    """The projections of gate_columns: whose own gate columns are initialised, and whose
+    source's gate columns are dropped (a projection can be both)."""
+    return {'gate columns initialised': [path for path, shared, _, width in self.gate_columns
+                                         if width > shared],
+            'source gate columns dropped': [path for path, shared, width, _ in self.gate_columns
+                                            if width > shared]}
 
   def describe(self) -> str:
     """One log line."""
+    partly = self._partly_loaded()
+    loaded = len(self.loaded) + len(self.gate_columns) - len(partly['gate columns initialised'])
     total = len(self.loaded) + len(self.gate_columns) + len(self.initialised)
-    parts = [f'initialising from {self.directory} step {self.step}: {len(self.loaded)} of '
-             f'{total} parameters loaded']
-    for label, paths in (('gate columns initialised', [p for p, _ in self.gate_columns]),
-                         ('initialised', self.initialised), ('dropped', self.dropped)):
+    parts = [f'initialising from {self.directory} step {self.step}: {loaded} of {total} '
+             'parameters loaded']
+    for label, paths in (*partly.items(), ('initialised', self.initialised),
+                         ('dropped', self.dropped)):
       if paths:
         parts.append(f'{label}: {", ".join(names(paths))}')
     return '; '.join(parts)
@@ -111,6 +124,11 @@ def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -
         f'model.norm_plus_one={source_model.get("norm_plus_one", False)}, this config '
         f'{config.model.norm_plus_one}: its norm scales w (scale 1 + w) would be read as scales '
         '(or the reverse), changing the model. Set model.norm_plus_one to the source\'s.')
+  if source_model.num_layers != config.model.num_layers:
+    raise ConfigError(
+        f'train.init_from={config.train.init_from!r}: {directory} step {step} has '
+        f'model.num_layers={source_model.num_layers}, this config {config.model.num_layers}: '
+        'layers are loaded one for one; keep the source\'s depth.')
   source, target = _unrolled_shapes(source_model), _unrolled_shapes(config.model)
   head_dim = config.model.head_dim
   plan = Plan(directory, step, source_config, [], [], [],
@@ -122,7 +140,7 @@ def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -
       plan.loaded.append(path)
     elif (path[-1] in FUSED_KERNELS and source[path][:-1] == shape[:-1]
           and source_model.head_dim == head_dim and min(source[path][-1], shape[-1]) >= head_dim):
-      plan.gate_columns.append((path, head_dim))
+      plan.gate_columns.append((path, head_dim, source[path][-1], shape[-1]))
     else:
       changed = {key: values for key, values in resume_lib.differences(
           source_config, resume_lib.plain(config)).items()
@@ -162,13 +180,16 @@ def _open_source(config) -> tuple[checkpoint_lib.Checkpointer, pathlib.Path, int
     raise ConfigError(f'train.init_from={config.train.init_from!r}: {directory} holds no '
                       'checkpoints/ directory; name a run or an imported model (DIR or DIR:STEP).')
   reader = checkpoint_lib.Checkpointer(directory, read_only=True)
-  if step is None:
-    step = reader.latest_step()
-    if step is None:
-      reader.close()
-      raise ConfigError(f'train.init_from={config.train.init_from!r}: no complete checkpoint in '
-                        f'{reader.directory}.')
-  return reader, directory, step
+  steps = list(reader.manager.all_steps())
+  if step is None and not steps:
+    reader.close()
+    raise ConfigError(f'train.init_from={config.train.init_from!r}: no complete checkpoint in '
+                      f'{reader.directory}.')
+  if step is not None and step not in steps:
+    reader.close()
+    raise ConfigError(f'train.init_from={config.train.init_from!r}: {reader.directory} holds no '
+                      f'complete checkpoint of step {step} (complete steps: {steps}).')
+  return reader, directory, reader.latest_step() if step is None else step
 
 
 def load_plan(config) -> Plan:
@@ -197,7 +218,7 @@ def initial_params(config, plan: Plan, mesh, param_shardings, fresh_params) -> d
   merged = _flat(state_lib.to_layout(fresh_params, False, unrolled_shardings))
   for path in plan.loaded:
     merged[path] = source[path].astype(merged[path].dtype)
-  for path, shared in plan.gate_columns:
+  for path, shared, _, _ in plan.gate_columns:
     merged[path] = merged[path].at[..., :shared].set(
         source[path][..., :shared].astype(merged[path].dtype))
   merged = _nested_like(merged, unrolled_shardings)

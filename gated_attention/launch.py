@@ -12,6 +12,9 @@ import threading
 import time
 
 
+FAILURE_GRACE_S = 3.0  # After one process fails, the others' time to exit on SIGTERM.
+
+
 def free_port() -> int:
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
@@ -52,15 +55,17 @@ def launch_local(module: str, args: list[str], num_processes: int,
   try:
     while True:
       codes = [process.poll() for process in processes]
-      failed = [code for code in codes if code not in (None, 0)]
+      failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
       if failed or all(code == 0 for code in codes):
         break
       time.sleep(0.2)
     if failed:
-      print(f'launch_local: a process exited with status {failed[0]}; stopping the others',
+      rank, code = failed[0]
+      print(f'launch_local: process {rank} exited with status {code}; stopping the others',
             file=sys.stderr, flush=True)
-      _stop(processes, grace_s)
-      return failed[0]
+      # Without that process the others can neither step nor save together: no grace to wait.
+      _stop(processes, FAILURE_GRACE_S)
+      return code
     return 0
   finally:
     for signum, handler in previous.items():

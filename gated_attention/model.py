@@ -68,13 +68,15 @@ class ModelOutput(NamedTuple):
   """logits: float32 [batch, length, vocab]; None when the call was given targets.
   aux_losses: mixture-of-experts load_balance_loss and router_z_loss, mean over layers ({} for
     a dense model).
-  stats: with analysis=True, per-layer arrays (leading axis: layers):
+  stats: with analysis=True, per-layer arrays (leading axis: layers); those that reduce over
+    positions leave out the tokens equal to pad_id:
     first_token_attention [layers, batch, heads, length]: each query's attention on token 0;
     attention_map [layers, heads, m, m]: attention among the first m = min(64, length)
       positions, mean over the batch;
     value_norm [layers, batch, length, kv_heads]: |v| of each position's value state;
     max_activation [layers]: max |hidden state| of the residual stream after each layer;
-    gate_score_mean [layers], gate_score_histogram [layers, bins] (gated models only).
+    gate_score_sum [layers], gate_score_histogram [layers, bins]: the gate scores' sum and
+      their counts by value (total: how many were summed) (gated models only).
   cache: the updated KVCache when one was given, else None.
   loss_sum, num_tokens: given targets, their summed cross-entropy and how many counted (targets
     equal to pad_id do not), else None."""
@@ -110,9 +112,10 @@ class Attention(nnx.Module):
     self.sdpa_nonlinearity = cfg.gate.sdpa_nonlinearity
     self.eps = cfg.norm_eps
 
-  def __call__(self, x: jax.Array, rope, cache=None, analysis: bool = False):
+  def __call__(self, x: jax.Array, rope, cache=None, measured: jax.Array | None = None):
     """x: normed block input [batch, length, embed]; rope: (sin, cos) at x's positions;
-    cache: None, or this layer's (key, value, length) to write into and attend over.
+    cache: None, or this layer's (key, value, length) to write into and attend over;
+    measured: None, or bool [batch, length], the positions the paper's measurements read.
     Returns ([batch, length, embed], outputs: stats and, with a cache, 'key' and 'value')."""
     gate, logits, score = self.gate, None, None
     projections = {}
@@ -142,18 +145,21 @@ class Attention(nnx.Module):
       write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
       k = outputs['key'] = write(cache_key, k.astype(cache_key.dtype), q_offset)
       v = outputs['value'] = write(cache_value, v.astype(cache_value.dtype), q_offset)
+    kv_values = v  # value_norm is per KV head, however the heads are sharded.
     if not splits_evenly('kv_heads', k.shape[2]):
       # Tensor parallelism past the KV heads: each shard reads the query heads' copies.
       group = q.shape[2] // k.shape[2]
       k = constrain(jnp.repeat(k, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
       v = constrain(jnp.repeat(v, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
 
-    if analysis:
+    if measured is not None:
       y, probs = attention_lib.softmax_attention(q, k, v, q_offset)
       m = min(ATTENTION_MAP_SIZE, probs.shape[-1])
+      rows = measured[:, :m].astype(jnp.float32)  # Each map row averages its measured queries.
       outputs.update(first_token_attention=probs[..., 0],
-                     attention_map=jnp.mean(probs[:, :, :m, :m], axis=0),
-                     value_norm=jnp.linalg.norm(v.astype(jnp.float32), axis=-1))
+                     attention_map=jnp.einsum('bhqs,bq->hqs', probs[:, :, :m, :m], rows)
+                     / jnp.maximum(jnp.sum(rows, axis=0), 1)[:, None],
+                     value_norm=jnp.linalg.norm(kv_values.astype(jnp.float32), axis=-1))
     else:
       y = attention_lib.attention(q, k, v, self.impl, q_offset)
     y = sdpa_nonlinearity(y, self.sdpa_nonlinearity, self.eps)
@@ -163,12 +169,14 @@ class Attention(nnx.Module):
     if gate.position == 'dense':
       out, score = gate(out, logits)
 
-    if analysis and score is not None:
-      score = score.astype(jnp.float32)
+    if measured is not None and score is not None:
+      score = score.astype(jnp.float32)  # [batch, length, ...]
+      weight = jnp.broadcast_to(measured.reshape(measured.shape + (1,) * (score.ndim - 2)),
+                                score.shape).astype(jnp.float32)
       edges = gate_histogram_edges(gate.activation)
-      outputs['gate_score_mean'] = jnp.mean(score)
+      outputs['gate_score_sum'] = jnp.sum(score * weight)
       outputs['gate_score_histogram'] = jnp.histogram(jnp.clip(score, edges[0], edges[-1]),
-                                                      bins=edges)[0]
+                                                      bins=edges, weights=weight)[0]
     return constrain(out, ACTIVATION_AXES), outputs
 
 
@@ -197,9 +205,10 @@ class Block(nnx.Module):
       self.mlp = SwiGLU(cfg.d_model, mlp_width(cfg), std=cfg.init_std, out_std=out_std,
                         param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, rope, cache=None, analysis: bool = False):
-    """Returns (x, outputs): the attention's outputs, MoE auxiliary losses, max_activation."""
-    attended, outputs = self.attention(self.attention_norm(x), rope, cache, analysis)
+  def __call__(self, x, rope, cache=None, measured: jax.Array | None = None):
+    """Returns (x, outputs): the attention's outputs, MoE auxiliary losses, max_activation
+    (over the `measured` positions, when given)."""
+    attended, outputs = self.attention(self.attention_norm(x), rope, cache, measured)
     if self.sandwich_norm is not None:
       attended = self.sandwich_norm(attended)
     x = x + attended
@@ -208,8 +217,9 @@ class Block(nnx.Module):
       mlp, aux_losses = mlp
       outputs.update(aux_losses)
     x = constrain(x + mlp, ACTIVATION_AXES)
-    if analysis:
-      outputs['max_activation'] = jnp.max(jnp.abs(x.astype(jnp.float32)))
+    if measured is not None:
+      outputs['max_activation'] = jnp.max(jnp.where(measured[..., None],
+                                                    jnp.abs(x.astype(jnp.float32)), 0))
     return x, outputs
 
 
@@ -265,7 +275,10 @@ class Transformer(nnx.Module):
     if cache is not None:
       positions = cache.length[:, None] + positions
     rope = rope_tables(positions, np.asarray(self.rope[0], np.float32), self.rope[1])
-    x, per_layer = self._layers(x, rope, cache, analysis)
+    # What the measurements read: every position but padding.
+    measured = None if not analysis else (
+        jnp.ones(tokens.shape, bool) if pad_id is None else tokens != pad_id)
+    x, per_layer = self._layers(x, rope, cache, measured)
 
     x = self.final_norm(x)
     kernel = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
@@ -287,15 +300,15 @@ class Transformer(nnx.Module):
     return ModelOutput(logits, aux_losses, per_layer if analysis else {}, new_cache, loss_sum,
                        num_tokens)
 
-  def _layers(self, x, rope, cache, analysis):
+  def _layers(self, x, rope, cache, measured):
     """Runs every block; returns x and the blocks' outputs stacked over layers."""
     def block_fn(graphdef):
       def layer(x, rope, length, inputs):
         params, key, value = inputs
         layer_cache = None if key is None else (key, value, length)
-        return nnx.merge(graphdef, params)(x, rope, layer_cache, analysis)
+        return nnx.merge(graphdef, params)(x, rope, layer_cache, measured)
       policy = REMAT_POLICIES[self.remat_policy]
-      if policy is None or analysis:
+      if policy is None or measured is not None:
         return layer
       return jax.checkpoint(layer, policy=policy, prevent_cse=self.layers is None)
 

@@ -128,5 +128,28 @@ def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape=None,
   return NamedSharding(mesh, spec)
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """How batches of token ids [batch, length] lie on the mesh."""
+  return named_sharding(mesh, ('batch', 'length'))
+
+
+def batch_part(batch_sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """(part, parts): the rows of every global batch of `batch_size` this process's devices hold,
+  as part `part` of `parts` equal consecutive blocks. Processes whose devices share batch rows
+  (a tensor axis wider than a host) read the same part. ConfigError when the mesh gives this
+  process rows no such block describes."""
+  rows = set()
+  for index in batch_sharding.addressable_devices_indices_map((batch_size, 1)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  start, count = min(rows), len(rows)
+  if rows != set(range(start, start + count)) or batch_size % count or start % count:
+    raise ConfigError(
+        f'config.mesh {dict(batch_sharding.mesh.shape)} gives process {jax.process_index()} '
+        f'batch rows that are not one of equal consecutive blocks of the {batch_size} rows: '
+        'choose mesh sizes whose batch axes (data x fsdp x expert) give each host consecutive '
+        'rows: hosts along data or fsdp, mesh.tensor within one host or across whole groups.')
+  return start // count, batch_size // count
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

@@ -116,9 +116,18 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | Non
   return train_step
 
 
-def global_batch(local_tokens: np.ndarray, batch_sharding) -> jax.Array:
-  """Assembles the global batch from each process's share."""
-  return jax.make_array_from_process_local_data(batch_sharding, local_tokens)
+def global_batch(local_tokens: np.ndarray, batch_sharding, part: tuple[int, int]) -> jax.Array:
+  """The global batch from this process's part (index, count) of it (`sharding.batch_part`):
+  each of its devices takes its rows from the part."""
+  index, count = part
+  rows = local_tokens.shape[0]
+  shape = (rows * count, *local_tokens.shape[1:])
+
+  def device_rows(slices):  # A device's global rows, read from this part.
+    start, stop, _ = slices[0].indices(shape[0])
+    return local_tokens[(slice(start - index * rows, stop - index * rows), *slices[1:])]
+
+  return jax.make_array_from_callback(shape, batch_sharding, device_rows)
 
 
 def compiled_memory(compiled) -> dict | None:
@@ -163,21 +172,21 @@ def check_memory(compiled) -> None:
 
 
 def check_batch(config, mesh, training: bool = True) -> None:
-  """The global batch (training) and the eval batch must split evenly over the batch mesh axes,
-  microbatches and processes."""
+  """The global batch (training) and the eval batch must split evenly over the batch mesh axes
+  and microbatches, into one part per process (or per group of processes sharing rows)."""
   batch_ways = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
   batches = [('eval.batch_size', config.eval.batch_size, batch_ways)]
   if training:
     batches.insert(0, ('data.batch_size', config.data.batch_size,
                        batch_ways * config.train.microbatches))
   for key, size, ways in batches:
-    if size % ways or size % jax.process_count():
+    if size % ways:
       raise config_lib.ConfigError(
           f'{key}={size} must be a multiple of mesh data x fsdp x expert = {batch_ways}'
           + (f' times train.microbatches = {config.train.microbatches}'
              if key == 'data.batch_size' and config.train.microbatches > 1 else '')
-          + f', and of the process count {jax.process_count()}'
           + ('.' if training else ': give a --mesh whose data x fsdp x expert divides it.'))
+    sharding_lib.batch_part(sharding_lib.batch_sharding(mesh), size)
 
 
 def log(message: str) -> None:
@@ -215,7 +224,7 @@ def setup_train_state(config, mesh) -> TrainSetup:
       state_shardings)
   return TrainSetup(mesh, graphdef, abstract_variables, optimizer, param_shardings,
                     state_shardings, abstract_state,
-                    sharding_lib.named_sharding(mesh, ('batch', 'length')))
+                    sharding_lib.batch_sharding(mesh))
 
 
 def initialize_train_state(config, setup: TrainSetup, params: dict | None = None) -> dict:
@@ -459,15 +468,16 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   log(f'mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind} '
       f'device(s), {jax.process_count()} process(es)')
 
-  # Phase 2: data.
+  # Phase 2: data: this process's part of each global batch.
   vocab_size = config.model.vocab_size
+  part = sharding_lib.batch_part(sharding_lib.batch_sharding(mesh),
+                                 config.data.batch_size)
   dataset = data_lib.train_dataset(
       data_lib.load_split(config.data, 'train', vocab_size), config.data.batch_size,
-      train_config.seed, jax.process_index(), jax.process_count())
+      train_config.seed, *part)
   # Fails now, not after training, if the held-out split cannot fill one eval batch.
   data_lib.heldout_batches(data_lib.load_split(config.data, 'heldout', vocab_size),
-                           config.eval.batch_size, config.eval.batches, jax.process_index(),
-                           jax.process_count())
+                           config.eval.batch_size, config.eval.batches, 0, 1)
 
   # Phase 3: abstract state and shardings.
   setup = setup_train_state(config, mesh)
@@ -493,7 +503,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   try:
     for step in range(start_step + 1, train_config.steps + 1):
       checkpointer.raise_if_save_failed()
-      state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding))
+      state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding, part))
       if pending is not None:
         step_log.finish(*pending)
       pending = (step, metrics)

@@ -7,6 +7,7 @@ import pytest
 from configs import ablation as ablation_config
 from gated_attention import ablation
 from gated_attention import config as config_lib
+from gated_attention import state as state_lib
 from tests import helpers
 
 
@@ -66,7 +67,8 @@ def test_a_finite_loss_above_chance_is_reported_as_diverged(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize('variants, learning_rates, message', [
-    ('none,g9', '', "gate='g9' is not a known variant"),
+    ('none,g9', '', "--config.variants: 'g9' does not start with a known gate variant"),
+    ('none+num_kv_heads', '', "'none\\+num_kv_heads': 'num_kv_heads' is not KEY=VALUE"),
     ('none', '2e-3,fast', "learning_rates='2e-3,fast': expected comma-separated floats"),
     (',', '', "variants=',' names nothing"),
 ])
@@ -76,12 +78,35 @@ def test_bad_sweeps_are_named(variants, learning_rates, message):
 
 
 def test_default_ablation_config_covers_the_paper_rows():
-  names = [name for name, _, _ in ablation.sweep(ablation_config.get_config())]
-  assert names == list(ablation_config.PAPER_ROWS)
+  config = ablation_config.get_config()
+  names = [name for name, _, _ in ablation.sweep(config)]
+  assert names == [*ablation_config.PAPER_ROWS, 'none+num_heads=6', 'none+num_kv_heads=4']
+  # The parameter-matched baselines add what G1 elementwise adds: layers x d_model x q x d_k.
+  params = {name: state_lib.num_params(state_lib.abstract_model(
+      ablation.variant_config(config, name, 1e-3).model)[1]) for name in names}
+  model = config.model
+  g1 = model.num_layers * model.d_model * model.num_heads * model.head_dim
+  for name in ('g1_elementwise', 'none+num_heads=6', 'none+num_kv_heads=4'):
+    assert params[name] - params['none'] == g1
 
 
-def test_a_preempted_run_is_not_recorded_as_finished(tmp_path, monkeypatch):
-  monkeypatch.setattr(ablation, 'train', lambda config, workdir: {'preempted': True})
-  assert ablation.run_ablation(_ablation_config('none,g1_headwise'), tmp_path) == {}
-  assert not (tmp_path / 'runs' / 'none' / 'result.json').exists()
-  assert not (tmp_path / 'report.md').exists()
+def test_a_run_takes_the_model_keys_after_its_name():
+  config = _ablation_config('none+num_kv_heads=4,g1_elementwise+gate.activation=ns_sigmoid')
+  runs = {name: ablation.variant_config(config, variant, rate)
+          for name, variant, rate in ablation.sweep(config)}
+  assert runs['none+num_kv_heads=4'].model.num_kv_heads == 4
+  assert runs['none+num_kv_heads=4'].model.gate.position == 'none'
+  gate = runs['g1_elementwise+gate.activation=ns_sigmoid'].model.gate
+  assert (gate.position, gate.activation) == ('sdpa', 'ns_sigmoid')
+  assert runs['g1_elementwise+gate.activation=ns_sigmoid'].model.num_kv_heads == 2
+
+
+@pytest.mark.parametrize('variant, message', [
+    ('none+heads=4', r"model.heads is not a model key with a value"),
+    ('none+gate=g1', r"model.gate is not a model key with a value"),
+    ('none+num_kv_heads=four', r"model.num_kv_heads='four': expected an integer"),
+    ('none+qk_norm=maybe', r"model.qk_norm='maybe': expected true or false"),
+])
+def test_bad_model_keys_of_a_run_are_named(variant, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    ablation.variant_config(_ablation_config(variant), variant, 1e-3)

@@ -151,7 +151,7 @@ def test_examples_are_a_function_of_seed_split_and_index(tmp_path):
 def test_training_batches_resume_exactly(tmp_path):
   _corpus(tmp_path)
   source = data.load_split(_data_config(tmp_path, seq_len=16), 'train', VOCAB_SIZE)
-  make = lambda: iter(data.train_dataset(source, 4, seed=3, process_index=0, process_count=1))
+  make = lambda: iter(data.train_dataset(source, 4, seed=3, part=0, parts=1))
   first = make()
   [next(first) for _ in range(3)]
   state = first.get_state()

@@ -42,7 +42,7 @@ def _batches(iterator, count):
 def test_train_batches_are_deterministic_and_resume_exactly():
   source = data.TokenChunks([('a', bytes(range(256)) * 20)], seq_len=8, name='test',
                             tokenizer=BYTES)
-  make = lambda: iter(data.train_dataset(source, 4, seed=3, process_index=0, process_count=1))
+  make = lambda: iter(data.train_dataset(source, 4, seed=3, part=0, parts=1))
   first = make()
   head = _batches(first, 5)
   state = first.get_state()
@@ -51,18 +51,26 @@ def test_train_batches_are_deterministic_and_resume_exactly():
   resumed = make()
   resumed.set_state(state)
   np.testing.assert_array_equal(np.stack(tail), np.stack(_batches(resumed, 5)))
-  other_seed = iter(data.train_dataset(source, 4, seed=4, process_index=0, process_count=1))
+  other_seed = iter(data.train_dataset(source, 4, seed=4, part=0, parts=1))
   assert not np.array_equal(np.stack(head), np.stack(_batches(other_seed, 5)))
 
 
-def test_process_shares_partition_the_global_batch():
+def test_process_parts_in_order_are_the_one_process_batches_row_for_row():
+  """Part p of P holds rows [p * n, (p + 1) * n) of each global batch, so every row sits where
+  one process would put it (microbatches take rows i, i + k, ...: the same examples whatever
+  the process count), in training and in held-out batches alike."""
   source = data.TokenChunks([('a', bytes(range(256)) * 8)], seq_len=8, name='test',
                             tokenizer=BYTES)
-  whole = next(iter(data.train_dataset(source, 8, 0, 0, 1)))
-  shares = [next(iter(data.train_dataset(source, 8, 0, p, 2))) for p in range(2)]
-  assert shares[0].shape == (4, 9)
-  as_set = lambda rows: sorted(map(tuple, rows.tolist()))
-  assert as_set(np.concatenate(shares)) == as_set(whole)
+  whole = iter(data.train_dataset(source, 8, 0, 0, 1))
+  parts = [iter(data.train_dataset(source, 8, 0, p, 4)) for p in range(4)]
+  for _ in range(5):  # Past the first epoch of 28 examples.
+    batches = [next(part) for part in parts]
+    assert batches[0].shape == (2, 9)
+    np.testing.assert_array_equal(np.concatenate(batches), next(whole))
+  whole = list(data.heldout_batches(source, 8, 2, 0, 1))
+  parts = [list(data.heldout_batches(source, 8, 2, p, 2)) for p in range(2)]
+  for index, batch in enumerate(whole):
+    np.testing.assert_array_equal(np.concatenate([part[index] for part in parts]), batch)
 
 
 def test_text_files_source(tmp_path):
@@ -118,7 +126,7 @@ def test_seq_len_the_split_cannot_fill(tmp_path):
 def test_heldout_batches_are_in_order_and_bounded():
   source = data.TokenChunks([('a', bytes(range(200)))], seq_len=4, name='test',
                             tokenizer=BYTES)
-  batches = list(data.heldout_batches(source, 8, num_batches=3, process_index=0, process_count=1))
+  batches = list(data.heldout_batches(source, 8, num_batches=3, part=0, parts=1))
   assert len(batches) == 3
   np.testing.assert_array_equal(batches[1][0], source[8])
 

@@ -43,6 +43,33 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   np.testing.assert_allclose([r['loss'] for r in multi], [r['loss'] for r in single], rtol=2e-5)
 
 
+def test_a_tensor_axis_across_processes_trains_and_evaluates_as_one_process(tmp_path):
+  """tensor=4 over 2 processes x 2 devices: both processes hold every row of each batch (they
+  read the same part), and the eval step's outputs reach both. Losses and measurements equal
+  one process's; value_norm stays per KV head (2) though the KV heads are repeated to 4."""
+  mesh = {'mesh.data': 1, 'mesh.tensor': 4}
+  helpers.train_cli(tmp_path / 'single', steps=2, checkpoint_every=2, devices=4, **mesh)
+  result = helpers.run(_launch(tmp_path / 'multi', 2, 2, **mesh))
+  assert result.returncode == 0, result.stdout[-3000:]
+  single, multi = read_metrics(tmp_path / 'single'), read_metrics(tmp_path / 'multi')
+  np.testing.assert_allclose([r['loss'] for r in multi], [r['loss'] for r in single], rtol=2e-5)
+  result = helpers.run([sys.executable, '-m', 'experiments.launch_local', '--num_processes=2',
+                        '--devices_per_process=2', '--module=experiments.eval', '--',
+                        f'--workdir={tmp_path / "multi"}', '--mesh=data=1,fsdp=1,tensor=4'])
+  assert result.returncode == 0, result.stdout[-3000:]
+  result = helpers.run([sys.executable, '-m', 'experiments.eval',
+                        f'--workdir={tmp_path / "single"}'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  single, multi = (json.loads((tmp_path / run / 'eval' / 'step_2.json').read_text())
+                   for run in ('single', 'multi'))
+  for key in ('loss', 'tokens'):
+    np.testing.assert_allclose(multi[key], single[key], rtol=1e-5)
+  for key in ('first_token_attention', 'value_norm', 'max_activation', 'gate_score'):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 multi[key], single[key])
+  assert np.shape(multi['value_norm']['others']) == (2, 2)  # [layers, kv_heads]
+
+
 def test_a_relaunch_loads_its_train_step_from_the_compilation_cache_and_trains_alike(tmp_path):
   """The same command line twice: the second run loads the train step the first compiled and
   ends with the same parameters. The runs choose their platform as a user's would (no

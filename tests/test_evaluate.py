@@ -116,6 +116,23 @@ def test_baseline_has_no_gate_score():
                   helpers.random_tokens(3))['gate_score'] is None
 
 
+@pytest.mark.parametrize('variant', ['g1_elementwise', 'g5'])
+def test_padding_is_not_measured(variant):
+  """Causal attention leaves every real position of a sequence unchanged by PAD after it, so
+  the measurements of a padded sequence are those of the same real tokens alone."""
+  model = helpers.transformer(helpers.model_config(variant))
+  tokens = np.asarray(helpers.random_tokens(6, batch=1, length=12))
+  # Inputs 0..10 are real in both; the padded one reads 9 PADs after them.
+  padded = np.concatenate([tokens[:, :11], np.full((1, 10), ByteTokenizer.pad_id)], axis=1)
+  plain, with_padding = _measure(model, jnp.asarray(tokens)), _measure(model, jnp.asarray(padded))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), plain, with_padding)
+  graphdef, params = nnx.split(model)
+  maps = [make_eval_step(graphdef, True, ByteTokenizer.pad_id)(
+      nnx.to_pure_dict(params), jnp.asarray(t))['attention_map'] for t in (tokens, padded)]
+  np.testing.assert_allclose(maps[1][:, :, :11, :11], maps[0], rtol=1e-5)
+  np.testing.assert_array_equal(maps[1][:, :, 11:], 0.0)  # No measured query there.
+
+
 def test_measurements_combine_batches():
   """Query types combine by query counts across batches, not by batch means."""
   def batch(fta, trigger_queries, act):
@@ -125,13 +142,19 @@ def test_measurements_combine_batches():
             'query_count': {'all': 10, 'trigger': trigger_queries,
                             'non_trigger': 10 - trigger_queries},
             'value_norm_first_token': np.ones((2, 1)), 'value_norm_others': np.ones((2, 1)),
-            'max_activation': np.array([act, 2 * act])}
-  combined = summarize_measurements([batch(0.2, 1, 1.0), batch(0.4, 3, 5.0)], None)
+            'max_activation': np.array([act, 2 * act]),
+            # Two layers; gate scores summed over the batch's measured positions, and counted.
+            'gate_score_sum': np.array([act, 0.0]),
+            'gate_score_histogram': np.array([[trigger_queries, 0], [0, trigger_queries]])}
+  combined = summarize_measurements([batch(0.2, 1, 1.0), batch(0.4, 3, 5.0)], 'sigmoid')
   np.testing.assert_allclose(combined['first_token_attention']['mean'], 0.3)
   np.testing.assert_allclose(combined['first_token_attention']['trigger'], (0.2 + 1.2) / 4)
   np.testing.assert_allclose(combined['first_token_attention']['non_trigger'], 0.0)
   assert combined['max_activation']['per_layer'] == [5.0, 10.0]
   assert combined['max_activation']['mean_of_layer_max'] == 7.5
+  # Gate scores combine by their counts: layer 0 has (1 + 5) / (1 + 3), not the batch means' mean.
+  np.testing.assert_allclose(combined['gate_score']['per_layer'], [1.5, 0.0])
+  assert combined['gate_score']['histogram']['counts'] == [4, 4]
 
 
 def test_eval_command_writes_json_and_figures(tmp_path):

@@ -390,8 +390,7 @@ def test_generate_takes_a_non_utf8_prompts_file_and_refuses_a_bad_mesh_in_one_li
   completions = json.loads(results['file'].stdout.splitlines()[-1])['completions']
   assert [c['prompt_ids'][1:] for c in completions] == [[99, 97, 102, 0xe9], [0xff, 0xfe, 32, 116,
                                                                              101, 120, 116]]
-  assert _error_line(results['mesh']) == ("error: --mesh='data=two': invalid literal for int() "
-                                          "with base 10: 'two'")
+  assert _error_line(results['mesh']) == "error: --mesh='data=two': data='two': expected an integer."
 
 
 def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
@@ -421,7 +420,7 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
                               '--tokenizer=none'),
                        "error: --tokenizer='none': text files need a tokenizer"),
       'mesh': (module('eval', f'--workdir={tmp_path}', '--mesh=data=two'),
-               "error: --mesh='data=two': invalid literal for int()"),
+               "error: --mesh='data=two': data='two': expected an integer."),
       'batches': (module('eval', f'--workdir={tmp_path}', '--batches=0'),
                   'error: flag --batches=0: 0 is not a positive integer'),
       'steps': (module('benchmark', '--steps=0'), 'error: flag --steps=0: 0 is not a positive integer'),
@@ -445,6 +444,15 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
       'import key': (module('import_hf', f'--hf_dir={tmp_path}', f'--workdir={tmp_path}',
                             '--config.model.nonexistent=1'),
                      "error: --config.model.nonexistent: the config has no key 'nonexistent'."),
+      'gate for every run': (module('ablate', f'--workdir={tmp_path}',
+                                    '--config.model.gate.activation=ns_sigmoid'),
+                             "error: --config.model.gate.activation=ns_sigmoid: --config.variants "
+                             "sets each run's gate, so a gate key for every run would be "
+                             'ignored; give it to the runs it is for: --config.variants='
+                             'g1_elementwise+gate.activation=ns_sigmoid.'),
+      'gate for every row': (module('benchmark', '--config.model.gate.mode=additive'),
+                             "error: --config.model.gate.mode=additive: --gates sets each run's "
+                             'gate'),
       'no seeds': (module('sink', f'--workdir={tmp_path}', '--seeds=,'),
                    "error: seeds=',' names nothing: give a comma-separated list."),
   }

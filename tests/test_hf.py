@@ -311,12 +311,12 @@ QWEN3 = dict(model_type='qwen3', **SHAPES)
     (dict(rope_scaling=dict(type='linear', factor=2.0)), dict(type='linear', factor=2.0)),
     (dict(rope_parameters=dict(rope_type='default', rope_theta=1e4)), dict(type='none')),
     (dict(rope_scaling=None), dict(type='none')),
-    # As transformers reads it: the original length defaults to max_position_embeddings, and a
-    # missing factor is the ratio of the two.
+    # As transformers reads it: the original length defaults to max_position_embeddings.
     (dict(max_position_embeddings=64, rope_parameters=dict(rope_type='yarn', factor=8.0)),
      dict(type='yarn', factor=8.0, original_max_position=64)),
     (dict(max_position_embeddings=64, rope_parameters=dict(
-        rope_type='yarn', original_max_position_embeddings=16, beta_fast=8, truncate=False)),
+        rope_type='yarn', factor=4.0, original_max_position_embeddings=16, beta_fast=8,
+        truncate=False)),
      dict(type='yarn', factor=4.0, original_max_position=16, beta_fast=8.0, truncate=False)),
 ])
 def test_rope_scaling_is_imported_and_exported_back(rope, expected):
@@ -349,6 +349,10 @@ def test_yarn_keys_a_checkpoint_leaves_out_take_transformers_defaults_not_the_ba
      "\\['default', 'linear', 'yarn'\\]"),
     (dict(QWEN3, rope_scaling=dict(type='dynamic', factor=2.0)),
      "rope_scaling.rope_type='dynamic'"),
+    # transformers refuses a scaled RoPE without its factor too.
+    (dict(QWEN3, rope_parameters=dict(rope_type='yarn', original_max_position_embeddings=16)),
+     "rope_parameters.factor=None is not supported: rope_type 'yarn' needs a factor"),
+    (dict(QWEN3, rope_scaling=dict(type='linear')), "rope_scaling.factor=None"),
     (dict(QWEN3, partial_rotary_factor=0.5), 'partial_rotary_factor=0.5'),
     (dict(QWEN3, hidden_act='gelu'), "hidden_act='gelu'"),
     (dict(QWEN3, elementwise_attn_output_gate=True, headwise_attn_output_gate=True),
@@ -390,6 +394,39 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
             tmp_path / 'hf' / 'model.safetensors')
   with pytest.raises(CheckpointError, match='q_proj.bias .1 unexpected. has no place'):
     hf.import_hf(tmp_path / 'hf', tmp_path / 'c', _base_config())
+
+
+def test_malformed_index_and_config_files_are_named(tmp_path):
+  _hf_model_dir('qwen3', tmp_path / 'hf')
+  (tmp_path / 'hf' / 'model.safetensors').rename(tmp_path / 'hf' / 'weights.safetensors')
+  index = tmp_path / 'hf' / hf.SAFETENSORS_INDEX
+  for text, message in (('{"weight_map": ', 'is not valid JSON'),
+                        ('{"metadata": {}}', 'has no weight_map of tensor names to files'),
+                        ('[1, 2]', 'holds a JSON list, not an object of keys')):
+    index.write_text(text)
+    with pytest.raises(CheckpointError, match=f'{index}.* {message}'):
+      hf.import_hf(tmp_path / 'hf', tmp_path / 'run', _base_config())
+  (tmp_path / 'hf' / 'config.json').write_text('[1, 2]')
+  with pytest.raises(CheckpointError, match='config.json holds a JSON list'):
+    hf.import_hf(tmp_path / 'hf', tmp_path / 'run', _base_config())
+
+
+def test_an_export_replaces_every_weight_file_of_an_earlier_one(tmp_path):
+  """Shards, then one file, then shards again into one --out: what is left is the last export
+  alone (transformers and import would otherwise read different models). A YaRN model's
+  max_position_embeddings is original_max_position x factor, as transformers expects."""
+  _workdir(tmp_path / 'run', 'none', dict(rope_fraction=1.0, rope_scaling=dict(
+      type='yarn', factor=4.0, original_max_position=8)))
+  out = tmp_path / 'hf'
+  weights = lambda: sorted(p.name for p in out.iterdir() if p.name.startswith('model'))
+  hf.export_hf(tmp_path / 'run', out, max_shard_bytes=20_000)
+  shards = weights()
+  assert hf.SAFETENSORS_INDEX in shards and 'model.safetensors' not in shards
+  hf.export_hf(tmp_path / 'run', out)
+  assert weights() == ['model.safetensors']
+  hf.export_hf(tmp_path / 'run', out, max_shard_bytes=20_000)
+  assert weights() == shards
+  assert hf.read_hf_config(out)['max_position_embeddings'] == 32
 
 
 @pytest.mark.parametrize('gate, overrides, fmt, message', [

@@ -172,7 +172,7 @@ def test_analysis_reports_every_layer_under_either_layout(scan):
   assert stats['first_token_attention'].shape == (3, 2, cfg.num_heads, 12)
   assert stats['attention_map'].shape == (3, cfg.num_heads, 12, 12)
   assert stats['value_norm'].shape == (3, 2, 12, cfg.num_kv_heads)
-  assert stats['max_activation'].shape == (3,) and stats['gate_score_mean'].shape == (3,)
+  assert stats['max_activation'].shape == (3,) and stats['gate_score_sum'].shape == (3,)
   np.testing.assert_allclose(np.asarray(stats['attention_map']).sum(-1), 1.0, rtol=1e-5)
 
 

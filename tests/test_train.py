@@ -1,6 +1,7 @@
 """Training end to end on the embedded corpus: learning, exact resume, determinism, errors."""
 
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
+from gated_attention import init_from as init_from_lib
+from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention import train as train_lib
@@ -344,6 +347,30 @@ def test_init_from_with_a_step_that_is_not_a_number_says_so(baseline_run, tmp_pa
   config = helpers.run_config(steps=2, gate='none', init_from=f'{source_dir}:last')
   with pytest.raises(ConfigError, match="'last' is not a step number; give DIR or DIR:STEP"):
     train(config, tmp_path)
+
+
+def test_init_from_a_step_the_source_lacks_names_the_complete_steps(baseline_run, tmp_path):
+  source_dir, _ = baseline_run
+  config = helpers.run_config(steps=2, gate='none', init_from=f'{source_dir}:7')
+  with pytest.raises(ConfigError, match=r"train.init_from='.*:7': .* holds no complete checkpoint "
+                                        r'of step 7 \(complete steps: \[2\]\)'):
+    train(config, tmp_path)
+
+
+def test_init_from_plans_a_removed_gate_and_refuses_another_depth():
+  """From a G1 run to an ungated one, the query projection is loaded whole (its source's gate
+  columns dropped, nothing initialised); a different depth is refused, not half loaded."""
+  source = resume_lib.plain(helpers.run_config(steps=2, gate='g1_elementwise'))
+  config = helpers.run_config(steps=2, gate='none', init_from='SRC')
+  plan = init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
+  count = len(nnx.to_flat_state(state_lib.abstract_model(config.model)[1]))
+  assert plan.describe() == (f'initialising from SRC step 2: {count} of {count} parameters '
+                             'loaded; source gate columns dropped: blocks/*/attention/wq')
+  assert not plan.whole  # The source's moments have the gate's shape: not loadable.
+  config.model.num_layers = 3
+  with pytest.raises(ConfigError, match=r"train.init_from='SRC': SRC step 2 has "
+                                        r'model.num_layers=2, this config 3'):
+    init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
 
 
 def test_init_from_refuses_another_norm_scale_convention(baseline_run, tmp_path):
