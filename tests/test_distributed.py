@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from gated_attention import distributed
+from gated_attention import launch
 from gated_attention.config import ConfigError
 from gated_attention.metrics import read_metrics
 from tests import helpers
@@ -68,6 +69,24 @@ def test_a_tensor_axis_across_processes_trains_and_evaluates_as_one_process(tmp_
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  multi[key], single[key])
   assert np.shape(multi['value_norm']['others']) == (2, 2)  # [layers, kv_heads]
+
+
+def test_launch_local_names_the_failed_process_and_stops_the_others_at_once(tmp_path, capsys,
+                                                                             monkeypatch):
+  """A process whose peer died cannot step or save, and may well ignore SIGTERM (jax's
+  preemption service catches it): the launcher does not wait out the preemption grace."""
+  (tmp_path / 'stand_in.py').write_text(
+      'import os, signal, sys, time\n'
+      'if os.environ["JAX_PROCESS_ID"] == "1":\n'
+      '  sys.exit(3)\n'
+      'signal.signal(signal.SIGTERM, signal.SIG_IGN)\n'
+      'time.sleep(120)\n')
+  monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+  started = time.monotonic()
+  assert launch.launch_local('stand_in', [], num_processes=2) == 3
+  assert time.monotonic() - started < 15  # The preemption grace is 30 s.
+  assert 'launch_local: process 1 exited with status 3; stopping the others' in (
+      capsys.readouterr().err)
 
 
 def test_a_relaunch_loads_its_train_step_from_the_compilation_cache_and_trains_alike(tmp_path):
