@@ -37,9 +37,6 @@ def sweep(config) -> list[tuple[str, str, float]]:
   """[(run name, variant spec, learning rate)] in order; names carry the LR only when it varies.
   Each run's gate is its variant's (config.set_variant), whatever config.model.gate holds."""
   variants = parse_list(config.variants, 'variants')
-  for variant in variants:  # Fails now, naming the variant, if it is malformed.
-    config_lib.set_variant(config.model.copy_and_resolve_references(), variant,
-                           '--config.variants')
   rates = parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True) or [
       config.train.learning_rate]
   return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)

@@ -34,7 +34,7 @@ from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
-from gated_attention.model import apply, gate_histogram_edges
+from gated_attention.model import apply, gate_histogram_edges, measured_positions
 from gated_attention.tokenizer import pad_id
 from gated_attention.train import check_batch, global_batch, log
 
@@ -67,7 +67,7 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
     stats = dict(output.stats)
     if analysis:
       inputs = tokens[:, :-1]
-      real = jnp.ones(inputs.shape, bool) if pad_id is None else inputs != pad_id
+      real = measured_positions(inputs, pad_id)
       queries = real.at[:, 0].set(False)
       masks = {'all': queries}
       if triggers is not None:

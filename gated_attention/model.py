@@ -47,6 +47,11 @@ def gate_histogram_edges(activation: str) -> np.ndarray:
   return np.linspace(low, high, GATE_HISTOGRAM_BINS + 1, dtype=np.float32)
 
 
+def measured_positions(tokens: jax.Array, pad_id: int | None) -> jax.Array:
+  """bool [batch, length]: the positions the paper's measurements read, every one but padding."""
+  return jnp.ones(tokens.shape, bool) if pad_id is None else tokens != pad_id
+
+
 class KVCache(NamedTuple):
   """Keys and values of every layer for generation: slot j holds position j.
 
@@ -275,9 +280,7 @@ class Transformer(nnx.Module):
     if cache is not None:
       positions = cache.length[:, None] + positions
     rope = rope_tables(positions, np.asarray(self.rope[0], np.float32), self.rope[1])
-    # What the measurements read: every position but padding.
-    measured = None if not analysis else (
-        jnp.ones(tokens.shape, bool) if pad_id is None else tokens != pad_id)
+    measured = measured_positions(tokens, pad_id) if analysis else None
     x, per_layer = self._layers(x, rope, cache, measured)
 
     x = self.final_norm(x)

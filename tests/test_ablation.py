@@ -72,9 +72,11 @@ def test_a_finite_loss_above_chance_is_reported_as_diverged(tmp_path, monkeypatc
     ('none', '2e-3,fast', "learning_rates='2e-3,fast': expected comma-separated floats"),
     (',', '', "variants=',' names nothing"),
 ])
-def test_bad_sweeps_are_named(variants, learning_rates, message):
+def test_bad_sweeps_are_named(variants, learning_rates, message, tmp_path):
+  """Refused before any run starts."""
   with pytest.raises(config_lib.ConfigError, match=message):
-    ablation.sweep(_ablation_config(variants, learning_rates))
+    ablation.run_ablation(_ablation_config(variants, learning_rates), tmp_path)
+  assert not (tmp_path / 'runs').exists()
 
 
 def test_default_ablation_config_covers_the_paper_rows():
