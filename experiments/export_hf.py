@@ -34,6 +34,8 @@ def main(argv):
   def run():
     summary = export_hf(_WORKDIR.value, _OUT.value, _STEP.value, _FORMAT.value,
                         _MAX_SHARD_MB.value * 2**20, _MAX_POSITIONS.value)
+    if summary is None:  # Another process wrote the files.
+      return
     megabytes = summary['bytes'] / 2**20
     print(f'exported step {summary["step"]} as {summary["format"]}: {summary["tensors"]} tensors '
           f'in {summary["files"]} file(s), {megabytes:,.1f} MB in {summary["seconds"]:.2f} s '

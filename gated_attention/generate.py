@@ -25,7 +25,7 @@ import numpy as np
 
 from gated_attention.distributed import CompileTimer
 from gated_attention.model import KVCache, apply
-from gated_attention.sharding import batch_sharding, named_sharding
+from gated_attention.sharding import batch_sharding, named_sharding, replicated
 
 CACHE_AXES = ('layers', 'batch', 'length', 'kv_heads', 'head_dim')
 MIN_BUCKET = 8
@@ -137,7 +137,8 @@ class Generator:
                           out_shardings=(cache, named_sharding(self.mesh, ('batch',))))
         abstract_cache, first = jax.eval_shape(prefill, *args)
         prefill = prefill.lower(*args).compile()
-        decode = jax.jit(self._decode_fn(steps)).lower(
+        # Outputs replicated: every process reads them whole, however the mesh spans hosts.
+        decode = jax.jit(self._decode_fn(steps), out_shardings=replicated(self.mesh)).lower(
             self.params, abstract_cache, first, *args[3:], 0, 0, 0).compile()
       self._compiled[key] = (prefill, decode)
     return self._compiled[key]

@@ -650,19 +650,24 @@ def _copy_tokenizer(tokenizer_json: pathlib.Path, directory: pathlib.Path) -> No
 
 def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
               max_shard_bytes: int = 2 * 2**30, max_position_embeddings: int | None = None
-              ) -> dict:
+              ) -> dict | None:
   """Writes checkpoint `step` (default: the latest) of workdir as a Hugging Face model
   directory: config.json, safetensors shards of at most max_shard_bytes (with
-  model.safetensors.index.json when there are several) and the tokenizer, from one process.
-  Host memory holds one parameter and one shard at a time. transformers' MoE layers are dropless: a model trained with
-  model.moe.capacity_factor > 0 runs there as its dropless version. Returns a summary."""
+  model.safetensors.index.json when there are several) and the tokenizer.
+  Host memory holds one parameter and one shard at a time. transformers' MoE layers are
+  dropless: a model trained with model.moe.capacity_factor > 0 runs there as its dropless
+  version. Returns a summary; with several processes, each reads the checkpoint onto its own
+  devices, process 0 writes and returns the summary, the others return None."""
   from safetensors.numpy import save_file  # Only where checkpoints are written.
   from gated_attention.evaluate import load_params
   config = checkpoint_lib.load_config(workdir)
   config_lib.validate(config)
   fmt = export_format(config.model, fmt)
-  mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  # Each process reads the whole checkpoint onto its own devices; process 0 writes the files.
+  mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), jax.local_devices())
   _, params, step = load_params(workdir, config, mesh, step)
+  if jax.process_index() != 0:
+    return None
   by_leaf = _rows_by_leaf(tensor_table(config.model, fmt), config.model.scan_layers)
   itemsize = jnp.dtype(config.model.param_dtype).itemsize
   order = [(path, row, index) for path, leaf_rows in by_leaf.items() for row, index in leaf_rows]

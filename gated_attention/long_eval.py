@@ -74,12 +74,13 @@ def bucket_means(losses: np.ndarray, edges: list[int]) -> list[float]:
   return [float(losses[:, start:end].mean()) for start, end in zip(edges[:-1], edges[1:])]
 
 
-def make_token_losses(graphdef):
-  """token_losses(params, tokens [b, L + 1]) -> float32 [b, L]: each target's next-token loss."""
+def make_token_losses(graphdef, mesh):
+  """token_losses(params, tokens [b, L + 1]) -> float32 [b, L]: each target's next-token loss,
+  replicated on `mesh` so that every process reads it whole."""
   def token_losses(params, tokens):
     logits = apply(graphdef, params, tokens[:, :-1]).logits
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-  return jax.jit(token_losses)
+  return jax.jit(token_losses, out_shardings=sharding_lib.replicated(mesh))
 
 
 def heldout_examples(data_config, vocab_size: int, length: int, count: int) -> np.ndarray:
@@ -280,7 +281,7 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
   mesh = sharding_lib.make_mesh(config.mesh)
   graphdef, params, step = load_params(workdir, config, mesh, step)
   generator = Generator(graphdef, params, config.model, mesh)
-  token_losses = make_token_losses(graphdef)
+  token_losses = make_token_losses(graphdef, mesh)
   batch_ways = generator.batch_ways
   haystack = data_lib.load_split(config.data, 'heldout', config.model.vocab_size).stream
 
@@ -307,12 +308,13 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
       progress.update(1)
     entry['seconds'] = time.perf_counter() - started
     result['lengths'][str(length)] = entry
-    progress.write(f'length {length}: held-out loss {entry["loss"]:.3f} (last bucket '
-                   f'{entry["bucket_loss"][-1]:.3f}); ' + ', '.join(
-                       f'{task} {entry["retrieval"][task]["accuracy"]:.2f}' for task in tasks)
-                   + ' (answer loss ' + ', '.join(
-                       f'{entry["retrieval"][task]["answer_loss"]:.2f}' for task in tasks)
-                   + f'; {entry["seconds"]:.1f}s)')
+    if jax.process_index() == 0:  # tqdm.write prints whether or not the bar is shown.
+      progress.write(f'length {length}: held-out loss {entry["loss"]:.3f} (last bucket '
+                     f'{entry["bucket_loss"][-1]:.3f}); ' + ', '.join(
+                         f'{task} {entry["retrieval"][task]["accuracy"]:.2f}' for task in tasks)
+                     + ' (answer loss ' + ', '.join(
+                         f'{entry["retrieval"][task]["answer_loss"]:.2f}' for task in tasks)
+                     + f'; {entry["seconds"]:.1f}s)')
   progress.close()
   if jax.process_index() == 0:
     out_dir = workdir / 'long_eval'

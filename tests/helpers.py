@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import layers, sharding
 from gated_attention import state as state_lib
-from gated_attention.checkpoint import load_config
 from gated_attention.evaluate import load_params
 from gated_attention.model import Attention, Transformer
 
@@ -69,10 +69,14 @@ def run_config(steps: int = 8, gate: str = 'g1_elementwise', **train):
   return config
 
 
+def one_device_mesh():
+  """A mesh of the first device alone."""
+  return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), jax.devices()[:1])
+
+
 def final_params(workdir, config, step=None):
   """Parameters of a run's checkpoint as NumPy arrays."""
-  mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
-  return jax.tree.map(np.asarray, load_params(workdir, config, mesh, step)[1])
+  return jax.tree.map(np.asarray, load_params(workdir, config, one_device_mesh(), step)[1])
 
 
 
@@ -102,9 +106,19 @@ def train_cli(workdir, steps=6, checkpoint_every=2, devices=1, **flags) -> str:
   return result.stdout + result.stderr
 
 
+def random_workdir(workdir, config, seed: int = 0, std: float = 0.2) -> None:
+  """A workdir holding random parameters of config.model (a step-0 parameters checkpoint, as
+  import_hf writes) and config.json."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir)
+  checkpointer.save_params(0, random_params(config.model, seed, std), {}, config)
+  checkpointer.wait()
+  checkpointer.close()
+  checkpoint_lib.save_config(workdir, config)
+
+
 def run_params(workdir, step=None):
   """Parameters of a checkpoint of a command-line run, read with its config.json."""
-  return final_params(workdir, load_config(workdir), step)
+  return final_params(workdir, checkpoint_lib.load_config(workdir), step)
 
 
 def assert_same_params(a, b):

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+from gated_attention import config as config_lib
 from gated_attention import distributed
 from gated_attention import launch
 from gated_attention.config import ConfigError
@@ -69,6 +70,61 @@ def test_a_tensor_axis_across_processes_trains_and_evaluates_as_one_process(tmp_
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  multi[key], single[key])
   assert np.shape(multi['value_norm']['others']) == (2, 2)  # [layers, kv_heads]
+
+
+def test_generate_long_eval_and_export_run_across_processes_as_in_one(tmp_path):
+  """A checkpoint read by 2 processes x 2 devices (batches split across both): the same
+  generated ids, long-context losses and exported tensors as one process, printed and written
+  by process 0 alone."""
+  from safetensors.numpy import load_file
+  config = config_lib.base_config('tiny', 'g1_elementwise')
+  config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64)
+  config.data.seq_len = 64
+  workdir = tmp_path / 'run'
+  helpers.random_workdir(workdir, config, std=0.05)
+
+  def both(module, *flags, read=lambda: None):
+    """[(stdout lines, what `read` gives after it)] of one process, then of process 0 and of
+    process 1 of a two-process launch."""
+    single = helpers.run([sys.executable, '-m', module, f'--workdir={workdir}', *flags])
+    assert single.returncode == 0, single.stderr[-3000:]
+    runs = [(single.stdout.splitlines(), read())]
+    multi = helpers.run([sys.executable, '-m', 'experiments.launch_local', '--num_processes=2',
+                         '--devices_per_process=2', f'--module={module}', '--',
+                         f'--workdir={workdir}', *flags])
+    assert multi.returncode == 0, multi.stdout[-3000:]
+    written = read()
+    for rank in range(2):
+      runs.append(([line[4:] for line in multi.stdout.splitlines()
+                    if line.startswith(f'[{rank}] ')], written))
+    return runs
+
+  (single, _), (zero, _), (one, _) = both('experiments.generate', '--prompt=hello',
+                                          '--prompt=abc', '--max_new_tokens=8', '--json')
+  ids = lambda line: [c['token_ids'] for c in json.loads(line)['completions']]
+  assert ids(zero[-1]) == ids(single[-1]) and len(ids(single[-1])) == 2
+  assert not any(line.startswith('{') for line in one)
+
+  result = lambda: json.loads((workdir / 'long_eval' / 'step_0.json').read_text())
+  (_, single), (zero, multi), (one, _) = both('experiments.long_eval', '--lengths=128',
+                                              '--examples=2', '--tasks=passkey', read=result)
+  for key in ('loss', 'bucket_loss'):
+    np.testing.assert_allclose(multi['lengths']['128'][key], single['lengths']['128'][key],
+                               rtol=1e-5)
+  assert ([e['generated'] for e in multi['lengths']['128']['retrieval']['passkey']['examples']]
+          == [e['generated'] for e in single['lengths']['128']['retrieval']['passkey']['examples']])
+  assert any(line.startswith('length 128:') for line in zero)
+  assert not any(line.startswith('length 128:') for line in one)
+
+  tensors = lambda: load_file(str(tmp_path / 'hf' / 'model.safetensors'))
+  (_, single), (zero, multi), (one, _) = both('experiments.export_hf', f'--out={tmp_path / "hf"}',
+                                              read=tensors)
+  assert sorted(multi) == sorted(single) and len(single) == 24
+  for name in single:
+    np.testing.assert_array_equal(multi[name], single[name])
+  assert any(line.startswith('exported step 0') for line in zero)
+  assert not any(line.startswith('exported') for line in one)
 
 
 def test_launch_local_names_the_failed_process_and_stops_the_others_at_once(tmp_path, capsys,

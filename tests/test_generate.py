@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gated_attention import sharding
 from gated_attention import state as state_lib
 from gated_attention.generate import Generator, Sampling, bucket, sample
 from gated_attention.model import KVCache, apply
@@ -17,8 +16,7 @@ PROMPTS = [[257, 5, 6, 7, 8, 9, 10], [257, 40], [257, 71, 72, 73]]  # Three leng
 def _generator(model_cfg):
   graphdef, _ = state_lib.abstract_model(model_cfg)
   params = helpers.random_params(model_cfg)
-  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), jax.devices()[:1])
-  return Generator(graphdef, params, model_cfg, mesh)
+  return Generator(graphdef, params, model_cfg, helpers.one_device_mesh())
 
 
 def _greedy_by_full_forward(generator, prompts, generated):

@@ -27,7 +27,6 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import hf
-from gated_attention import sharding
 from gated_attention.checkpoint import CheckpointError
 from gated_attention.config import ConfigError
 from gated_attention.evaluate import load_params
@@ -139,12 +138,8 @@ def _our_logits(workdir):
   return np.asarray(apply(graphdef, params, TOKENS).logits), config, graphdef, params
 
 
-def _mesh():
-  return sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), jax.devices()[:1])
-
-
 def _load(workdir, config):
-  graphdef, params, _ = load_params(workdir, config, _mesh())
+  graphdef, params, _ = load_params(workdir, config, helpers.one_device_mesh())
   return graphdef, params
 
 
@@ -244,11 +239,7 @@ def _workdir(directory, gate: str, overrides: dict):
   config.model.update(dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                            mlp_dim=64, vocab_size=300, attention_impl='xla'), **overrides)
   config_lib.validate(config)
-  checkpointer = checkpoint_lib.Checkpointer(directory)
-  checkpointer.save_params(0, helpers.random_params(config.model, seed=1), {}, config)
-  checkpointer.wait()
-  checkpointer.close()
-  checkpoint_lib.save_config(directory, config)
+  helpers.random_workdir(directory, config, seed=1)
 
 
 @pytest.mark.parametrize('name', sorted(EXPORTS))
@@ -286,7 +277,7 @@ def test_greedy_generation_equals_transformers(kind, tmp_path, monkeypatch):
   hf.import_hf(tmp_path / 'hf', tmp_path / 'run', _base_config(attention_impl='chunked'))
   config = checkpoint_lib.load_config(tmp_path / 'run')
   graphdef, params = _load(tmp_path / 'run', config)
-  ours = Generator(graphdef, params, config.model, _mesh()).generate(PROMPTS, 8).tokens
+  ours = Generator(graphdef, params, config.model, helpers.one_device_mesh()).generate(PROMPTS, 8).tokens
   for prompt, generated in zip(PROMPTS, ours):
     with torch.no_grad():
       theirs = torch_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import long_eval
 from gated_attention import state as state_lib
@@ -91,7 +90,7 @@ def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
   """11 examples: two calls of 8 rows, the second padded."""
   graphdef, params = _tiny_model()
   tokens = np.asarray(helpers.random_tokens(0, batch=11, length=101))
-  losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef), params, tokens,
+  losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef, helpers.one_device_mesh()), params, tokens,
                                       batch_ways=2)
   nll = _numpy_token_losses(graphdef, params, tokens)
   expected = [nll[:, 0:16].mean(), nll[:, 16:32].mean(), nll[:, 32:64].mean(),
@@ -103,7 +102,7 @@ def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
 def test_answer_loss_is_the_mean_loss_of_the_answer_after_its_prompt():
   graphdef, params = _tiny_model()
   examples = long_eval.make_examples('multikey', TOKENIZER, HAYSTACK, 128, count=2)
-  losses = long_eval.answer_losses(long_eval.make_token_losses(graphdef), params, TOKENIZER,
+  losses = long_eval.answer_losses(long_eval.make_token_losses(graphdef, helpers.one_device_mesh()), params, TOKENIZER,
                                    examples, batch_ways=1)
   for example, loss in zip(examples, losses):
     tokens = np.array([example.prompt + [ord(digit) for digit in example.answer]])
@@ -116,10 +115,7 @@ def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       mlp_dim=64)
   config.data.seq_len = 64
-  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
-  checkpointer.save_params(0, helpers.random_params(config.model, std=0.05), {}, config)
-  checkpointer.close()
-  checkpoint_lib.save_config(tmp_path, config)
+  helpers.random_workdir(tmp_path, config, std=0.05)
   result = helpers.run([sys.executable, '-m', 'experiments.long_eval', f'--workdir={tmp_path}',
                         '--lengths=128,256', '--examples=2'])
   assert result.returncode == 0, result.stderr[-2000:]
