@@ -17,6 +17,7 @@ from absl import flags
 
 from experiments import cli, common
 from gated_attention import config as config_lib
+from gated_attention.distributed import log
 from gated_attention.hf import import_hf
 
 _CONFIG = cli.define_config('configs/lm.py', 'Config for everything but the architecture.')
@@ -38,10 +39,10 @@ def main(argv):
     summary = import_hf(_HF_DIR.value, _WORKDIR.value, _CONFIG.value, mesh, _PARAM_DTYPE.value,
                         overrides)
     megabytes = summary['bytes'] / 2**20
-    print(f'imported {summary["format"]}: {summary["parameters"]:,} parameters in '
-          f'{summary["tensors"]} tensors, {megabytes:,.1f} MB in {summary["seconds"]:.2f} s '
-          f'({megabytes / max(summary["seconds"], 1e-9):,.0f} MB/s) into {_WORKDIR.value}; '
-          f'tokenizer: {summary["tokenizer"]}')
+    log(f'imported {summary["format"]}: {summary["parameters"]:,} parameters in '
+        f'{summary["tensors"]} tensors, {megabytes:,.1f} MB in {summary["seconds"]:.2f} s '
+        f'({megabytes / max(summary["seconds"], 1e-9):,.0f} MB/s) into {_WORKDIR.value}; '
+        f'tokenizer: {summary["tokenizer"]}')
 
   common.run_cleanly(run)
 

@@ -22,6 +22,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gated_attention import config as config_lib
@@ -191,7 +192,7 @@ class Checkpointer:
                   config: ml_collections.ConfigDict) -> None:
     """Saves parameters without optimizer or data state (an imported model); training
     continues from them with a fresh optimizer (`holds_params_only`)."""
-    self.save(step, {'step': jnp.asarray(step, jnp.int32), 'params': params},
+    self.save(step, {'step': np.int32(step), 'params': params},  # One value on every process.
               {**host_state, 'params_only': True}, config)
 
   def holds_params_only(self, step: int) -> bool:

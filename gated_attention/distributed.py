@@ -28,6 +28,12 @@ COMPILATION_CACHE_MAX_BYTES = 4 * 2**30
 _CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 
+def log(message: str) -> None:
+  """Prints a line from process 0 only (every process runs the same program)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
 def keep_freed_host_memory() -> bool:
   """Keeps freed host memory in the process for reuse: one malloc arena, no mmap for large
   blocks, trimming only past 2 GiB free. XLA:CPU allocates every buffer of a step afresh, and

@@ -608,7 +608,8 @@ def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None
 
   shardings = state_lib.param_shardings(mesh, abstract_variables)
   started = time.perf_counter()
-  progress = tqdm(total=len(by_leaf), desc='import', unit='tensor', file=sys.stdout)
+  progress = tqdm(total=len(by_leaf), desc='import', unit='tensor', file=sys.stdout,
+                  disable=jax.process_index() != 0)
 
   def convert(key_path, abstract):
     path = _keys(key_path)

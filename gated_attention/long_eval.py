@@ -47,11 +47,11 @@ from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
+from gated_attention.distributed import log
 from gated_attention.evaluate import load_params
 from gated_attention.generate import Generator
 from gated_attention.model import apply
 from gated_attention.tokenizer import load_tokenizer
-from gated_attention.train import log
 
 FIRST_EDGE = 16  # The first position bucket is [0, 16); each later one doubles.
 ANSWER_TOKENS = 8  # Tokens generated per retrieval example.

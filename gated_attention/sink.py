@@ -22,8 +22,8 @@ import numpy as np
 
 from gated_attention import ablation
 from gated_attention import workdir as workdir_lib
+from gated_attention.distributed import log
 from gated_attention.evaluate import first_token_attention_by_step, sink_scores
-from gated_attention.train import log
 
 SINK_THRESHOLD = 0.3  # Guo et al.'s 1-layer run passed it between steps 200 and 500.
 CURVE_BATCHES = 2  # Held-out batches per checkpoint for the curve.

@@ -39,7 +39,7 @@ from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention import workdir as workdir_lib
-from gated_attention.distributed import CompileTimer, PreemptionWatch
+from gated_attention.distributed import CompileTimer, PreemptionWatch, log
 from gated_attention.loss import target_mask
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply
@@ -187,11 +187,6 @@ def check_batch(config, mesh, training: bool = True) -> None:
              if key == 'data.batch_size' and config.train.microbatches > 1 else '')
           + ('.' if training else ': give a --mesh whose data x fsdp x expert divides it.'))
     sharding_lib.batch_part(sharding_lib.batch_sharding(mesh), size)
-
-
-def log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)

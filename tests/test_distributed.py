@@ -72,59 +72,70 @@ def test_a_tensor_axis_across_processes_trains_and_evaluates_as_one_process(tmp_
   assert np.shape(multi['value_norm']['others']) == (2, 2)  # [layers, kv_heads]
 
 
-def test_generate_long_eval_and_export_run_across_processes_as_in_one(tmp_path):
+def _one_and_two_processes(module, one: list[str], two: list[str]):
+  """Runs `python -m module` with flags `one` in one process, then with flags `two` in two
+  processes x 2 devices; returns the stdout lines of the one, of process 0 and of process 1."""
+  single = helpers.run([sys.executable, '-m', module, *one])
+  assert single.returncode == 0, single.stderr[-3000:]
+  multi = helpers.run([sys.executable, '-m', 'experiments.launch_local', '--num_processes=2',
+                       '--devices_per_process=2', f'--module={module}', '--', *two])
+  assert multi.returncode == 0, multi.stdout[-3000:]
+  return [single.stdout.splitlines()] + [
+      [line[4:] for line in multi.stdout.splitlines() if line.startswith(f'[{rank}] ')]
+      for rank in range(2)]
+
+
+def test_generate_long_eval_export_and_import_run_across_processes_as_in_one(tmp_path):
   """A checkpoint read by 2 processes x 2 devices (batches split across both): the same
-  generated ids, long-context losses and exported tensors as one process, printed and written
-  by process 0 alone."""
+  generated ids, long-context losses, exported tensors and imported parameters as with one
+  process, each line printed and each file written by process 0 alone."""
   from safetensors.numpy import load_file
   config = config_lib.base_config('tiny', 'g1_elementwise')
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       mlp_dim=64)
   config.data.seq_len = 64
-  workdir = tmp_path / 'run'
-  helpers.random_workdir(workdir, config, std=0.05)
+  run = tmp_path / 'run'
+  helpers.random_workdir(run, config, std=0.05)
+  only_process_0 = lambda zero, one, start: (sum(l.startswith(start) for l in zero) == 1
+                                             and not any(l.startswith(start) for l in one))
 
-  def both(module, *flags, read=lambda: None):
-    """[(stdout lines, what `read` gives after it)] of one process, then of process 0 and of
-    process 1 of a two-process launch."""
-    single = helpers.run([sys.executable, '-m', module, f'--workdir={workdir}', *flags])
-    assert single.returncode == 0, single.stderr[-3000:]
-    runs = [(single.stdout.splitlines(), read())]
-    multi = helpers.run([sys.executable, '-m', 'experiments.launch_local', '--num_processes=2',
-                         '--devices_per_process=2', f'--module={module}', '--',
-                         f'--workdir={workdir}', *flags])
-    assert multi.returncode == 0, multi.stdout[-3000:]
-    written = read()
-    for rank in range(2):
-      runs.append(([line[4:] for line in multi.stdout.splitlines()
-                    if line.startswith(f'[{rank}] ')], written))
-    return runs
-
-  (single, _), (zero, _), (one, _) = both('experiments.generate', '--prompt=hello',
-                                          '--prompt=abc', '--max_new_tokens=8', '--json')
+  flags = [f'--workdir={run}', '--prompt=hello', '--prompt=abc', '--max_new_tokens=8', '--json']
+  single, zero, one = _one_and_two_processes('experiments.generate', flags, flags)
   ids = lambda line: [c['token_ids'] for c in json.loads(line)['completions']]
   assert ids(zero[-1]) == ids(single[-1]) and len(ids(single[-1])) == 2
-  assert not any(line.startswith('{') for line in one)
+  assert only_process_0(zero, one, '{')
 
-  result = lambda: json.loads((workdir / 'long_eval' / 'step_0.json').read_text())
-  (_, single), (zero, multi), (one, _) = both('experiments.long_eval', '--lengths=128',
-                                              '--examples=2', '--tasks=passkey', read=result)
+  for name in ('one', 'two'):
+    shutil.copytree(run, tmp_path / name)
+  flags = ['--lengths=128', '--examples=2', '--tasks=passkey']
+  _, zero, one = _one_and_two_processes('experiments.long_eval',
+                                        [f'--workdir={tmp_path / "one"}', *flags],
+                                        [f'--workdir={tmp_path / "two"}', *flags])
+  single, multi = (json.loads((tmp_path / name / 'long_eval' / 'step_0.json').read_text())
+                   ['lengths']['128'] for name in ('one', 'two'))
   for key in ('loss', 'bucket_loss'):
-    np.testing.assert_allclose(multi['lengths']['128'][key], single['lengths']['128'][key],
-                               rtol=1e-5)
-  assert ([e['generated'] for e in multi['lengths']['128']['retrieval']['passkey']['examples']]
-          == [e['generated'] for e in single['lengths']['128']['retrieval']['passkey']['examples']])
-  assert any(line.startswith('length 128:') for line in zero)
-  assert not any(line.startswith('length 128:') for line in one)
+    np.testing.assert_allclose(multi[key], single[key], rtol=1e-5)
+  generated = lambda entry: [e['generated'] for e in entry['retrieval']['passkey']['examples']]
+  assert generated(multi) == generated(single)
+  assert only_process_0(zero, one, 'length 128:')
 
-  tensors = lambda: load_file(str(tmp_path / 'hf' / 'model.safetensors'))
-  (_, single), (zero, multi), (one, _) = both('experiments.export_hf', f'--out={tmp_path / "hf"}',
-                                              read=tensors)
+  _, zero, one = _one_and_two_processes('experiments.export_hf',
+                                        [f'--workdir={run}', f'--out={tmp_path / "hf_one"}'],
+                                        [f'--workdir={run}', f'--out={tmp_path / "hf_two"}'])
+  single, multi = (load_file(str(tmp_path / name / 'model.safetensors'))
+                   for name in ('hf_one', 'hf_two'))
   assert sorted(multi) == sorted(single) and len(single) == 24
   for name in single:
     np.testing.assert_array_equal(multi[name], single[name])
-  assert any(line.startswith('exported step 0') for line in zero)
-  assert not any(line.startswith('exported') for line in one)
+  assert only_process_0(zero, one, 'exported step 0')
+
+  hf_dir = f'--hf_dir={tmp_path / "hf_one"}'
+  _, zero, one = _one_and_two_processes('experiments.import_hf',
+                                        [hf_dir, f'--workdir={tmp_path / "imported_one"}'],
+                                        [hf_dir, f'--workdir={tmp_path / "imported_two"}'])
+  helpers.assert_same_params(helpers.run_params(tmp_path / 'imported_two'),
+                             helpers.run_params(tmp_path / 'imported_one'))
+  assert only_process_0(zero, one, 'imported')
 
 
 def test_launch_local_names_the_failed_process_and_stops_the_others_at_once(tmp_path, capsys,

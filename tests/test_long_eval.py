@@ -90,8 +90,8 @@ def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
   """11 examples: two calls of 8 rows, the second padded."""
   graphdef, params = _tiny_model()
   tokens = np.asarray(helpers.random_tokens(0, batch=11, length=101))
-  losses = long_eval.loss_by_position(long_eval.make_token_losses(graphdef, helpers.one_device_mesh()), params, tokens,
-                                      batch_ways=2)
+  token_losses = long_eval.make_token_losses(graphdef, helpers.one_device_mesh())
+  losses = long_eval.loss_by_position(token_losses, params, tokens, batch_ways=2)
   nll = _numpy_token_losses(graphdef, params, tokens)
   expected = [nll[:, 0:16].mean(), nll[:, 16:32].mean(), nll[:, 32:64].mean(),
               nll[:, 64:100].mean()]
@@ -102,8 +102,8 @@ def test_position_bucket_loss_is_the_mean_of_each_buckets_token_losses():
 def test_answer_loss_is_the_mean_loss_of_the_answer_after_its_prompt():
   graphdef, params = _tiny_model()
   examples = long_eval.make_examples('multikey', TOKENIZER, HAYSTACK, 128, count=2)
-  losses = long_eval.answer_losses(long_eval.make_token_losses(graphdef, helpers.one_device_mesh()), params, TOKENIZER,
-                                   examples, batch_ways=1)
+  token_losses = long_eval.make_token_losses(graphdef, helpers.one_device_mesh())
+  losses = long_eval.answer_losses(token_losses, params, TOKENIZER, examples, batch_ways=1)
   for example, loss in zip(examples, losses):
     tokens = np.array([example.prompt + [ord(digit) for digit in example.answer]])
     np.testing.assert_allclose(loss, _numpy_token_losses(graphdef, params, tokens)[0, -5:].mean(),
