@@ -11,13 +11,16 @@ non-finite values: such a checkpoint is damaged. WORKDIR/config.json holds the l
 config for people and tools.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-mid-save leaves no directory that `latest_step` would take as whole. A failed asynchronous save
+mid-save leaves no directory that `latest_step` would take as whole; a step past
+train.keep_checkpoints is renamed into checkpoints/deleting before it is removed, so a run
+killed mid-removal leaves its remains there, not in a step directory. A failed asynchronous save
 is raised by `raise_if_save_failed` (and by the next save or `wait`), naming the last good step.
 """
 
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ import orbax.checkpoint as ocp
 from gated_attention import config as config_lib
 
 ITEMS = ('state', 'host', 'config', 'checksums')
+DELETING = 'deleting'  # Under checkpoints/: old steps, renamed away whole, then removed.
 READ_ATTEMPTS = 5
 
 
@@ -121,9 +125,11 @@ class Checkpointer:
     """read_only: for evaluation; the directory must exist and nothing is written."""
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                           enable_async_checkpointing=True)
+                                           enable_async_checkpointing=True,
+                                           todelete_subdir=DELETING)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self.saving_step: int | None = None
+    self.read_only = read_only
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -132,6 +138,7 @@ class Checkpointer:
     """Starts an asynchronous save; arrays are copied and checksummed before this returns.
     Raises CheckpointError if this save cannot start or the previous one failed."""
     self.wait()
+    self._remove_deleted()
     self.saving_step = step
     sums = {key: checksum for key, (checksum, _) in checksums(state).items()}
     try:
@@ -269,9 +276,17 @@ class Checkpointer:
           f'restored ({_first_line(error)}). Remove that directory to resume from the previous '
           'checkpoint.') from None
 
+  def _remove_deleted(self) -> None:
+    """Removes the old steps orbax renamed into checkpoints/deleting: by the writer's process 0
+    alone (where orbax renames them), when no save of its is running."""
+    if not self.read_only and jax.process_index() == 0:
+      shutil.rmtree(self.directory / DELETING, ignore_errors=True)
+
   def close(self) -> None:
-    """Waits for the last save (CheckpointError if it failed) and releases the manager."""
+    """Waits for the last save (CheckpointError if it failed), removes the steps it retired
+    and releases the manager."""
     self.wait()
+    self._remove_deleted()
     self.manager.close()
 
 

@@ -1,5 +1,7 @@
 """Checksums of saved arrays against a NumPy reference, and what a restore refuses."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,37 @@ def test_arrays_are_checked_in_the_dtype_they_were_saved_in_and_cast_to_the_mode
                                   np.asarray(saved['params']['wo'].astype(jnp.bfloat16),
                                              np.float32))
     np.testing.assert_array_equal(restored['scale'], saved['params']['scale'])
+
+
+def test_a_retired_step_leaves_the_step_directories_whole_before_anything_is_removed(
+    tmp_path, monkeypatch):
+  """keep=2: saving step 3 retires step 1. It is renamed away whole first, so a kill while its
+  files are removed (simulated: the removal fails halfway) leaves no partial step that a
+  listing would take as complete; the remains go at the next save."""
+  state = {'step': jnp.int32(0), 'params': {'w': jnp.arange(8, dtype=jnp.float32)}}
+  config = config_lib.base_config('tiny')
+  checkpoints = tmp_path / 'checkpoints'
+  seen, rmtree = [], shutil.rmtree
+
+  def killed_halfway(path, ignore_errors=False):
+    seen.append(({p.name for p in checkpoints.iterdir()},
+                 sorted(p.name for p in (path / '1').iterdir())))
+    rmtree(path / '1' / 'state')
+    raise KeyboardInterrupt
+
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, keep=2)
+  for step in (1, 2, 3):
+    checkpointer.save(step, state, {}, config)
+  checkpointer.wait()
+  monkeypatch.setattr(checkpoint_lib.shutil, 'rmtree', killed_halfway)
+  with pytest.raises(KeyboardInterrupt):
+    checkpointer.close()
+  listed, retired = seen[0]
+  assert listed == {'2', '3', checkpoint_lib.DELETING} and retired == sorted(
+      p.name for p in (checkpoints / '2').iterdir())  # Step 1 moved whole: all of a step's items.
+  monkeypatch.undo()
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path, keep=2)
+  assert checkpointer.manager.all_steps() == [2, 3]
+  checkpointer.save(4, state, {}, config)
+  checkpointer.close()
+  assert {p.name for p in checkpoints.iterdir()} == {'3', '4'}
