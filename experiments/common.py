@@ -2,8 +2,10 @@
 failure as one line `error: ...` with exit status 1."""
 
 import logging as std_logging
+import os
 import sys
 
+import jax
 from absl import flags, logging
 
 from experiments.cli import fail
@@ -64,15 +66,18 @@ def parse_mesh(text: str):
 
 
 def run_cleanly(job):
-  """Starts the process group if asked, runs job(); a known error, any OS error, and Ctrl-C
-  outside the training loop print one line 'error: message' (no traceback) and exit with
-  status 1 (130 for Ctrl-C)."""
+  """Starts the process group if asked, runs job() with the standard output of process 0 alone
+  (errors and warnings, on standard error, come from every process); a known error, any OS
+  error, and Ctrl-C outside the training loop print one line 'error: message' (no traceback)
+  and exit with status 1 (130 for Ctrl-C)."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   logging.get_absl_handler().addFilter(_HideBackgroundTracebacks())
   _hide_closed_event_loop_reports()
   try:
     initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if jax.process_index() != 0:  # Every process runs the same job: process 0 reports it.
+      sys.stdout = open(os.devnull, 'w')
     return job()
   except KNOWN_ERRORS as error:
     fail(str(error))

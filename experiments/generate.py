@@ -13,7 +13,6 @@ and the timings.
 import json
 import pathlib
 
-import jax
 from absl import flags
 
 from experiments import cli, common
@@ -95,8 +94,6 @@ def main(argv):
     eos_id = None if tokenizer is None else tokenizer.eos_id
     generation = generator.generate(prompts, _MAX_NEW.value, sampling, _SEED.value, eos_id,
                                     _BATCH.value)
-    if jax.process_index() != 0:  # Every process generated the same ids; one prints them.
-      return
     tokens, timing = generation.tokens, generation.timing
     texts = [None if tokenizer is None else tokenizer.decode(ids) for ids in tokens]
     if _JSON.value:

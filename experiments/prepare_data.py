@@ -13,6 +13,7 @@ parallel, with a progress bar); then train with the same --config.data.tokenizer
 import glob
 import pathlib
 
+import jax
 from absl import flags
 
 from experiments import cli, common
@@ -44,6 +45,8 @@ def main(argv):
                                    "tokenizer: 'byte' or the path of a tokenizer.json.")
     if not any(pathlib.Path(path).is_file() for path in glob.iglob(_INPUT.value, recursive=True)):
       raise config_lib.ConfigError(f'--input={_INPUT.value!r} matches no files.')
+    if jax.process_index() != 0:  # Launched as several processes: one writes the files.
+      return
     output = pathlib.Path(_OUTPUT_DIR.value)
     output.mkdir(parents=True, exist_ok=True)
     for split in ('train', 'heldout'):

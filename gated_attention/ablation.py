@@ -11,13 +11,17 @@ import json
 import math
 import pathlib
 
+import jax
+
 from gated_attention import config as config_lib
 from gated_attention import state as state_lib
 from gated_attention import tokenizer as tokenizer_lib
 from gated_attention import workdir as workdir_lib
+from gated_attention.checkpoint import write_whole
+from gated_attention.distributed import log
 from gated_attention.evaluate import evaluate
 from gated_attention.metrics import read_metrics
-from gated_attention.train import TrainingError, log, train
+from gated_attention.train import TrainingError, train
 
 
 def parse_list(text: str, key: str, kind=str, empty_ok: bool = False) -> list:
@@ -106,16 +110,18 @@ def _run_sweep(config, runs, workdir: pathlib.Path) -> dict:
       log(f'preempted during {name}: rerun the same command to continue the sweep')
       return results
     results[name] = row
-    done.write_text(json.dumps(row, indent=2))
+    if jax.process_index() == 0:  # Every process ran it; one writes what it found.
+      write_whole(done, json.dumps(row, indent=2))
 
   baseline = next((results[name]['params'] for name, variant, _, _ in runs
                    if variant == 'none' and name in results), None)
   for row in results.values():
     row['added_params'] = None if baseline is None else row['params'] - baseline
-  (workdir / 'results.json').write_text(json.dumps(results, indent=2))
-  (workdir / 'report.md').write_text(report(results, config))
-  from gated_attention import plots  # matplotlib only where figures are drawn.
-  plots.ablation_figures(results, workdir)
+  if jax.process_index() == 0:
+    write_whole(workdir / 'results.json', json.dumps(results, indent=2))
+    write_whole(workdir / 'report.md', report(results, config))
+    from gated_attention import plots  # matplotlib only where figures are drawn.
+    plots.ablation_figures(results, workdir)
   log(f'wrote {workdir / "report.md"}, {workdir / "results.json"} and figures')
   return results
 

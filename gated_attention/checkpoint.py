@@ -47,12 +47,17 @@ def config_path(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / 'config.json'
 
 
-def save_config(workdir, config: ml_collections.ConfigDict) -> None:
-  """Writes WORKDIR/config.json atomically."""
-  path = config_path(workdir)
-  temporary = path.with_suffix('.tmp')
-  temporary.write_text(config.to_json(indent=2))
+def write_whole(path: pathlib.Path, text: str) -> None:
+  """Writes a file whole or not at all: a temporary file beside it, renamed over it, so a reader
+  or a killed writer never leaves a half-written file in its place."""
+  temporary = path.with_name(path.name + '.tmp')
+  temporary.write_text(text)
   temporary.rename(path)
+
+
+def save_config(workdir, config: ml_collections.ConfigDict) -> None:
+  """Writes WORKDIR/config.json whole."""
+  write_whole(config_path(workdir), config.to_json(indent=2))
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:

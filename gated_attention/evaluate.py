@@ -34,9 +34,10 @@ from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
+from gated_attention.distributed import log
 from gated_attention.model import apply, gate_histogram_edges, measured_positions
 from gated_attention.tokenizer import pad_id
-from gated_attention.train import check_batch, global_batch, log
+from gated_attention.train import check_batch, global_batch
 
 
 QUERY_KINDS = ('all', 'trigger', 'non_trigger')

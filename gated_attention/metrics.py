@@ -12,6 +12,8 @@ import pathlib
 
 import jax
 
+from gated_attention.checkpoint import write_whole
+
 
 def _records(path: pathlib.Path) -> list[dict]:
   """The complete records of a metrics file; a torn last line is left out."""
@@ -33,9 +35,7 @@ class MetricsWriter:
     self.path = pathlib.Path(workdir) / 'metrics.jsonl'
     if self.path.exists():
       kept = [r for r in _records(self.path) if r['step'] <= start_step]
-      temporary = self.path.with_suffix('.tmp')
-      temporary.write_text(''.join(json.dumps(r) + '\n' for r in kept))
-      temporary.rename(self.path)
+      write_whole(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
     self.file = self.path.open('a')
     self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'),
                                      purge_step=start_step + 1)

@@ -18,10 +18,12 @@ A rerun skips what is done, like the sweep.
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from gated_attention import ablation
 from gated_attention import workdir as workdir_lib
+from gated_attention.checkpoint import write_whole
 from gated_attention.distributed import log
 from gated_attention.evaluate import first_token_attention_by_step, sink_scores
 
@@ -42,11 +44,13 @@ def sink_curve(run_dir: pathlib.Path) -> list[list]:
   """[[step, sink score of the most sink-like head]] over the run's checkpoints; computed once
   and kept in RUN_DIR/sink_curve.json."""
   path = run_dir / 'sink_curve.json'
-  if not path.exists():
-    by_step = first_token_attention_by_step(run_dir, CURVE_BATCHES)
-    path.write_text(json.dumps([[step, float(sink_scores(first_token).max())]
-                                for step, first_token in by_step.items()]))
-  return json.loads(path.read_text())
+  if path.exists():
+    return json.loads(path.read_text())
+  curve = [[step, float(sink_scores(first_token).max())] for step, first_token in
+           first_token_attention_by_step(run_dir, CURVE_BATCHES).items()]
+  if jax.process_index() == 0:  # Every process computed it; one writes it.
+    write_whole(path, json.dumps(curve))
+  return curve
 
 
 def sink_row(row: dict, curve: list) -> dict:
@@ -102,9 +106,10 @@ def _run_seeds(config, workdir: pathlib.Path, seeds: list[int], num_runs: int) -
       log(f'seed {seed}, {name}: first-token attention at each checkpoint')
       results.setdefault(name, {})[f'seed_{seed}'] = sink_row(
           row, sink_curve(seed_dir / 'runs' / name))
-  (workdir / 'results.json').write_text(json.dumps(results, indent=2))
-  (workdir / 'report.md').write_text(report(results, config, seeds))
-  _figures(results, workdir, seeds)
+  if jax.process_index() == 0:  # Every process ran the runs; one writes what they found.
+    write_whole(workdir / 'results.json', json.dumps(results, indent=2))
+    write_whole(workdir / 'report.md', report(results, config, seeds))
+    _figures(results, workdir, seeds)
   log(f'wrote {workdir / "report.md"}, {workdir / "results.json"} and figures')
   return results
 

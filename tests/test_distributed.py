@@ -88,7 +88,8 @@ def _one_and_two_processes(module, one: list[str], two: list[str]):
 def test_generate_long_eval_export_and_import_run_across_processes_as_in_one(tmp_path):
   """A checkpoint read by 2 processes x 2 devices (batches split across both): the same
   generated ids, long-context losses, exported tensors and imported parameters as with one
-  process, each line printed and each file written by process 0 alone."""
+  process, each line printed and each file written by process 0 alone (standard output is
+  process 0's, also for a main that prints after its job)."""
   from safetensors.numpy import load_file
   config = config_lib.base_config('tiny', 'g1_elementwise')
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
@@ -136,6 +137,10 @@ def test_generate_long_eval_export_and_import_run_across_processes_as_in_one(tmp
   helpers.assert_same_params(helpers.run_params(tmp_path / 'imported_two'),
                              helpers.run_params(tmp_path / 'imported_one'))
   assert only_process_0(zero, one, 'imported')
+
+  flags = ['--config=configs/lm.py:size=tiny', '--json']  # Printed after the job returns.
+  single, zero, one = _one_and_two_processes('experiments.summary', flags, flags)
+  assert zero == single and one == []
 
 
 def test_launch_local_names_the_failed_process_and_stops_the_others_at_once(tmp_path, capsys,
