@@ -47,16 +47,17 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # Finite: exp(masked - max) is
 
 def resolve(impl: str, cached: bool = False, platform: str | None = None,
             length: int | None = None, dtype=None) -> str:
-  """The implementation to run: 'auto' by platform (chunked where splash's blocks do not
-  divide the length, or where cuDNN does not take the dtype); with a KV cache, one that takes
-  offsets."""
+  """The implementation to run: 'auto' by platform (chunked where cuDNN does not take the
+  dtype); chunked, which computes the same, where splash's blocks do not divide the length
+  (training lengths are validated; evaluation and generation run others); with a KV cache, one
+  that takes offsets."""
   platform = platform or target_platform()
   if impl == 'auto':
     impl = AUTO.get(platform, 'xla')
-    if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
-      impl = 'chunked'
     if impl == 'cudnn' and dtype is not None and jnp.dtype(dtype).name not in CUDNN_DTYPES:
       impl = 'chunked'
+  if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
+    impl = 'chunked'
   if impl == 'cudnn' and platform != 'gpu':
     raise ConfigError(f'model.attention_impl=cudnn runs on NVIDIA GPUs only; this program is '
                       f'compiled for {platform}: choose auto, chunked, xla or dot_product.')

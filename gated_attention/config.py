@@ -279,7 +279,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   if rotary % 2 or rotary == 0:
     raise ConfigError(f'model.rope_fraction={model.rope_fraction} gives {rotary} rotary dims of '
                       f'head_dim={model.head_dim}; it must be a positive even number.')
-  _check_positive('model.rope_theta', model.rope_theta)
+  if not (model.rope_theta > 1 and math.isfinite(model.rope_theta)):  # NaN fails too.
+    raise ConfigError(f'model.rope_theta={model.rope_theta!r} must be finite and above 1 (the '
+                      'base whose powers set the rotary wavelengths; 10000 in the paper).')
   _check_positive('model.init_std', model.init_std)
   _check_positive('model.norm_eps', model.norm_eps)
   scaling = model.rope_scaling
@@ -341,6 +343,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                         f'{moe.num_experts}].')
     _check_positive('model.moe.expert_mlp_dim', moe.expert_mlp_dim)
     _check_non_negative('model.moe.capacity_factor', moe.capacity_factor, 'dropless')
+    _check_non_negative('model.moe.load_balance_weight', moe.load_balance_weight, 'off')
+    _check_non_negative('model.moe.router_z_weight', moe.router_z_weight, 'off')
     _check_choice('model.moe.impl', moe.impl, MOE_IMPLS)
     if moe.impl == 'ragged' and moe.capacity_factor:
       raise ConfigError(f'model.moe.impl=ragged never drops a token, so it cannot honour '

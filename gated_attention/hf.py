@@ -327,8 +327,9 @@ def _at_key(config: ml_collections.ConfigDict, key: str):
 def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDict, str]:
   """(project model config, format) for a Hugging Face config: its architecture over
   `base_model`'s other keys (attention_impl, dtype, scan_layers, remat, MoE dispatch, the router
-  z-loss weight, and the load-balance weight where the checkpoint names none). Raises
-  ConfigError for what the project cannot express."""
+  z-loss weight, and the load-balance weight where the checkpoint names none). An MoE comes
+  dropless (capacity_factor 0), as transformers runs it. Raises ConfigError for what the
+  project cannot express."""
   fmt = detect_format(hf)
   _check_importable(hf, fmt)
   rope_theta, rope_fraction, rope_scaling = _rope(hf, fmt)
@@ -356,7 +357,8 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
   model.moe.update(num_experts=experts)
   if experts:
     top_k = _required(hf, 'num_experts_per_tok')
-    model.moe.update(top_k=top_k, load_balance_weight=_load_balance_weight(hf, top_k, base_model),
+    model.moe.update(top_k=top_k, capacity_factor=0.0,
+                     load_balance_weight=_load_balance_weight(hf, top_k, base_model),
                      expert_mlp_dim=_required(hf, 'moe_intermediate_size'),
                      normalize_top_k=bool(hf.get('norm_topk_prob', fmt == 'qwen3_next')),
                      shared_expert_dim=hf.get('shared_expert_intermediate_size', 0)
@@ -366,8 +368,10 @@ def model_config_from_hf(hf: dict, base_model) -> tuple[ml_collections.ConfigDic
 
 def _load_balance_weight(hf: dict, top_k: int, base_model) -> float:
   """model.moe.load_balance_weight from router_aux_loss_coef: transformers' load-balance loss
-  sums over the top_k choices, so it is top_k times `moe.load_balance_loss` (1 for a uniform
-  router); the export divides by top_k."""
+  sums over the top_k choices, so on one layer it is top_k times `moe.load_balance_loss` (1 for
+  a uniform router); the export divides by top_k. Over several layers the two differ in form,
+  not scale: transformers pools every layer's routing counts and probabilities before taking
+  E * sum f P, the project takes it per layer and averages (equal when the layers route alike)."""
   coefficient = hf.get('router_aux_loss_coef')
   return base_model.moe.load_balance_weight if coefficient is None else coefficient * top_k
 
@@ -588,8 +592,10 @@ def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None
     if given != imported:
       raise config_lib.ConfigError(
           f'--config.model.{key}={given!r}: the architecture comes from {hf_dir}/config.json, '
-          f'which gives {imported!r}' + ('; use --param_dtype to store the parameters in '
-                                         'another dtype.' if key == 'param_dtype' else '.'))
+          f'which gives {imported!r}' + {
+              'param_dtype': '; use --param_dtype to store the parameters in another dtype.',
+              'moe.capacity_factor': ' (dropless, as transformers runs it); train with '
+                                     'another through train.init_from.'}.get(key, '.'))
   if param_dtype:
     config.model.param_dtype = param_dtype
   tokenizer_json = hf_dir / 'tokenizer.json'

@@ -58,6 +58,15 @@ def test_implementation_equals_xla_on_values_and_gradients(name, heads, kv_heads
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
 
+def test_splash_at_a_length_its_blocks_do_not_divide_computes_the_same():
+  """A model trained with splash (128-multiples) evaluated at other lengths, as long_eval's
+  answer losses and generation's prompts are."""
+  q, k, v = _qkv(4, length=124)
+  np.testing.assert_allclose(np.asarray(attention.attention(q, k, v, 'splash')),
+                             np.asarray(attention.attention(q, k, v, 'xla')), rtol=1e-5,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize('impl', ['xla', 'chunked'])
 def test_grouped_query_attention_equals_mha_with_repeated_kv(impl):
   q, k, v = _qkv(2, heads=6, kv_heads=2)
@@ -89,7 +98,8 @@ def test_a_cache_resolves_to_an_implementation_that_takes_offsets():
   assert attention.resolve('xla', cached=True) == 'xla'
   assert [attention.resolve('auto', platform=p) for p in ('tpu', 'gpu', 'cpu')] == [
       'splash', 'cudnn', 'chunked']
-  assert attention.resolve('auto', platform='tpu', length=200) == 'chunked'  # Not 128-blocks.
+  for impl in ('auto', 'splash'):  # Splash's blocks do not divide 200: chunked computes it.
+    assert attention.resolve(impl, platform='tpu', length=200) == 'chunked'
   # cuDNN's fused attention takes 16-bit dtypes only.
   assert [attention.resolve('auto', platform='gpu', dtype=dtype)
           for dtype in (jnp.bfloat16, jnp.float16, jnp.float32)] == ['cudnn', 'cudnn', 'chunked']

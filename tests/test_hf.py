@@ -164,7 +164,9 @@ def test_imported_models_compute_transformers_logits_and_export_back_exactly(
   if KINDS[kind][3] == 'paper_release':
     _paper_release_code(monkeypatch)
   torch_model = _hf_model_dir(kind, tmp_path / 'hf')
-  summary = hf.import_hf(tmp_path / 'hf', tmp_path / 'run', _base_config(scan_layers=scan))
+  base = _base_config(scan_layers=scan)
+  base.model.moe.capacity_factor = 1.25  # Not the import's: an MoE comes dropless, as in torch.
+  summary = hf.import_hf(tmp_path / 'hf', tmp_path / 'run', base)
   assert summary['format'] == KINDS[kind][3]
   ours, config, _, _ = _our_logits(tmp_path / 'run')
   difference = np.abs(ours - _torch_logits(torch_model)).max()
@@ -201,17 +203,19 @@ def test_a_bfloat16_checkpoint_imports_in_bfloat16_and_exports_back_exactly(tmp_
 
 
 @pytest.mark.parametrize('top_k', [1, 3])
-def test_the_load_balance_weight_means_the_same_in_transformers(top_k):
-  """Exported router_aux_loss_coef times transformers' load-balance loss is our weight times
-  ours, on the same router logits; the import reads it back."""
-  logits = np.random.default_rng(0).normal(size=(2, 16, 8)).astype(np.float32)
-  expert, _, probs = route(jnp.asarray(logits), top_k, True)
-  ours = float(load_balance_loss(probs, expert))
-  theirs = float(load_balancing_loss_func((torch.tensor(logits.reshape(-1, 8)),), 8, top_k))
+def test_the_load_balance_weight_means_the_same_in_transformers_on_each_layer(top_k):
+  """Exported router_aux_loss_coef times transformers' load-balance loss of one layer's router
+  logits is our weight times ours (transformers pools several layers before the product; the
+  project averages the layers' losses); the import reads the weight back."""
   config = _base_config()
   config.model.moe.update(num_experts=8, top_k=top_k, expert_mlp_dim=16, load_balance_weight=0.02)
   exported = hf.hf_config(config, 'qwen3_moe', 64)
-  np.testing.assert_allclose(exported['router_aux_loss_coef'] * theirs, 0.02 * ours, rtol=1e-5)
+  for layer in range(2):
+    logits = np.random.default_rng(layer).normal(size=(2, 16, 8)).astype(np.float32)
+    expert, _, probs = route(jnp.asarray(logits), top_k, True)
+    ours = float(load_balance_loss(probs, expert))
+    theirs = float(load_balancing_loss_func((torch.tensor(logits.reshape(-1, 8)),), 8, top_k))
+    np.testing.assert_allclose(exported['router_aux_loss_coef'] * theirs, 0.02 * ours, rtol=1e-5)
   imported, _ = hf.model_config_from_hf(exported, _base_config().model)
   assert imported.moe.load_balance_weight == pytest.approx(0.02)
 
@@ -368,6 +372,15 @@ def test_an_architecture_key_given_on_the_command_line_is_refused_not_dropped(tm
     hf.import_hf(tmp_path / 'hf', tmp_path / 'run', config,
                  model_overrides=('attention_impl', 'num_layers'))
   assert not (tmp_path / 'run').exists()
+  _hf_model_dir('qwen3_moe', tmp_path / 'moe')
+  config = _base_config()
+  config.model.moe.capacity_factor = 1.25
+  with pytest.raises(ConfigError, match=r"--config.model.moe.capacity_factor=1.25: the "
+                                        r"architecture comes from .*config.json, which gives "
+                                        r"0.0 \(dropless, as transformers runs it\); train with "
+                                        r"another through train.init_from."):
+    hf.import_hf(tmp_path / 'moe', tmp_path / 'run', config,
+                 model_overrides=('moe.capacity_factor',))
 
 
 def test_missing_and_misshapen_tensors_are_named(tmp_path):
