@@ -10,7 +10,6 @@ parallel, with a progress bar); then train with the same --config.data.tokenizer
   --config.data.eval_path=OUTPUT_DIR/heldout.array_record --config.data.seq_len=256
 """
 
-import glob
 import pathlib
 
 import jax
@@ -43,19 +42,30 @@ def main(argv):
     if tokenizer is None:
       raise config_lib.ConfigError(f'--tokenizer={_TOKENIZER.value!r}: text files need a '
                                    "tokenizer: 'byte' or the path of a tokenizer.json.")
-    if not any(pathlib.Path(path).is_file() for path in glob.iglob(_INPUT.value, recursive=True)):
-      raise config_lib.ConfigError(f'--input={_INPUT.value!r} matches no files.')
     if jax.process_index() != 0:  # Launched as several processes: one writes the files.
       return
+    # Both splits before either file: a split that cannot be made leaves no file behind.
+    splits = {split: data.load_split(data_config, split, tokenizer.vocab_size)
+              for split in ('train', 'heldout')}
     output = pathlib.Path(_OUTPUT_DIR.value)
     output.mkdir(parents=True, exist_ok=True)
-    for split in ('train', 'heldout'):
+    for split, examples in splits.items():
       path = output / f'{split}.array_record'
-      examples = data.load_split(data_config, split, tokenizer.vocab_size)
       count = data.write_array_record(examples, path)
       print(f'{path}: {count:,} examples of {_SEQ_LEN.value + 1} tokens')
 
-  common.run_cleanly(prepare)
+  def prepare_naming_flags():
+    """prepare(), its errors naming this command's flags, not the config keys they set."""
+    try:
+      prepare()
+    except (config_lib.ConfigError, data.DataError) as error:
+      message = str(error)
+      for key, flag in (('data.tokenizer', '--tokenizer'), ('data.seq_len', '--seq_len'),
+                        ('data.path', '--input'), ('data.heldout_fraction', '--heldout_fraction')):
+        message = message.replace(key, flag)
+      raise config_lib.ConfigError(message) from None
+
+  common.run_cleanly(prepare_naming_flags)
 
 
 if __name__ == '__main__':

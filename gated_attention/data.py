@@ -10,8 +10,8 @@ Sources (`config.data.source`):
   bigram_backcopy  the synthetic Bigram-Backcopy task, on which an attention sink forms in
                 minutes (`gated_attention/bigram_backcopy.py`, keys `data.bigram_backcopy.*`).
 
-For the text sources whole documents are assigned to the held-out split by a seeded permutation,
-so held-out text never appears in training. Each split is one stream of [document tokens, EOS]
+For the text sources whole documents (files) are assigned to the held-out split by a seeded
+permutation, so no document is in both splits (two files with the same contents can be). Each split is one stream of [document tokens, EOS]
 cut into chunks of seq_len tokens; every example is BOS followed by one chunk, so the model's
 first token is always BOS (see `gated_attention.tokenizer`). Inputs are example[:-1] and targets
 example[1:].
@@ -55,7 +55,7 @@ def text_file_documents(pattern: str, key: str = 'data.path') -> list[tuple[str,
   by path."""
   paths = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
   if not paths:
-    raise DataError(f'{key}={pattern!r} matches no files.')
+    raise DataError(f'{key}={pattern!r} matches no files' + _directory_hint(pattern))
   documents = []
   for path in paths:
     try:
@@ -65,10 +65,20 @@ def text_file_documents(pattern: str, key: str = 'data.path') -> list[tuple[str,
   return documents
 
 
-def split_documents(documents, heldout_fraction: float, seed: int):
-  """(train, heldout) lists: a seeded choice of whole documents goes to heldout."""
+def _directory_hint(pattern: str) -> str:
+  """The end of a 'matches no files' message: how to name a directory's files."""
+  if pathlib.Path(pattern).is_dir():
+    files = str(pathlib.Path(pattern) / '**' / '*')
+    return f' (it is a directory: give a glob of its files, e.g. {files!r}).'
+  return '.'
+
+
+def split_documents(documents, heldout_fraction: float, seed: int, where: str = 'data.path'):
+  """(train, heldout) lists: a seeded choice of whole documents goes to heldout; `where` names
+  the documents' source in errors."""
   if len(documents) < 2:
-    raise DataError(f'{len(documents)} document(s): a held-out split needs at least 2.')
+    raise DataError(f'{where} gives {len(documents)} document(s): a held-out split needs at '
+                    'least 2 (whole files are held out).')
   order = np.random.default_rng(seed).permutation(len(documents))
   num_heldout = min(len(documents) - 1, max(1, round(heldout_fraction * len(documents))))
   heldout = set(order[:num_heldout].tolist())
@@ -102,9 +112,10 @@ class ArrayRecordExamples:
   seq_len + 1 token ids in [0, vocab_size), or names its file and record."""
 
   def __init__(self, pattern: str, seq_len: int, vocab_size: int, key: str):
-    self.paths = sorted(glob.glob(pattern, recursive=True))
+    self.paths = sorted(p for p in glob.glob(pattern, recursive=True)
+                        if pathlib.Path(p).is_file())
     if not self.paths:
-      raise DataError(f'{key}={pattern!r} matches no files.')
+      raise DataError(f'{key}={pattern!r} matches no files' + _directory_hint(pattern))
     try:
       self.sources = [grain.sources.ArrayRecordDataSource([path]) for path in self.paths]
     except Exception as error:  # array_record raises plain RuntimeErrors for unreadable files.
@@ -137,12 +148,16 @@ class ArrayRecordExamples:
 
 
 def write_array_record(examples, path) -> int:
-  """Writes int32 examples (any random-access source) as ArrayRecord records; returns the count."""
+  """Writes int32 examples (any random-access source) as ArrayRecord records, whole or not at
+  all (a temporary file renamed over `path`); returns the count."""
   from array_record.python import array_record_module  # Only needed to write.
-  writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
+  path = pathlib.Path(path)
+  temporary = path.with_name(path.name + '.tmp')
+  writer = array_record_module.ArrayRecordWriter(str(temporary), 'group_size:1')
   for index in range(len(examples)):
     writer.write(np.asarray(examples[index], dtype='<i4').tobytes())
   writer.close()
+  temporary.rename(path)
   return len(examples)
 
 
@@ -168,9 +183,11 @@ def load_split(data_config, split: str, vocab_size: int):
     raise DataError(f'data.tokenizer={data_config.tokenizer!r}: data.source='
                     f'{data_config.source!r} reads text; name a tokenizer (\'byte\' or a '
                     'tokenizer.json) or use pre-tokenized data.source=array_record.')
-  documents = (embedded_documents() if data_config.source == 'embedded'
-               else text_file_documents(data_config.path))
-  train, heldout = split_documents(documents, data_config.heldout_fraction, seed=0)
+  if data_config.source == 'embedded':
+    documents, where = embedded_documents(), 'the embedded corpus'
+  else:
+    documents, where = text_file_documents(data_config.path), f'data.path={data_config.path!r}'
+  train, heldout = split_documents(documents, data_config.heldout_fraction, seed=0, where=where)
   return TokenChunks(train if split == 'train' else heldout, data_config.seq_len, split,
                      tokenizer)
 

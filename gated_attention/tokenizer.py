@@ -65,8 +65,10 @@ class HuggingFaceTokenizer:
     special = _special_tokens(config_path)
     self.eos_id = self._token_id(special.get('eos_token'))
     if self.eos_id is None:
-      raise ConfigError(f'data.tokenizer={str(path)!r}: {config_path} names no eos_token in the '
-                        'vocabulary; documents are separated and generation stops with it.')
+      where = (f'{config_path} names no eos_token in the vocabulary' if config_path.exists()
+               else f'no {config_path.name} beside it names the eos_token')
+      raise ConfigError(f'data.tokenizer={str(path)!r}: {where}; documents are separated and '
+                        'generation stops with it.')
     bos_id = self._token_id(special.get('bos_token'))
     self.bos_id = self.eos_id if bos_id is None else bos_id
     pad_id = self._token_id(special.get('pad_token'))

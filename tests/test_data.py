@@ -1,5 +1,7 @@
 """Data: tokenizer, document split, chunking, determinism, resumable iteration, errors."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -112,6 +114,22 @@ def test_missing_paths_are_named(source, path, message):
   config.update(source=source, path=path)
   with pytest.raises(data.DataError, match=message):
     data.load_split(config, 'train', VOCAB)
+
+
+@pytest.mark.parametrize('source', ['text_files', 'array_record'])
+def test_a_directory_or_a_single_document_is_named_with_what_to_give(source, tmp_path):
+  (tmp_path / 'only.txt').write_text('one document ' * 20)
+  config = config_lib.base_config('tiny').data
+  config.update(source=source, path=str(tmp_path))
+  with pytest.raises(data.DataError, match=re.escape(
+      f"data.path={str(tmp_path)!r} matches no files (it is a directory: give a glob of its "
+      f"files, e.g. {str(tmp_path / '**' / '*')!r}).")):
+    data.load_split(config, 'train', VOCAB)
+  if source == 'text_files':
+    config.path = str(tmp_path / '*.txt')
+    with pytest.raises(data.DataError, match=re.escape(
+        f"data.path={config.path!r} gives 1 document(s): a held-out split needs at least 2")):
+      data.load_split(config, 'train', VOCAB)
 
 
 def test_seq_len_the_split_cannot_fill(tmp_path):

@@ -395,6 +395,10 @@ def test_generate_takes_a_non_utf8_prompts_file_and_refuses_a_bad_mesh_in_one_li
 
 def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
   module = lambda name, *args: [sys.executable, '-m', f'experiments.{name}', *args]
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for name, text in (('a.txt', 'hello world ' * 50), ('b.txt', 'other text ' * 30)):
+    (corpus / name).write_text(text)
   cases = {
       'unknown key': (module('train', f'--workdir={tmp_path}', '--config.model.nonexistent=1'),
                       "error: --config.model.nonexistent: the config has no key 'nonexistent'."),
@@ -438,6 +442,12 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
                      'error: flag --max_shard_mb=0: 0 is not a positive integer'),
       'input': (module('prepare_data', '--input=/nonexistent/*.txt', f'--output_dir={tmp_path}'),
                 "error: --input='/nonexistent/*.txt' matches no files."),
+      'tokenizer path': (module('prepare_data', '--input=x', f'--output_dir={tmp_path}',
+                                '--tokenizer=/nonexistent.json'),
+                         "error: --tokenizer='/nonexistent.json' is not a file"),
+      'short split': (module('prepare_data', f'--input={corpus}/*.txt',
+                             f'--output_dir={tmp_path / "prepared"}', '--seq_len=400'),
+                      'fewer than --seq_len=400: lower seq_len or add text.'),
       'gate block': (module('summary', '--config.model.gate=g1_headwise'),
                      'error: --config.model.gate=g1_headwise: a config block, not a value: set its '
                      'keys one by one'),
@@ -459,3 +469,4 @@ def test_every_main_refuses_bad_flags_in_one_line(tmp_path):
   results = _in_parallel({name: args for name, (args, _) in cases.items()})
   for name, (_, message) in cases.items():
     assert message in _error_line(results[name]), name
+  assert not (tmp_path / 'prepared').exists()  # Neither split written when one cannot be.

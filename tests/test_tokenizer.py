@@ -96,7 +96,7 @@ def test_special_tokens_come_from_tokenizer_config(tmp_path):
   tokenizer = HuggingFaceTokenizer(path)
   assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (2, 1, 0)
   (tmp_path / 'tokenizer_config.json').unlink()
-  with pytest.raises(ConfigError, match='names no eos_token'):
+  with pytest.raises(ConfigError, match='no tokenizer_config.json beside it names the eos_token'):
     HuggingFaceTokenizer(path)
 
 
