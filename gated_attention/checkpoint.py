@@ -207,8 +207,12 @@ class Checkpointer:
     self.save(step, {'step': np.int32(step), 'params': params},  # One value on every process.
               {**host_state, 'params_only': True}, config)
 
+  def host_state(self, step: int) -> dict:
+    """The host state saved with `step` (JSON: the data position, loop counters, ...)."""
+    return self._restore(step, host=ocp.args.JsonRestore()).host
+
   def holds_params_only(self, step: int) -> bool:
-    return bool(self._restore(step, host=ocp.args.JsonRestore()).host.get('params_only'))
+    return bool(self.host_state(step).get('params_only'))
 
   def restore(self, step: int, abstract_state):
     """(state, host_state) of `step`, with arrays placed as abstract_state's shardings say,

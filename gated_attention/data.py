@@ -11,14 +11,15 @@ Sources (`config.data.source`):
                 minutes (`gated_attention/bigram_backcopy.py`, keys `data.bigram_backcopy.*`).
 
 For the text sources whole documents (files) are assigned to the held-out split by a seeded
-permutation, so no document is in both splits (two files with the same contents can be). Each split is one stream of [document tokens, EOS]
-cut into chunks of seq_len tokens; every example is BOS followed by one chunk, so the model's
-first token is always BOS (see `gated_attention.tokenizer`). Inputs are example[:-1] and targets
-example[1:].
+permutation, so no document is in both splits (two files with the same contents can be). Each
+split is one stream of [document tokens, EOS] cut into chunks of seq_len tokens; every example
+is BOS followed by one chunk, so the model's first token is always BOS (see
+`gated_attention.tokenizer`). Inputs are example[:-1] and targets example[1:].
 """
 
 import functools
 import glob
+import hashlib
 import pathlib
 import sysconfig
 
@@ -190,6 +191,23 @@ def load_split(data_config, split: str, vocab_size: int):
   train, heldout = split_documents(documents, data_config.heldout_fraction, seed=0, where=where)
   return TokenChunks(train if split == 'train' else heldout, data_config.seq_len, split,
                      tokenizer)
+
+
+FINGERPRINT_SAMPLES = 64  # Examples hashed of a source whose whole text is not at hand.
+
+
+def fingerprint(source) -> str:
+  """'N examples, sha256 XXXXXXXXXXXX': what a checkpoint records of its training data, so a
+  resume on other data (another Python's standard library, edited files) is not silent. Hashes
+  the whole token stream of text sources, else FINGERPRINT_SAMPLES evenly spaced examples."""
+  digest = hashlib.sha256(f'{len(source)}'.encode())
+  if isinstance(source, TokenChunks):
+    digest.update(np.ascontiguousarray(source.stream[:len(source) * source.seq_len],
+                                       np.int32).tobytes())
+  else:
+    for index in np.linspace(0, len(source) - 1, FINGERPRINT_SAMPLES).astype(int):
+      digest.update(np.asarray(source[int(index)], np.int32).tobytes())
+  return f'{len(source):,} examples, sha256 {digest.hexdigest()[:12]}'
 
 
 def train_dataset(source, global_batch_size: int, seed: int, part: int,

@@ -8,7 +8,9 @@
   ALLOWED     the schedule, optimizer, logging, mesh, evaluation, and implementation choices
               that compute the same function with the same parameters.
 Configs are compared as plain dicts, key by key; a key the saved config lacks (added to the code
-later) counts as its `base_config()` default. Every start and resume appends one line to
+later) counts as its `base_config()` default. The training data itself is compared too, by its
+fingerprint (`data.contents`, a DATA_ORDER change): the same config can read other text (files
+edited, another Python's standard library). Every start and resume appends one line to
 WORKDIR/history.jsonl: when, where, which command, from which step, what changed, and any data
 translation.
 """
@@ -21,6 +23,7 @@ from gated_attention import workdir as workdir_lib
 from gated_attention.checkpoint import CheckpointError
 
 MODEL, DATA_ORDER, ALLOWED = 'model', 'data order', 'allowed'
+DATA_CONTENTS = 'data.contents'  # Not a config key: the training data's fingerprint.
 
 RESUME_POLICY = {
     'model': MODEL,
@@ -71,11 +74,14 @@ def describe(changes: dict) -> str:
   return ', '.join(f'{key}: {old!r} -> {new!r}' for key, (old, new) in changes.items())
 
 
-def check_resume(saved: dict, config, checkpoint: pathlib.Path,
-                 allow_data_change: bool) -> dict[str, tuple]:
-  """The differences between the saved config and `config`; raises CheckpointError naming
-  every refused one, grouped by why."""
+def check_resume(saved: dict, config, checkpoint: pathlib.Path, allow_data_change: bool,
+                 data_contents: tuple = (None, None)) -> dict[str, tuple]:
+  """The differences between the saved config and `config`, and between the training data's
+  fingerprints (saved, current: `data.fingerprint`; None where unknown) as `data.contents`;
+  raises CheckpointError naming every refused one, grouped by why."""
   changes = differences(saved, plain(config))
+  if None not in data_contents and data_contents[0] != data_contents[1]:
+    changes[DATA_CONTENTS] = tuple(data_contents)
   model = {k: v for k, v in changes.items() if policy(k) == MODEL}
   data = {k: v for k, v in changes.items() if policy(k) == DATA_ORDER and not allow_data_change}
   reasons = ([f'its model differs ({describe(model)})'] if model else []) + (

@@ -379,12 +379,12 @@ class StepLog:
 
 
 def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, checkpointer,
-                          iterator, allow_data_change: bool):
+                          iterator, allow_data_change: bool, data_fingerprint: str):
   """(start step, train state, saved loop state or None). From the latest complete checkpoint
-  when there is one: its config checked against `config` (`resume.check_resume`), the data
-  iterator moved to its position (translated when the data order changed); else a fresh state at
-  step 0, of train.init_from's parameters when it names a source. Then records this start in
-  WORKDIR/history.jsonl and config.json."""
+  when there is one: its config and training data's fingerprint checked against `config` and
+  data_fingerprint (`resume.check_resume`), the data iterator moved to its position (translated
+  when the data order changed); else a fresh state at step 0, of train.init_from's parameters
+  when it names a source. Then records this start in WORKDIR/history.jsonl and config.json."""
   step = checkpointer.latest_step()
   loop_state, changes, position, source = None, {}, None, None
   if step is None and config.train.init_from:
@@ -401,10 +401,11 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
       raise config_lib.ConfigError(
           f'train.steps={config.train.steps} is below step {step}, where the run in {workdir} '
           'already is: raise train.steps to train on, or use another --workdir.')
-    saved_config = checkpointer.saved_config(step)
-    params_only = checkpointer.holds_params_only(step)  # An imported model: no data position.
-    changes = resume_lib.check_resume(saved_config, config, checkpointer.directory / str(step),
-                                      allow_data_change or params_only)
+    saved_config, host_state = checkpointer.saved_config(step), checkpointer.host_state(step)
+    params_only = bool(host_state.get('params_only'))  # An imported model: no data position.
+    changes = resume_lib.check_resume(
+        saved_config, config, checkpointer.directory / str(step), allow_data_change or params_only,
+        (host_state.get('data_fingerprint'), data_fingerprint))  # None before fingerprints.
     if params_only:  # A fresh optimizer; either layer layout continues in either.
       reader = checkpoint_lib.Checkpointer(workdir, read_only=True)  # Restores, never saves.
       state = initialize_train_state(config, setup, state_lib.restore_params(
@@ -467,9 +468,10 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   vocab_size = config.model.vocab_size
   part = sharding_lib.batch_part(sharding_lib.batch_sharding(mesh),
                                  config.data.batch_size)
-  dataset = data_lib.train_dataset(
-      data_lib.load_split(config.data, 'train', vocab_size), config.data.batch_size,
-      train_config.seed, *part)
+  train_source = data_lib.load_split(config.data, 'train', vocab_size)
+  data_fingerprint = data_lib.fingerprint(train_source)  # Saved with every checkpoint.
+  dataset = data_lib.train_dataset(train_source, config.data.batch_size, train_config.seed,
+                                   *part)
   # Fails now, not after training, if the held-out split cannot fill one eval batch.
   data_lib.heldout_batches(data_lib.load_split(config.data, 'heldout', vocab_size),
                            config.eval.batch_size, config.eval.batches, 0, 1)
@@ -481,7 +483,8 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_config.keep_checkpoints)
   iterator = iter(dataset)
   start_step, state, loop_state = restore_or_initialize(config, setup, workdir, checkpointer,
-                                                        iterator, allow_data_change)
+                                                        iterator, allow_data_change,
+                                                        data_fingerprint)
 
   # Phase 5: compile.
   with CompileTimer() as compile_timer:
@@ -508,6 +511,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
         pending = None
         started = time.perf_counter()
         checkpointer.save(step, state, {'iterator': iterator.get_state(),
+                                        'data_fingerprint': data_fingerprint,
                                         'loop': step_log.state()}, config)
         step_log.exclude(time.perf_counter() - started)
       if preempted:

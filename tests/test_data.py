@@ -190,3 +190,27 @@ def test_array_record_ids_outside_the_vocabulary_name_file_and_record(tmp_path):
       loaded[index]
   with pytest.raises(data.DataError, match='a.ar: record 0 holds token id 8, outside'):
     data.load_split(records, 'train', 8)  # The first record is read at once.
+
+
+def test_the_fingerprint_follows_the_training_text_and_nothing_else(tmp_path):
+  """A same-length edit in one file changes it (the whole stream is hashed); the same files
+  read again do not; a source without a stream is hashed by its examples."""
+  for name, text in (('a.txt', 'first document ' * 40), ('b.txt', 'second one ' * 40),
+                     ('c.txt', 'third text ' * 40)):
+    (tmp_path / name).write_text(text)
+  config = config_lib.base_config('tiny').data
+  config.update(source='text_files', path=str(tmp_path / '*.txt'), seq_len=16)
+  before = data.fingerprint(data.load_split(config, 'train', VOCAB))
+  assert data.fingerprint(data.load_split(config, 'train', VOCAB)) == before
+  assert re.fullmatch(r'\d+ examples, sha256 [0-9a-f]{12}', before)
+  train = data.load_split(config, 'train', VOCAB)
+  edited = next(name for name in ('a.txt', 'b.txt', 'c.txt')
+                if (tmp_path / name).read_bytes() in bytes(train.stream.astype(np.uint8)))
+  text = (tmp_path / edited).read_text()
+  (tmp_path / edited).write_text(text[:100] + text[100:].replace('e', 'E', 1))
+  assert data.fingerprint(data.load_split(config, 'train', VOCAB)) != before
+  bigram = config_lib.base_config('tiny').data
+  bigram.update(source='bigram_backcopy', seq_len=16)
+  seeded = data.fingerprint(data.load_split(bigram, 'train', VOCAB))
+  bigram.bigram_backcopy.seed += 1
+  assert data.fingerprint(data.load_split(bigram, 'train', VOCAB)) != seeded

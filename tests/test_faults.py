@@ -7,6 +7,7 @@ nothing is lost and nothing goes on silently wrong."""
 import contextlib
 import json
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -246,6 +247,29 @@ def test_resume_checks_the_config_saved_in_the_checkpoint(trained_run, tmp_path)
                                    'train.learning_rate': [0.002, 0.01]}
   assert history[1]['data_position'] == {'examples_consumed': 16, 'batch_size': 16,
                                          'batches': 1, 'examples_repeated': 0}
+
+
+def test_a_resume_on_other_text_under_the_same_config_is_refused_in_one_line(tmp_path):
+  """Edited files (or another Python's standard library) under an unchanged config: the
+  checkpoint's data fingerprint differs; --allow_data_change continues on the new text."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for index in range(4):
+    (corpus / f'{index}.txt').write_text(f'document {index}: ' + 'some text to read. ' * 60)
+  flags = {'data.source': 'text_files', 'data.path': str(corpus / '*.txt')}
+  helpers.train_cli(tmp_path / 'run', steps=2, checkpoint_every=2, **flags)
+  for index in range(4):
+    path = corpus / f'{index}.txt'
+    path.write_text(path.read_text().replace('read', 'keep'))  # Same length, other text.
+  args = helpers.command(TRAIN, tmp_path / 'run', 4, 2, **flags)
+  refused = _error_line(helpers.run(args))
+  assert re.fullmatch(
+      r"error: Cannot resume .*/checkpoints/2: its data order differs \(data.contents: "
+      r"'\d+ examples, sha256 \w{12}' -> '\d+ examples, sha256 \w{12}'; pass "
+      r'--allow_data_change if that is intended\)\. .*', refused), refused
+  result = helpers.run([*args, '--allow_data_change'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'data order changed' in result.stdout
 
 
 # --- Damaged checkpoints and data ------------------------------------------------------------

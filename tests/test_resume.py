@@ -75,3 +75,20 @@ def test_implementation_choices_are_free():
   for key in ('model.attention_impl', 'model.remat', 'model.scan_layers', 'model.moe.impl'):
     assert resume.policy(key) == resume.ALLOWED
   assert resume.policy('model.moe.top_k') == resume.MODEL
+
+
+def test_other_training_data_under_the_same_config_is_a_data_order_change():
+  """The data's fingerprints (saved, current) compared as one more key; unknown (None, from a
+  checkpoint saved before fingerprints) is no change."""
+  current = config_lib.base_config()
+  contents = ('1,000 examples, sha256 aaaaaaaaaaaa', '990 examples, sha256 bbbbbbbbbbbb')
+  with pytest.raises(CheckpointError) as error:
+    resume.check_resume(_saved(), current, CHECKPOINT, False, contents)
+  assert str(error.value) == (
+      f"Cannot resume {CHECKPOINT}: its data order differs (data.contents: '1,000 examples, "
+      "sha256 aaaaaaaaaaaa' -> '990 examples, sha256 bbbbbbbbbbbb'; pass --allow_data_change if "
+      "that is intended). Use another --workdir, or the checkpoint's values.")
+  assert resume.check_resume(_saved(), current, CHECKPOINT, True, contents) == {
+      'data.contents': contents}
+  for same in ((None, contents[1]), (contents[0], contents[0])):
+    assert resume.check_resume(_saved(), current, CHECKPOINT, False, same) == {}
