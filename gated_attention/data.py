@@ -202,8 +202,7 @@ def fingerprint(source) -> str:
   the whole token stream of text sources, else FINGERPRINT_SAMPLES evenly spaced examples."""
   digest = hashlib.sha256(f'{len(source)}'.encode())
   if isinstance(source, TokenChunks):
-    digest.update(np.ascontiguousarray(source.stream[:len(source) * source.seq_len],
-                                       np.int32).tobytes())
+    digest.update(np.ascontiguousarray(source.stream[:len(source) * source.seq_len]))
   else:
     for index in np.linspace(0, len(source) - 1, FINGERPRINT_SAMPLES).astype(int):
       digest.update(np.asarray(source[int(index)], np.int32).tobytes())
