@@ -17,6 +17,7 @@ killed mid-removal leaves its remains there, not in a step directory. A failed a
 is raised by `raise_if_save_failed` (and by the next save or `wait`), naming the last good step.
 """
 
+import contextlib
 import json
 import math
 import pathlib
@@ -47,12 +48,19 @@ def config_path(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / 'config.json'
 
 
-def write_whole(path: pathlib.Path, text: str) -> None:
-  """Writes a file whole or not at all: a temporary file beside it, renamed over it, so a reader
-  or a killed writer never leaves a half-written file in its place."""
+@contextlib.contextmanager
+def whole_file(path: pathlib.Path):
+  """Yields a temporary path beside `path` to write; renames it over `path` once the block
+  ends without an error, so a reader or a killed writer never meets a half-written file."""
   temporary = path.with_name(path.name + '.tmp')
-  temporary.write_text(text)
+  yield temporary
   temporary.rename(path)
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+  """Writes a text file whole or not at all (`whole_file`)."""
+  with whole_file(path) as temporary:
+    temporary.write_text(text)
 
 
 def save_config(workdir, config: ml_collections.ConfigDict) -> None:

@@ -26,6 +26,7 @@ import sysconfig
 import grain
 import numpy as np
 
+from gated_attention.checkpoint import whole_file
 from gated_attention.tokenizer import load_tokenizer
 
 
@@ -152,13 +153,11 @@ def write_array_record(examples, path) -> int:
   """Writes int32 examples (any random-access source) as ArrayRecord records, whole or not at
   all (a temporary file renamed over `path`); returns the count."""
   from array_record.python import array_record_module  # Only needed to write.
-  path = pathlib.Path(path)
-  temporary = path.with_name(path.name + '.tmp')
-  writer = array_record_module.ArrayRecordWriter(str(temporary), 'group_size:1')
-  for index in range(len(examples)):
-    writer.write(np.asarray(examples[index], dtype='<i4').tobytes())
-  writer.close()
-  temporary.rename(path)
+  with whole_file(pathlib.Path(path)) as temporary:
+    writer = array_record_module.ArrayRecordWriter(str(temporary), 'group_size:1')
+    for index in range(len(examples)):
+      writer.write(np.asarray(examples[index], dtype='<i4').tobytes())
+    writer.close()
   return len(examples)
 
 
