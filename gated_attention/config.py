@@ -173,7 +173,10 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       # A new run starts from the parameters of another run's (or an imported model's)
       # checkpoint, 'DIR' (its latest) or 'DIR:STEP', with this config (gated_attention.init_from);
       # init_from_optimizer: its optimizer moments too. '' initialises.
-      init_from='', init_from_optimizer=False))
+      init_from='', init_from_optimizer=False,
+      # profile_steps > 0: jax.profiler traces that many steps, after this process's first
+      # profile_after steps (the first runs a fresh program), into WORKDIR/profile/process_N.
+      profile_steps=0, profile_after=1))
   config.eval = ml_collections.ConfigDict(dict(batches=8, batch_size=16, analysis_batches=2))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   return config
@@ -404,6 +407,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   _check_non_negative('train.peak_flops_per_device', train.peak_flops_per_device,
                       'look the device up')
   _check_non_negative('train.weight_decay', train.weight_decay)
+  _check_non_negative('train.profile_steps', train.profile_steps, 'no profile')
+  _check_non_negative('train.profile_after', train.profile_after)
   for key, seed in (('train.seed', train.seed),
                     ('data.bigram_backcopy.seed', data.bigram_backcopy.seed)):
     if seed < 0:

@@ -378,6 +378,50 @@ class StepLog:
       raise self._logs_failed(error) from None
 
 
+class StepProfile:
+  """Traces train.profile_steps steps with jax.profiler, after this process's first
+  train.profile_after steps, into WORKDIR/profile/process_N (view with XProf or TensorBoard's
+  profile plugin). Each step is annotated with its number, so the viewer splits the trace by
+  step."""
+
+  def __init__(self, train_config, workdir: pathlib.Path, start_step: int, exclude):
+    self.exclude = exclude  # Takes the profiler's own start and stop out of the step times.
+    self.first = start_step + 1 + train_config.profile_after
+    self.last = min(self.first + train_config.profile_steps - 1, train_config.steps)
+    self.directory = workdir / 'profile' / f'process_{jax.process_index()}'
+    self.tracing = False
+    if train_config.profile_steps and self.first > train_config.steps:
+      log(f'no profile: train.profile_after={train_config.profile_after} steps from step '
+          f'{start_step + 1} reach past train.steps={train_config.steps}')
+    elif not train_config.profile_steps:
+      self.first = self.last = -1
+
+  def step(self, step: int):
+    """A context for running `step`: starts the trace before the first profiled step."""
+    if step == self.first:
+      started = time.perf_counter()
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level = 0  # Tracing every Python call slowed the traced steps 2x.
+      jax.profiler.start_trace(str(self.directory), profiler_options=options)
+      self.tracing = True
+      self.exclude(time.perf_counter() - started)
+    return jax.profiler.StepTraceAnnotation('train', step_num=step)
+
+  def finish(self, step: int, state) -> None:
+    """After `step` is dispatched: the last profiled step is waited for, and the trace written."""
+    if step == self.last:
+      jax.block_until_ready(state)
+      started = time.perf_counter()
+      self.close()
+      self.exclude(time.perf_counter() - started)
+      log(f'profile of steps {self.first}-{self.last} in {self.directory.parent}')
+
+  def close(self) -> None:
+    if self.tracing:
+      self.tracing = False
+      jax.profiler.stop_trace()
+
+
 def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, checkpointer,
                           iterator, allow_data_change: bool, data_fingerprint: str):
   """(start step, train state, saved loop state or None). From the latest complete checkpoint
@@ -496,12 +540,15 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host
   # never stalls the device; a step is read before any checkpoint that would include it.
   step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
+  profile = StepProfile(train_config, workdir, start_step, step_log.exclude)
   preemption = PreemptionWatch()
   pending, preempted = None, False
   try:
     for step in range(start_step + 1, train_config.steps + 1):
       checkpointer.raise_if_save_failed()
-      state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding, part))
+      with profile.step(step):
+        state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding, part))
+      profile.finish(step, state)
       if pending is not None:
         step_log.finish(*pending)
       pending = (step, metrics)
@@ -518,6 +565,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
         break
   finally:
     try:
+      profile.close()  # A run stopped inside the profiled steps keeps the trace so far.
       step_log.close()
     finally:
       try:

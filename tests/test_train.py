@@ -226,6 +226,22 @@ def test_step_times_leave_out_checkpoint_saves_and_the_first_steps_warm_up(tmp_p
   assert all(r['step_time_s'] < 1.0 for r in records), records
 
 
+def _profiled_steps(trace: pathlib.Path) -> list[int]:
+  """The step numbers annotated in a jax.profiler trace file."""
+  data = jax.profiler.ProfileData.from_file(str(trace))
+  return sorted(dict(event.stats)['step_num'] for plane in data.planes for line in plane.lines
+                for event in line.events if event.name == 'train')
+
+
+def test_profile_traces_the_chosen_steps_counted_from_each_start(tmp_path):
+  """profile_after=1, profile_steps=2 from step 1 traces steps 2 and 3; a resume at step 5 with
+  profile_after=0 traces from step 6 to the last step, 7, not past it."""
+  train(helpers.run_config(steps=5, profile_steps=2, profile_after=1), tmp_path)
+  train(helpers.run_config(steps=7, profile_steps=5, profile_after=0), tmp_path)
+  traces = sorted((tmp_path / 'profile' / 'process_0').glob('plugins/profile/*/*.xplane.pb'))
+  assert [_profiled_steps(trace) for trace in traces] == [[2, 3], [6, 7]]
+
+
 def test_a_run_resumes_and_evaluates_in_the_other_layer_layout(tmp_path):
   """A checkpoint of unrolled layers loads as scanned (the same arrays, stacked) and trains on
   as the run that never changed layout."""
