@@ -514,6 +514,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
                                  config.data.batch_size)
   train_source = data_lib.load_split(config.data, 'train', vocab_size)
   data_fingerprint = data_lib.fingerprint(train_source)  # Saved with every checkpoint.
+  log(f'training data: {data_fingerprint}')
   dataset = data_lib.train_dataset(train_source, config.data.batch_size, train_config.seed,
                                    *part)
   # Fails now, not after training, if the held-out split cannot fill one eval batch.
