@@ -413,8 +413,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                     ('data.bigram_backcopy.seed', data.bigram_backcopy.seed)):
     if seed < 0:
       raise ConfigError(f'{key}={seed} must be 0 or positive (seeds are unsigned).')
-  if not 0 <= train.warmup_steps <= train.steps:
-    raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps].')
+  if not 0 <= train.warmup_steps < train.steps:
+    raise ConfigError(f'train.warmup_steps={train.warmup_steps} must be in [0, train.steps='
+                      f'{train.steps}): the cosine decay to train.min_learning_rate at the last '
+                      'step needs a step after the warmup.')
   if not 0 <= train.min_learning_rate <= train.learning_rate:
     raise ConfigError(f'train.min_learning_rate={train.min_learning_rate} must be in '
                       f'[0, train.learning_rate={train.learning_rate}].')

@@ -1,5 +1,5 @@
-"""Metric output on process 0: WORKDIR/metrics.jsonl (one JSON object per logged step) and
-TensorBoard event files in WORKDIR/tensorboard.
+"""Metric output on process 0: WORKDIR/metrics.jsonl (one JSON object per logged step, strict
+JSON: a non-finite value is null) and TensorBoard event files in WORKDIR/tensorboard.
 
 A run that resumes from step N first cuts both back to step N: records of steps after N were
 logged by a run that crashed before saving them, and the resumed run logs those steps again.
@@ -43,7 +43,7 @@ class MetricsWriter:
   def write(self, record: dict) -> None:
     if not self.active:
       return
-    self.file.write(json.dumps(record) + '\n')
+    self.file.write(json.dumps(strict_json(record)) + '\n')
     self.file.flush()
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
@@ -53,6 +53,13 @@ class MetricsWriter:
     if self.active:
       self.file.close()
       self.tensorboard.close()
+
+
+def strict_json(record: dict) -> dict:
+  """`record` with non-finite floats (a skipped step's loss) as None: JSON has no NaN, and
+  strict readers refuse Python's `NaN` token."""
+  return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+          for key, value in record.items()}
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -64,8 +64,8 @@ def run_config(steps: int = 8, gate: str = 'g1_elementwise', **train):
                            mlp_dim=64))
   config.data.update(seq_len=32, batch_size=8)
   config.eval.update(batches=2, batch_size=8, analysis_batches=1)
-  config.train.update(dict(steps=steps, warmup_steps=2, learning_rate=3e-3, log_every=1,
-                           checkpoint_every=4), **train)
+  config.train.update(dict(steps=steps, warmup_steps=min(2, steps - 1), learning_rate=3e-3,
+                           log_every=1, checkpoint_every=4), **train)
   return config
 
 

@@ -45,6 +45,8 @@ def test_position_aliases(alias, position):
     (lambda c: c.data.update(source='web'), "data.source='web'"),
     (lambda c: c.data.update(source='text_files'), 'data.path is empty'),
     (lambda c: c.train.update(warmup_steps=10_000), 'train.warmup_steps=10000'),
+    (lambda c: c.train.update(steps=10, warmup_steps=10),
+     'train.warmup_steps=10 must be in [0, train.steps=10): the cosine decay'),
     (lambda c: c.train.update(on_nonfinite='ignore'), "train.on_nonfinite='ignore'"),
     (lambda c: c.train.update(grad_clip=0.0), 'train.grad_clip=0.0 must be positive'),
     (lambda c: c.train.update(b2=1.0), 'train.b2=1.0 must be in'),

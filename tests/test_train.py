@@ -89,7 +89,16 @@ def test_a_resume_that_cannot_continue_the_run_is_refused(tmp_path):
     train(other, tmp_path)
   with pytest.raises(ConfigError, match=f'train.steps=1 is below step 2, where the run in '
                                         f'{tmp_path} already is'):
-    train(helpers.run_config(steps=1, warmup_steps=1), tmp_path)
+    train(helpers.run_config(steps=1, warmup_steps=0), tmp_path)
+
+
+def test_float16_training_is_refused_before_anything_runs(tmp_path):
+  config = helpers.run_config(steps=2)
+  config.model.dtype = 'float16'
+  with pytest.raises(ConfigError, match='model.dtype=float16 does not train here: this trainer '
+                                        'does no loss scaling'):
+    train(config, tmp_path)
+  assert not any(tmp_path.iterdir())
 
 
 def test_a_step_that_cannot_fit_in_memory_is_refused_before_step_1(tmp_path):
@@ -154,6 +163,9 @@ def test_non_finite_updates_can_be_skipped_and_counted(tmp_path):
   record = train(config, tmp_path)
   assert record['skipped_steps'] == 3
   assert [r['skipped_steps'] for r in read_metrics(tmp_path)] == [1, 2, 3]
+  for line in (tmp_path / 'metrics.jsonl').read_text().splitlines():  # Strict JSON: no NaN.
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f'{name} in {line}'))
+    assert record['loss'] is None and record['grad_norm'] is None
 
 
 def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
