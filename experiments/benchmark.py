@@ -33,7 +33,7 @@ _ATTENTION = flags.DEFINE_list('attention_impls', [], 'model.attention_impl valu
 _SCAN = flags.DEFINE_list('scan', [], 'model.scan_layers values to compare: false, true.')
 _MOE = flags.DEFINE_list('moe_impls', [], 'model.moe.impl values to compare (MoE configs).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.', lower_bound=1)
-_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median step time is reported.',
+_TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median trial is reported.',
                                lower_bound=1)
 _TORCH = flags.DEFINE_string('torch_python', None, 'Python of a PyTorch environment: also time '
                              'the PyTorch reference of the same shape (eager and compiled).')
@@ -96,8 +96,7 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
     print(f'{name:28} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
           f'{r["step_time_s"] * 1e3:>9.1f} {"":>13} {r["tokens_per_sec"]:>9,.0f}')
   if torch:
-    print('(torch: PyTorch reference of the same shape, its own process; vocabulary and gate as '
-          'above, G1 only)')
+    print('(torch: PyTorch reference of the same shape, its own process, SDPA attention)')
 
 
 def _attention_memory(config) -> None:
@@ -140,6 +139,8 @@ def main(argv):
                                          '../shared/bench/ beside it)')):
         if not pathlib.Path(flag.value).is_file():
           raise config_lib.ConfigError(f'--{flag.name}={flag.value!r} is not a file; give {what}.')
+      for row_config in row_configs:
+        benchmark.check_torch_reference_shape(row_config)
     for row, row_config in zip(rows, row_configs):
       row['result'] = benchmark.benchmark_train_step(row_config, _STEPS.value, _TRIALS.value)
       label = ' '.join(f'{axis}={value}' for axis, value in row.items() if axis != 'result')

@@ -4,7 +4,8 @@
       --topology=v5p:4x4x4 [--num_slices=N] [--json]
 
 --topology=local compiles for the devices at hand. Needs the TPU runtime for TPU topologies
-(pip install -r requirements-tpu.txt). Exits 1 when the step does not fit in chip memory.
+(pip install -r requirements-tpu.txt). Exits 1 when the step does not fit in a device's memory
+(a chip's; on a CPU, the host's share per device).
 """
 
 import json
@@ -35,8 +36,8 @@ def main(argv):
     print(json.dumps(report, indent=2) if _JSON.value else aot.format_report(report))
     if report.get('fits') is False:
       print(f'error: the train step needs {report["train_step"]["total"] / aot.GIB:.2f} GiB per '
-            f'device, more than the {report["device_memory_bytes"] / aot.GIB:.0f} GiB of a '
-            f'{report["device_kind"]}; {report["dominant"]} dominate. Shard more (a larger '
+            f'device, more than the {report["device_memory_bytes"] / aot.GIB:.1f} GiB of '
+            f'{report["device_memory"]}; {report["dominant"]} dominate. Shard more (a larger '
             'mesh.fsdp or mesh.tensor), raise train.microbatches, lower data.batch_size, or '
             'take a larger slice.',
             file=sys.stderr)

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
 from gated_attention import distributed
 from gated_attention import sharding as sharding_lib
@@ -36,6 +37,10 @@ MEMORY_BY_DEVICE_KIND = (
 )
 
 
+# Attention implementations whose work XLA's cost analysis leaves out (compiled_flops).
+UNCOUNTED_ATTENTION = ('splash', 'chunked')
+
+
 class CompileError(RuntimeError):
   """The step does not compile for, or does not fit, the topology; the message says why."""
 
@@ -45,6 +50,16 @@ def device_memory(device_kind: str) -> int | None:
     if name in device_kind:
       return size
   return None
+
+
+def memory_per_device(device) -> tuple[int | None, str]:
+  """(bytes, what they are) one device may use: its chip's memory for accelerators (None where
+  the table lacks the kind), the host's physical memory shared by its CPU devices."""
+  if device.platform == 'cpu':
+    count = jax.local_device_count()
+    return (os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // count,
+            f'host memory per CPU device ({count} device(s))')
+  return device_memory(device.device_kind), f'memory of a {device.device_kind}'
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
@@ -97,8 +112,9 @@ def compiled_flops(config, mesh) -> float | None:
   whole (a chunked loss recomputes nothing, so its FLOPs are the same), on one and on two
   sequences per batch shard. Each depth's count is a per-step part (the optimizer update) plus
   a per-sequence part, and both grow linearly with depth. Left out: the microbatch loop's
-  gradient additions (one per parameter per microbatch). Kernels XLA cannot see into (the
-  Pallas splash kernel) count nothing."""
+  gradient additions (one per parameter per microbatch), and attention where it runs as
+  `splash` (a Pallas kernel XLA cannot see into: nothing counted) or `chunked` (its block loops
+  counted once: a few percent of its work); `UNCOUNTED_ATTENTION`."""
   shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
   per_step, per_unit = [], []  # By depth 1, 2; a unit is one sequence per batch shard.
   for layers in (1, 2):
@@ -145,9 +161,14 @@ def compile_report(config, devices) -> dict:
         'shard)', flush=True)
   summary = summarize(config)
   tokens_per_step = config.data.batch_size * config.data.seq_len
+  memory, memory_source = memory_per_device(devices[0])
   report = {
       'device_kind': kind, 'devices': len(devices), 'mesh': dict(mesh.shape),
-      'device_memory_bytes': device_memory(kind), 'compile_seconds': train_seconds,
+      'device_memory_bytes': memory, 'device_memory': memory_source,
+      'attention_impl': attention_lib.resolve(
+          config.model.attention_impl, platform=devices[0].platform, length=config.data.seq_len,
+          dtype=config.model.dtype),
+      'compile_seconds': train_seconds,
       'train_step': compiled_memory(train_step), 'eval_step': compiled_memory(eval_step),
       'parameter_bytes': _bytes_per_device(abstract_params),
       'optimizer_state_bytes': _bytes_per_device(setup.abstract_state['opt_state']),
@@ -178,12 +199,14 @@ def format_report(report: dict) -> str:
   for key in ('arguments', 'outputs', 'temporaries', 'total'):
     row = [report[step][key] if report[step] else None for step in ('train_step', 'eval_step')]
     lines.append(f'{key:28} {gib(row[0]):>12} {gib(row[1]):>12}')
-  lines.append(f'{"chip memory":28} {gib(memory):>12}')
+  lines.append(f'{"device memory":28} {gib(memory):>12}   ({report["device_memory"]})')
   lines.append(f'of which parameters {gib(report["parameter_bytes"])}, optimizer state '
                f'{gib(report["optimizer_state_bytes"])}, activations and temporaries '
                f'{gib(report.get("activation_bytes"))}: {report.get("dominant", "–")} dominate')
-  compiled = report['compiled_flops_per_device']
-  lines.append(f'FLOPs per step per device: compiled {compiled:.4g} (recomputation included), '
-               f'model formula {report["model_flops_per_device"]:.4g}' if compiled else
-               f'FLOPs per step per device: model formula {report["model_flops_per_device"]:.4g}')
+  compiled, impl = report['compiled_flops_per_device'], report['attention_impl']
+  left_out = (f', attention ({impl}) left out' if impl in UNCOUNTED_ATTENTION else '')
+  lines.append(f'FLOPs per step per device: compiled {compiled:.4g} (recomputation included'
+               f'{left_out}), model formula {report["model_flops_per_device"]:.4g}' if compiled
+               else f'FLOPs per step per device: model formula '
+               f'{report["model_flops_per_device"]:.4g}')
   return '\n'.join(lines)

@@ -13,13 +13,15 @@ import numpy as np
 from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
 from gated_attention import sharding as sharding_lib
+from gated_attention.model import mlp_width
 from gated_attention.train import (check_batch, compile_train_step, compiled_memory,
                                    initialize_train_state, mfu_of, setup_train_state)
 
 
 def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
-  """Median over `trials` of the mean step time over `steps` steps, after a warm-up step; every
-  trial's time beside it (`trial_step_times_s`)."""
+  """The median trial (the lower of the middle two for an even count: always a measured trial)
+  of `trials`, each the mean step time over `steps` steps, after a warm-up step; every trial's
+  time beside it (`trial_step_times_s`)."""
   config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh)
   check_batch(config, mesh)
@@ -40,7 +42,7 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
       state, metrics = compiled(state, tokens)
     jax.block_until_ready(metrics)
     step_times.append((time.perf_counter() - started) / steps)
-  step_time = float(np.median(step_times))
+  step_time = sorted(step_times)[(trials - 1) // 2]
   tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
   return {'params': setup.num_params, 'step_time_s': step_time, 'trial_step_times_s': step_times,
           'tokens_per_sec': tokens_per_sec,
@@ -72,14 +74,35 @@ def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
       raise
 
 
+# The PyTorch reference's fixed shape: a config that differs in any of these is not its model.
+TORCH_REFERENCE_FIXED = {'vocab_size': 384, 'tie_embeddings': True, 'qk_norm': True,
+                         'norm_plus_one': False, 'sandwich_norm': False, 'rope_theta': 10_000.0,
+                         'rope_fraction': 1.0, 'dtype': 'float32'}
+
+
+def check_torch_reference_shape(config) -> None:
+  """Refuses a config the PyTorch reference cannot take the shape of (its vocabulary, norms,
+  RoPE and dtype are fixed; no experts), so its row is always the same model."""
+  model = config.model
+  differ = [f'model.{key}={model[key]!r} (the reference: {value!r})'
+            for key, value in TORCH_REFERENCE_FIXED.items() if model[key] != value]
+  if model.moe.num_experts:
+    differ.append(f'model.moe.num_experts={model.moe.num_experts} (the reference: dense)')
+  if differ:
+    raise config_lib.ConfigError(
+        '--torch_python times a PyTorch model of a fixed shape, which this config is not: '
+        + ', '.join(differ) + '. Benchmark such a config without --torch_python.')
+
+
 def torch_reference(python: str, script: str, config, compile_mode: bool = False,
                     timeout_s: float = 1200) -> dict:
   """Runs the PyTorch reference of the same shape (`script`, e.g. ../shared/bench/torch_lm.py)
   under `python` (its own virtual environment) and parses its one-line result."""
   model, data = config.model, config.data
   gate = config_lib.canonical_gate_position(model.gate.position)
+  check_torch_reference_shape(config)
   env = {'D': model.d_model, 'LAYERS': model.num_layers, 'HEADS': model.num_heads,
-         'KV_HEADS': model.num_kv_heads, 'HEAD_DIM': model.head_dim, 'MLP': model.mlp_dim,
+         'KV_HEADS': model.num_kv_heads, 'HEAD_DIM': model.head_dim, 'MLP': mlp_width(model),
          'SEQ': data.seq_len, 'BATCH': data.batch_size,
          'GATE': 'none' if gate == 'none' else model.gate.granularity,
          'COMPILE': int(compile_mode)}

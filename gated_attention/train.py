@@ -18,7 +18,6 @@ coordinates them).
 
 import collections
 import dataclasses
-import os
 import pathlib
 import sys
 import time
@@ -152,16 +151,11 @@ def describe_memory(compiled) -> str:
 
 def check_memory(compiled) -> None:
   """Refuses a compiled step that needs more memory per device than a device has, where that is
-  known: the chip's memory for accelerators (`aot.device_memory`), the host's physical memory
+  known (`aot.memory_per_device`): the chip's memory for accelerators, the host's physical memory
   shared by its CPU devices."""
   from gated_attention import aot  # Imported here: aot builds on this module.
   sizes = compiled_memory(compiled)
-  device = jax.local_devices()[0]
-  if device.platform == 'cpu':
-    available = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / jax.local_device_count()
-    where = f'host memory per CPU device ({jax.local_device_count()} device(s))'
-  else:
-    available, where = aot.device_memory(device.device_kind), f'memory of a {device.device_kind}'
+  available, where = aot.memory_per_device(jax.local_devices()[0])
   if sizes is None or available is None or sizes['total'] <= available:
     return
   raise aot.CompileError(

@@ -71,13 +71,23 @@ def test_unknown_topology_is_named():
     aot.topology_devices('v9z:1x1')
 
 
-def test_local_topology_compiles_for_the_devices_at_hand():
+def test_local_topology_compiles_for_the_devices_at_hand_and_judges_the_host_memory():
+  """On CPUs a step fits in the host's physical memory shared by its devices, as training
+  checks it: the same tiny model fits at 4 x 32 tokens and not at 256 x 2,048 with [L, L]
+  attention scores (about 227 GiB per device)."""
   config = config_lib.base_config('tiny')
   config.data.update(batch_size=4, seq_len=32)
   config.eval.batch_size = 4
+  host_share = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.local_device_count()
   report = aot.compile_report(config, aot.topology_devices('local'))
   assert report['device_kind'] == 'cpu' and report['train_step']['total'] > 0
-  assert report['fits'] is None  # No memory table entry for a CPU.
+  assert report['device_memory_bytes'] == host_share and report['fits'] is True
+  # auto runs chunked on CPUs, whose block loops XLA's cost analysis counts once.
+  assert 'attention (chunked) left out' in aot.format_report(report)
+  config.model.attention_impl = 'xla'
+  config.data.update(batch_size=256, seq_len=2048)
+  report = aot.compile_report(config, aot.topology_devices('local'))
+  assert report['train_step']['total'] > host_share and report['fits'] is False
 
 
 def test_multi_slice_topology_puts_the_data_axis_across_slices():
