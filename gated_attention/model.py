@@ -185,12 +185,19 @@ class Attention(nnx.Module):
     return constrain(out, ACTIVATION_AXES), outputs
 
 
+# A narrowed MLP width is a multiple of this, so tensor-parallel meshes up to 16 split it.
+MLP_WIDTH_MULTIPLE = 16
+
+
 def mlp_width(cfg) -> int:
   """The dense MLP width: mlp_dim, narrowed when match_baseline_params so that the gate's added
-  parameters are taken out of the MLP (SwiGLU holds 3 * d_model parameters per unit of width)."""
+  parameters are taken out of the MLP (SwiGLU holds 3 * d_model parameters per unit of width):
+  the multiple of MLP_WIDTH_MULTIPLE nearest the exact match, so the total stays within
+  MLP_WIDTH_MULTIPLE / 2 * 3 * d_model parameters per layer of the ungated model's."""
   if not cfg.match_baseline_params:
     return cfg.mlp_dim
-  return cfg.mlp_dim - round(gate_params_per_layer(cfg) / (3 * cfg.d_model))
+  exact = cfg.mlp_dim - gate_params_per_layer(cfg) / (3 * cfg.d_model)
+  return MLP_WIDTH_MULTIPLE * round(exact / MLP_WIDTH_MULTIPLE)
 
 
 class Block(nnx.Module):

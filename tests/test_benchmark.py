@@ -54,9 +54,10 @@ def test_torch_reference_gets_the_shape_and_reads_its_line(fake_python, tmp_path
   assert environment['MLP'] == str(model.mlp_dim)
   assert result['params'] == 1234 and result['step_time_s'] == 0.25
   assert result['tokens_per_sec'] == 8 * 32 / 0.25
-  config.model.match_baseline_params = True  # 64 narrowed by the gate's 128 parameters: 63.
-  benchmark.torch_reference(str(fake_python), 'torch_lm.py', config)
-  assert 'MLP=63\n' in (tmp_path / 'env.txt').read_text()
+  narrowed = run_config(gate='g1_elementwise')  # The gate's 1,024 parameters a layer:
+  narrowed.model.match_baseline_params = True  # 64 - 1024 / 96 = 53.3, a multiple of 16: 48.
+  benchmark.torch_reference(str(fake_python), 'torch_lm.py', narrowed)
+  assert 'MLP=48\n' in (tmp_path / 'env.txt').read_text()
 
 
 def test_torch_reference_refuses_a_shape_it_cannot_take(fake_python):

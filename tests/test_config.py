@@ -74,7 +74,7 @@ def test_position_aliases(alias, position):
     (lambda c: c.data.update(source='text_files', path='x', eval_path='y'),
      "data.eval_path='y' is read by data.source=array_record only"),
     (lambda c: c.model.update(match_baseline_params=True, mlp_dim=8),
-     'model.match_baseline_params narrows model.mlp_dim=8 to -'),
+     'model.match_baseline_params narrows model.mlp_dim=8 to -32'),
     (lambda c: c.model.rope_scaling.update(factor=4.0),
      "model.rope_scaling.factor=4.0 is not read by model.rope_scaling.type='none'"),
     (lambda c: c.model.rope_scaling.update(type='linear', factor=2.0, beta_fast=8.0),

@@ -4,6 +4,7 @@ scaled-down versions train."""
 import pytest
 
 from configs import paper
+from gated_attention import model as model_lib
 from gated_attention.summary import format_count, summarize
 from gated_attention.train import train
 from tests.test_gate import PAPER_GATE_PARAMS
@@ -61,8 +62,11 @@ def test_gated_dense_presets_keep_the_baselines_parameter_count(model, variant):
   assert gated['params_gate'] > 0
   config = paper.get_config(f'model={model}')
   layers, d_model = config.model.num_layers, config.model.d_model
-  # The FFN narrows by whole units of 3 * d_model parameters per layer.
-  assert abs(gated['params_total'] - baseline) <= layers * 3 * d_model / 2
+  # The FFN narrows to a multiple of 16 units of 3 * d_model parameters each, so every tensor
+  # size up to 16 splits it.
+  width = model_lib.mlp_width(paper.get_config(f'model={model},gate={variant}').model)
+  assert width % 16 == 0
+  assert abs(gated['params_total'] - baseline) <= layers * 3 * d_model * 16 / 2
 
 
 def test_flops_per_token_of_the_dense_preset():
