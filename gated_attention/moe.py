@@ -174,8 +174,12 @@ class MoE(nnx.Module):
     buffer = buffer[:, :-1].reshape(batch, self.num_experts, capacity, embed)
     buffer = constrain(jnp.swapaxes(buffer, 0, 1), ('expert', 'batch', None, 'embed'))
 
+    # Every intermediate keeps the buffer's sharding, so the experts run where they live, on
+    # their share of the batch (unconstrained, the backward pass gathered the global batch's
+    # buffers and every expert's weights).
     h = _swiglu_rows(jnp.einsum('xbce,xeim->xbcim', buffer, wi))
-    out = jnp.einsum('xbcm,xme->xbce', h, wo)
+    h = constrain(h, ('expert', 'batch', None, 'mlp'))
+    out = constrain(jnp.einsum('xbcm,xme->xbce', h, wo), ('expert', 'batch', None, 'embed'))
     out = jnp.swapaxes(out, 0, 1).reshape(batch, self.num_experts * capacity, embed)
     out = jnp.concatenate([out, jnp.zeros((batch, 1, embed), x.dtype)], axis=1)
     gathered = jnp.take_along_axis(out, flat_slot[..., None], axis=1)  # [b, k * t, e]

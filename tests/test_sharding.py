@@ -138,3 +138,31 @@ def test_expert_sharded_moe_matches_one_device(tmp_path):
     sharded = _run_sharded(mesh_config, tmp_path / name, 8, {**moe, 'model.moe.impl': impl})
     assert sharded['mlp_wi'] == wi_shard_shape, name
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
+
+
+_MOE_GATHERS = textwrap.dedent('''
+    import json, re
+    from gated_attention import sharding
+    from gated_attention.train import compile_train_step, setup_train_state
+    from tests import helpers
+    config = helpers.run_config()
+    config.model.moe.update(num_experts=8, top_k=2, expert_mlp_dim=40, capacity_factor=1.25)
+    config.data.update(batch_size=16, seq_len=24)
+    config.mesh.update(data=2, fsdp=1, tensor=1, expert=4)
+    setup = setup_train_state(config, sharding.make_mesh(config.mesh))
+    text = compile_train_step(config, setup).as_text()
+    print(json.dumps([[int(d) for d in dims.split(',')] for dims in
+                      re.findall(r'= \\w+\\[([\\d,]+)\\][^ ]* all-gather', text)]))
+''')
+
+
+def test_capacity_experts_run_where_they_live_on_their_share_of_the_batch():
+  """On data=2 x expert=4 the capacity MoE's compiled step gathers neither the global batch's
+  expert buffers ([experts 8, batch 16, ...]) nor every expert's weights ([8, 40, 32])."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _MOE_GATHERS], capture_output=True, text=True,
+                          timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  gathered = json.loads(result.stdout.strip().splitlines()[-1])
+  assert not [dims for dims in gathered if dims[:2] == [8, 16] or dims == [8, 40, 32]], gathered
