@@ -7,7 +7,7 @@
 Arguments:
   model  dense_1p7b_28l | dense_1p7b_48l | moe_15a2b
   gate   any name of gated_attention.config.GATE_PRESETS (default g1_elementwise)
-  scale  full (the paper's shapes and schedule) | mini (same layout, a few million parameters,
+  scale  full (the paper's shapes and schedule) | mini (same layout, 0.75M-1.3M parameters,
          byte-level vocabulary: trains on a CPU in the tests)
 
 All use QK-norm, RoPE base 10k, pre-norm RMSNorm, SwiGLU, AdamW, sequence length 4096, global
@@ -21,8 +21,8 @@ Open details, chosen here: the vocabulary is Qwen3's 151,936 ids; the MoE keeps 
 factor of 1.25 per expert (model.moe.capacity_factor=0 is dropless); the auxiliary-loss weights
 are 1e-3 each; the dense models' token budget is taken equal to the MoE's.
 
-Sizes this gives (python -m experiments.summary): dense_1p7b_28l 1.72B; dense_1p7b_48l 1.71B
-(gated or not, with the FFN narrowed); moe_15a2b 15.58B total and 1.99B active for the baseline,
+Sizes this gives (python -m experiments.summary): dense_1p7b_28l 1.721B; dense_1p7b_48l 1.706B
+(G1 elementwise: 1.720B and 1.705B, the FFN narrowed to a multiple of 16); moe_15a2b 15.58B total and 1.99B active for the baseline,
 G1 elementwise adding 201M to both. The paper quotes 2.54B active. With 24 layers of 128 experts
 of 3 x 2048 x 768 parameters, total minus active is 24 x 120 x 4.72M = 13.6B whatever the
 vocabulary, so 15B total and 2.54B active cannot both hold with the stated shapes; the paper

@@ -25,7 +25,7 @@ from gated_attention.gate import Gate, gate_params_per_layer, sdpa_nonlinearity
 from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, rope_frequencies,
                                     rope_tables)
 from gated_attention.loss import next_token_loss, output_logits
-from gated_attention.moe import MoE
+from gated_attention.moe import EXPERT_MATMUL, MoE
 from gated_attention.sharding import constrain, splits_evenly
 
 GATE_HISTOGRAM_BINS = 40
@@ -36,7 +36,9 @@ ACTIVATION_AXES = ('batch', 'length', 'embed')
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(EXPERT_MATMUL)),
 }
 
 
@@ -194,8 +196,8 @@ def mlp_width(cfg) -> int:
   parameters are taken out of the MLP (SwiGLU holds 3 * d_model parameters per unit of width):
   the multiple of MLP_WIDTH_MULTIPLE nearest the exact match, so the total stays within
   MLP_WIDTH_MULTIPLE / 2 * 3 * d_model parameters per layer of the ungated model's."""
-  if not cfg.match_baseline_params:
-    return cfg.mlp_dim
+  if not cfg.match_baseline_params or not gate_params_per_layer(cfg):
+    return cfg.mlp_dim  # Nothing to pay for: the ungated baseline keeps its width.
   exact = cfg.mlp_dim - gate_params_per_layer(cfg) / (3 * cfg.d_model)
   return MLP_WIDTH_MULTIPLE * round(exact / MLP_WIDTH_MULTIPLE)
 

@@ -36,9 +36,15 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gated_attention.layers import SwiGLU, param
 from gated_attention.sharding import constrain, logical_to_spec, target_platform
+
+# The name of the experts' matmul outputs, which model.remat=save_dots keeps: they carry the
+# expert axis as a batch dimension (or are grouped matmuls), which the dot policy passes over.
+EXPERT_MATMUL = 'expert_matmul'
+
 
 def expert_capacity(seq_len: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
   """Slots per expert per sequence; seq_len (dropless) when capacity_factor is 0."""
@@ -118,8 +124,8 @@ def _ragged_experts(x, expert, weight, wi, wo, pallas: bool):
   group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
   rows = x.reshape(batch * seq, embed)[token]
   h = grouped_matmul(rows, wi.reshape(num_experts, embed, 2 * mlp), group_sizes, pallas)
-  h = _swiglu_rows(h.reshape(-1, 2, mlp))
-  out = grouped_matmul(h, wo, group_sizes, pallas)
+  h = _swiglu_rows(checkpoint_name(h, EXPERT_MATMUL).reshape(-1, 2, mlp))
+  out = checkpoint_name(grouped_matmul(h, wo, group_sizes, pallas), EXPERT_MATMUL)
   out = out * weight.reshape(-1)[order, None].astype(x.dtype)
   return jnp.zeros((batch * seq, embed), x.dtype).at[token].add(out).reshape(batch, seq, embed)
 
@@ -177,9 +183,10 @@ class MoE(nnx.Module):
     # Every intermediate keeps the buffer's sharding, so the experts run where they live, on
     # their share of the batch (unconstrained, the backward pass gathered the global batch's
     # buffers and every expert's weights).
-    h = _swiglu_rows(jnp.einsum('xbce,xeim->xbcim', buffer, wi))
+    h = _swiglu_rows(checkpoint_name(jnp.einsum('xbce,xeim->xbcim', buffer, wi), EXPERT_MATMUL))
     h = constrain(h, ('expert', 'batch', None, 'mlp'))
-    out = constrain(jnp.einsum('xbcm,xme->xbce', h, wo), ('expert', 'batch', None, 'embed'))
+    out = checkpoint_name(jnp.einsum('xbcm,xme->xbce', h, wo), EXPERT_MATMUL)
+    out = constrain(out, ('expert', 'batch', None, 'embed'))
     out = jnp.swapaxes(out, 0, 1).reshape(batch, self.num_experts * capacity, embed)
     out = jnp.concatenate([out, jnp.zeros((batch, 1, embed), x.dtype)], axis=1)
     gathered = jnp.take_along_axis(out, flat_slot[..., None], axis=1)  # [b, k * t, e]

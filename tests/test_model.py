@@ -9,7 +9,7 @@ from flax import nnx
 from gated_attention import config as config_lib
 from gated_attention import state as state_lib
 from gated_attention.config import GATE_PRESETS
-from gated_attention.model import KVCache
+from gated_attention.model import KVCache, mlp_width
 from gated_attention.optimizer import make_optimizer
 from tests import helpers
 
@@ -210,3 +210,11 @@ def test_every_parameter_is_created_in_param_dtype(gate, overrides, param_dtype)
   _, abstract = state_lib.abstract_model(model_config)
   dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx.to_pure_dict(abstract))}
   assert dtypes == {param_dtype}
+
+
+def test_match_baseline_params_narrows_a_gated_mlp_to_a_multiple_of_16_and_no_other():
+  ungated = helpers.model_config('none', match_baseline_params=True, mlp_dim=100)
+  assert mlp_width(ungated) == 100  # Nothing to pay for.
+  # The gate's 32 x 4 x 8 = 1,024 parameters a layer are 10.7 units of 3 x 32: 89.3 -> 96.
+  gated = helpers.model_config('g1_elementwise', match_baseline_params=True, mlp_dim=100)
+  assert mlp_width(gated) == 96

@@ -171,3 +171,17 @@ def test_shared_expert_adds_its_sigmoid_gated_swiglu():
                                                      @ shared_wo)
     expected = reference_moe(xb, router, wi, wo, top_k=2, capacity=6) + shared
     np.testing.assert_allclose(np.asarray(out[b]), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('impl', ['capacity', 'ragged'])
+def test_save_dots_keeps_the_expert_matmul_outputs_and_full_keeps_none(impl, capsys):
+  """model.remat=save_dots keeps every weight matmul's output, the experts' too (their expert
+  axis is a batch dimension the dot policy passes over, or they are grouped matmuls)."""
+  for remat, kept in (('save_dots', 2), ('full', 0)):
+    cfg = moe_config(remat=remat, num_layers=1)
+    cfg.moe.impl = impl
+    graphdef, state = nnx.split(helpers.transformer(cfg))
+    loss = lambda params: jnp.mean(nnx.merge(graphdef, params)(
+        helpers.random_tokens(6)).logits ** 2)
+    jax.ad_checkpoint.print_saved_residuals(loss, nnx.to_pure_dict(state))
+    assert capsys.readouterr().out.count(f"named '{moe.EXPERT_MATMUL}'") == kept, remat
