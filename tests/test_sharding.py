@@ -140,15 +140,14 @@ def test_expert_sharded_moe_matches_one_device(tmp_path):
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
 
 
-_MOE_GATHERS = textwrap.dedent('''
-    import json, re
+
+_ALL_GATHERS = textwrap.dedent('''
+    import json, re, sys
     from gated_attention import sharding
     from gated_attention.train import compile_train_step, setup_train_state
     from tests import helpers
     config = helpers.run_config()
-    config.model.moe.update(num_experts=8, top_k=2, expert_mlp_dim=40, capacity_factor=1.25)
-    config.data.update(batch_size=16, seq_len=24)
-    config.mesh.update(data=2, fsdp=1, tensor=1, expert=4)
+    config.update_from_flattened_dict(json.loads(sys.argv[1]))
     setup = setup_train_state(config, sharding.make_mesh(config.mesh))
     text = compile_train_step(config, setup).as_text()
     print(json.dumps([[int(d) for d in dims.split(',')] for dims in
@@ -156,13 +155,31 @@ _MOE_GATHERS = textwrap.dedent('''
 ''')
 
 
+def _all_gather_shapes(overrides: dict) -> list[list[int]]:
+  """The result shapes of every all-gather in helpers.run_config's train step with `overrides`
+  ({'mesh.data': 2, ...}), compiled for 8 CPU devices in a fresh process."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _ALL_GATHERS, json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def test_capacity_experts_run_where_they_live_on_their_share_of_the_batch():
   """On data=2 x expert=4 the capacity MoE's compiled step gathers neither the global batch's
   expert buffers ([experts 8, batch 16, ...]) nor every expert's weights ([8, 40, 32])."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _MOE_GATHERS], capture_output=True, text=True,
-                          timeout=300, env=env)
-  assert result.returncode == 0, result.stderr[-3000:]
-  gathered = json.loads(result.stdout.strip().splitlines()[-1])
+  gathered = _all_gather_shapes({
+      'model.moe.num_experts': 8, 'model.moe.top_k': 2, 'model.moe.expert_mlp_dim': 40,
+      'model.moe.capacity_factor': 1.25, 'data.batch_size': 16, 'data.seq_len': 24,
+      'mesh.data': 2, 'mesh.expert': 4})
   assert not [dims for dims in gathered if dims[:2] == [8, 16] or dims == [8, 40, 32]], gathered
+
+
+def test_each_device_looks_up_its_own_tokens_in_the_embedding():
+  """On data=2 x fsdp=4 the table is gathered (as any FSDP weight), not the batch: no
+  all-gather in the compiled step has the sequence axis (24) of token ids or activations (it
+  gathered [16, 24, 1] ids and, in the backward pass, [32, 24, 8] activations)."""
+  gathered = _all_gather_shapes({'data.batch_size': 32, 'data.seq_len': 24, 'mesh.data': 2,
+                                 'mesh.fsdp': 4})
+  assert [384, 32] in gathered and not [dims for dims in gathered if dims[1:2] == [24]], gathered
