@@ -283,12 +283,12 @@ class Transformer(nnx.Module):
     if cache is not None and tokens.shape[1] > cache.key.shape[2]:
       raise ValueError(f'{tokens.shape[1]} tokens do not fit a KV cache of max_length '
                        f'{cache.key.shape[2]}.')
-    # The table is gathered over fsdp before the lookup, as any FSDP weight before use, so each
-    # device looks up its own tokens. Left sharded by columns, the lookup sent every device the
-    # global batch's ids (sorted whole in the gradient on TPUs) and, with data > 1 too, gathered
-    # the global batch's activations in the backward pass.
-    table = constrain(self.embedding[...], ('vocab', None))
-    x = constrain(jnp.take(table, tokens, axis=0).astype(self.dtype), ACTIVATION_AXES)
+    # The lookup runs where the table's columns live (fsdp), on each data shard's tokens, then
+    # moves to the activations' layout (an all-to-all). Left to the partitioner, it gathered
+    # the global batch's activations in the backward pass when data > 1 (across slices).
+    x = jnp.take(self.embedding[...], tokens, axis=0)
+    x = constrain(x, ('lookup_batch', 'length', 'embed'))
+    x = constrain(x.astype(self.dtype), ACTIVATION_AXES)
     positions = jnp.arange(tokens.shape[1])[None, :]
     if cache is not None:
       positions = cache.length[:, None] + positions

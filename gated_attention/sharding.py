@@ -1,7 +1,8 @@
 """Logical axis names, the one table that maps them to mesh axes, and the mesh itself.
 
 Layers name logical axes only (`batch`, `length`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `vocab`, `expert`, `layers`); `LOGICAL_AXIS_RULES` below decides which mesh axis shards
+`mlp`, `vocab`, `expert`, `layers`, and `lookup_batch` for the embedding lookup's rows);
+`LOGICAL_AXIS_RULES` below decides which mesh axis shards
 each. The mesh axes are `data` (pure data parallel), `fsdp` (data parallel that also shards
 parameters and optimizer state), `tensor` (heads and MLP width) and `expert` (mixture-of-experts
 experts; the batch is split over it too, outside the experts).
@@ -27,6 +28,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     'expert': ('expert',),
     'batch': ('data', 'fsdp', 'expert'),
+    'lookup_batch': ('data', 'expert'),  # The embedding lookup's rows: its columns take fsdp.
     'vocab': ('tensor',),
     'heads': ('tensor',),
     'kv_heads': ('tensor',),
