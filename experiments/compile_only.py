@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, compilation_cache=False)  # It times compiling.
+  cli.run(main, compilation_cache=False, runs_steps=False)  # It times compiling.

@@ -252,3 +252,12 @@ def test_bad_process_settings_are_named(monkeypatch, variable, value, message):
   monkeypatch.setenv(variable, value)
   with pytest.raises(ConfigError, match=message):
     distributed.initialize('auto', None, None, None)
+
+
+@pytest.mark.parametrize('platforms, on_cpu', [('cpu', True), ('tpu', False), ('cuda,cpu', False),
+                                               (' cpu , tpu', True)])
+def test_freed_host_memory_is_kept_only_where_steps_run_on_a_cpu(monkeypatch, platforms, on_cpu):
+  """One malloc arena speeds XLA:CPU steps and slows multi-threaded compilers (libtpu 25%):
+  JAX_PLATFORMS, where set, decides which backend runs the steps."""
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  assert distributed.steps_run_on_cpu() is on_cpu
