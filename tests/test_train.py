@@ -185,8 +185,9 @@ def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
 @pytest.mark.parametrize('moe', [False, True])
 def test_microbatches_weigh_every_counted_target_alike_however_padding_falls(moe):
   """Microbatch 0 holds 4 counted targets, microbatch 1 holds 60: the loss and the update are
-  still the whole batch's (a mean of the parts' means would weigh microbatch 0's 15x)."""
-  config = helpers.run_config(steps=2)
+  still the whole batch's (a mean of the parts' means would weigh microbatch 0's 15x). One
+  step, at half the peak rate (warmup 2 of 3 steps)."""
+  config = helpers.run_config(steps=3)
   config.data.update(seq_len=16, batch_size=4)
   if moe:
     config.model.moe.update(num_experts=4, top_k=1, expert_mlp_dim=32)
