@@ -196,9 +196,10 @@ def mlp_width(cfg) -> int:
   parameters are taken out of the MLP (SwiGLU holds 3 * d_model parameters per unit of width):
   the multiple of MLP_WIDTH_MULTIPLE nearest the exact match, so the total stays within
   MLP_WIDTH_MULTIPLE / 2 * 3 * d_model parameters per layer of the ungated model's."""
-  if not cfg.match_baseline_params or not gate_params_per_layer(cfg):
+  gate_params = gate_params_per_layer(cfg) if cfg.match_baseline_params else 0
+  if not gate_params:
     return cfg.mlp_dim  # Nothing to pay for: the ungated baseline keeps its width.
-  exact = cfg.mlp_dim - gate_params_per_layer(cfg) / (3 * cfg.d_model)
+  exact = cfg.mlp_dim - gate_params / (3 * cfg.d_model)
   return MLP_WIDTH_MULTIPLE * round(exact / MLP_WIDTH_MULTIPLE)
 
 
