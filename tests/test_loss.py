@@ -1,5 +1,11 @@
 """The output layer's next-token loss, whole and a chunk of positions at a time, against NumPy."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +89,60 @@ def test_chunks_keep_only_one_chunk_of_logits_alive():
     return compiled_memory(grad.lower(x, kernel).compile())['temporaries']
   whole, chunked = temporaries(0), temporaries(32)
   assert whole > 32 * 2**20 > 4 * chunked, (whole, chunked)
+
+
+_ON_A_MESH = textwrap.dedent('''
+    import json, re, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding
+    from gated_attention import loss as loss_lib, sharding
+    from tests.test_loss import PAD, _inputs, _reference
+    x, kernel, targets = _inputs(batch=8, length=16, d_model=8, vocab=24)
+    want = _reference(x, kernel, targets, PAD)
+    report = {}
+    for mesh_shape in json.loads(sys.argv[1]):
+      mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)))
+      place = lambda a, axes: jax.device_put(a, NamedSharding(
+          mesh, sharding.logical_to_spec(axes, a.shape, mesh)))
+      args = (place(x, ('batch', 'length', 'embed')), place(kernel, loss_lib.KERNEL_AXES),
+              place(targets, ('batch', 'length')))
+      loss = lambda x, k, t: loss_lib.next_token_loss(x, k, t, PAD, 4)[0]
+      step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+      with jax.set_mesh(mesh):
+        (total, (grad_x, grad_kernel)) = step(*args)
+        text = step.lower(*args).compile().as_text()
+      bodies = set(re.findall(r'body=%?([\\w.\\-]+)', text))
+      in_loops, body = [], None
+      for line in text.splitlines():
+        header = re.match(r'^%?([\\w.\\-]+) ', line)
+        if header and line.endswith('{'):
+          body = header.group(1)
+        found = re.search(r'= (.*?) (all-reduce|reduce-scatter|all-gather|all-to-all|'
+                          r'collective-permute)(-start)?\\(', line)
+        if found and body in bodies:
+          in_loops += re.findall(r'\\w+\\[[\\d,]*\\]', found.group(1))
+      error = lambda got, ref: float(np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref)))
+      report[str(mesh_shape)] = {'loss': error(total, want[0]), 'grad_x': error(grad_x, want[2]),
+                                 'grad_kernel': error(grad_kernel, want[3]),
+                                 'collectives_in_loops': in_loops}
+    print(json.dumps(report))
+''')
+
+
+def test_on_a_mesh_each_device_takes_its_rows_and_vocabulary_slice_and_reduces_once():
+  """Loss and gradients against the formula on 8 CPU devices, the kernel's rows over fsdp and
+  its vocabulary over tensor; inside the chunk loop nothing is gathered or reduced but per
+  position values over the vocabulary's devices (never the kernel or its gradient)."""
+  meshes = [(1, 8, 1, 1), (2, 2, 2, 1), (2, 1, 4, 1), (1, 2, 2, 2)]  # data, fsdp, tensor, expert
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _ON_A_MESH, json.dumps(meshes)],
+                          capture_output=True, text=True, timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for mesh, found in report.items():
+    assert max(found['loss'], found['grad_x'], found['grad_kernel']) < 1e-5, (mesh, found)
+    tensor = json.loads(mesh)[2]
+    # Per position: [batch rows, chunk 4] logsumexp parts, [.., 4, d_model 8] input gradients.
+    allowed = [] if tensor == 1 else ['f32[2,4]', 'f32[2,4,8]', 'f32[4,4]', 'f32[4,4,8]']
+    assert set(found['collectives_in_loops']) <= set(allowed), (mesh, found)
