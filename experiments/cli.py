@@ -82,8 +82,8 @@ def _parse_flags(argv):
 def run(main, compilation_cache: bool = True, runs_steps: bool = True) -> None:
   """app.run(main), with every flag error one line, in a process that keeps its freed host
   memory where it runs steps on a CPU (`distributed.keep_freed_host_memory`: XLA:CPU steps ~15%
-  faster; it slows multi-threaded compilers, libtpu's by a fifth to a third), starts the TPU runtime quietly
-  where no TPU chip is attached, and keeps compiled programs on disk
+  faster; it slows multi-threaded compilers, libtpu's by a fifth to a third), starts the TPU
+  runtime quietly where no TPU chip is attached, and keeps compiled programs on disk
   (`distributed.use_compilation_cache`) unless `compilation_cache` is False: for the commands
   that time compiling. runs_steps=False: a command that only compiles."""
   if runs_steps and distributed.steps_run_on_cpu():

@@ -76,10 +76,9 @@ def _unchunk(a: jax.Array) -> jax.Array:
 
 
 class _Layout(NamedTuple):
-  """Where the loss's inputs live on the mesh: the activations' and targets' batch axes, the
-  output kernel's spec, and the mesh axes of each of its dimensions (all () off a mesh)."""
+  """Where the loss's inputs live on the mesh: the mesh axes that split the activations' and
+  targets' batch, and the output kernel's rows and columns (all () off a mesh)."""
   batch_axes: tuple[str, ...] = ()
-  kernel_spec: PartitionSpec = PartitionSpec()
   embed_axes: tuple[str, ...] = ()
   vocab_axes: tuple[str, ...] = ()
 
@@ -95,8 +94,8 @@ def _layout(kernel_shape) -> _Layout:
     return tuple(axis for axis in entry if mesh.shape[axis] > 1)
 
   kernel_spec = logical_to_spec(KERNEL_AXES, kernel_shape, mesh)
-  layout = _Layout(axes(logical_to_spec(('batch',), mesh=mesh)[0]), kernel_spec,
-                   axes(kernel_spec[0]), axes(kernel_spec[1]))
+  layout = _Layout(axes(logical_to_spec(('batch',), mesh=mesh)[0]), axes(kernel_spec[0]),
+                   axes(kernel_spec[1]))
   assert set(layout.embed_axes) <= set(layout.batch_axes), (
       f'the output kernel\'s rows are sharded over {layout.embed_axes}, which do not all split '
       f'the batch {layout.batch_axes}: their gradient could not be reduce-scattered')
@@ -115,8 +114,9 @@ def _on_shards(layout: _Layout, local, x, kernel, targets, mask, outputs):
 
   if not jax.sharding.get_abstract_mesh().empty:
     rows = PartitionSpec(layout.batch_axes or None)
-    specs = {'total': PartitionSpec(), 'grad_x': rows, 'grad_kernel': layout.kernel_spec}
-    gathered = jax.shard_map(gathered, in_specs=(rows, layout.kernel_spec, rows, rows),
+    kernel_spec = PartitionSpec(layout.embed_axes or None, layout.vocab_axes or None)
+    specs = {'total': PartitionSpec(), 'grad_x': rows, 'grad_kernel': kernel_spec}
+    gathered = jax.shard_map(gathered, in_specs=(rows, kernel_spec, rows, rows),
                              out_specs=tuple(specs[name] for name in outputs), check_vma=False)
   return gathered(x, kernel, targets, mask)
 
