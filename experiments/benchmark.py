@@ -1,7 +1,7 @@
 """Train-step speed and memory, one row per combination of the axes given:
 
   python -m experiments.benchmark --config=configs/lm.py:size=small \
-      --gates=none,g1_elementwise,g1_headwise --attention_impls=xla,chunked [--scan=false,true]
+      --gates=none,g1_elementwise,g1_headwise --attention_impls=cpu_flash,chunked [--scan=false,true]
       [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] [--json]
 
 Each row: parameters, ms/step (the median trial; the trials' range beside it), tokens/s, MFU

@@ -38,7 +38,7 @@ MEMORY_BY_DEVICE_KIND = (
 
 
 # Attention implementations whose work XLA's cost analysis leaves out (compiled_flops).
-UNCOUNTED_ATTENTION = ('splash', 'chunked')
+UNCOUNTED_ATTENTION = ('splash', 'chunked', 'cpu_flash')
 
 
 class CompileError(RuntimeError):
@@ -113,8 +113,8 @@ def compiled_flops(config, mesh) -> float | None:
   sequences per batch shard. Each depth's count is a per-step part (the optimizer update) plus
   a per-sequence part, and both grow linearly with depth. Left out: the microbatch loop's
   gradient additions (one per parameter per microbatch), and attention where it runs as
-  `splash` (a Pallas kernel XLA cannot see into: nothing counted) or `chunked` (its block loops
-  counted once: a few percent of its work); `UNCOUNTED_ATTENTION`."""
+  `splash` or `cpu_flash` (kernels XLA cannot see into: nothing counted) or `chunked` (its block
+  loops counted once: a few percent of its work); `UNCOUNTED_ATTENTION`."""
   shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
   per_step, per_unit = [], []  # By depth 1, 2; a unit is one sequence per batch shard.
   for layers in (1, 2):

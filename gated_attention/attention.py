@@ -22,8 +22,12 @@ holds position j: it sees slots 0..q_offset[b] + i.
   splash       the Pallas TPU splash-attention kernel (forward and backward), run per shard
                with shard_map over the batch and head mesh axes; in Pallas interpret mode
                elsewhere (tests).
+  cpu_flash    a compiled C++ kernel of the same algorithm for CPUs in float32
+               (`cpu_kernel`: built on first use with the host's compiler), run per shard as
+               splash is.
   auto         splash on TPU, cudnn on GPU in 16-bit dtypes (chunked in float32, which cuDNN's
-               kernel refuses), chunked on CPU (the fastest there: see README).
+               kernel refuses), cpu_flash on CPU in float32 (the fastest there: see README;
+               chunked in other dtypes or where the kernel cannot be built).
 """
 
 import functools
@@ -32,12 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gated_attention import cpu_kernel
 from gated_attention.config import CUDNN_DTYPES, SPLASH_BLOCK, ConfigError
-from gated_attention.sharding import logical_to_spec, target_platform
+from gated_attention.sharding import constrain, logical_to_spec, splits_evenly, target_platform
 
 # Implementations that take a q_offset (a KV cache); the others serve training and prefill.
 CACHE_IMPLEMENTATIONS = ('xla', 'chunked')
-AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'chunked'}
+AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'cpu_flash'}
 # Block length of `chunked` along queries and keys: 128, but 64 on CPUs below 1,024 tokens
 # (measured, one layer's forward and backward, 16 x 256 tokens: 47 ms with 64, 56 with 32, 67
 # with 128; from 1,024 tokens on 128 is as fast or faster).
@@ -47,14 +52,17 @@ _MASKED = -0.7 * float(np.finfo(np.float32).max)  # Finite: exp(masked - max) is
 
 def resolve(impl: str, cached: bool = False, platform: str | None = None,
             length: int | None = None, dtype=None) -> str:
-  """The implementation to run: 'auto' by platform (chunked where cuDNN does not take the
-  dtype); chunked, which computes the same, where splash's blocks do not divide the length
-  (training lengths are validated; evaluation and generation run others); with a KV cache, one
-  that takes offsets."""
+  """The implementation to run: 'auto' by platform (chunked where cuDNN or the CPU kernel
+  does not take the dtype, or the CPU kernel cannot be built); chunked, which computes the same,
+  where splash's blocks do not divide the length (training lengths are validated; evaluation
+  and generation run others); with a KV cache, one that takes offsets."""
   platform = platform or target_platform()
+  dtype_name = None if dtype is None else jnp.dtype(dtype).name
   if impl == 'auto':
     impl = AUTO.get(platform, 'xla')
-    if impl == 'cudnn' and dtype is not None and jnp.dtype(dtype).name not in CUDNN_DTYPES:
+    if impl == 'cudnn' and dtype_name not in (None, *CUDNN_DTYPES):
+      impl = 'chunked'
+    if impl == 'cpu_flash' and (dtype_name not in (None, 'float32') or cpu_kernel.build_error()):
       impl = 'chunked'
   if impl == 'splash' and length is not None and length % SPLASH_BLOCK:
     impl = 'chunked'
@@ -63,7 +71,22 @@ def resolve(impl: str, cached: bool = False, platform: str | None = None,
                       f'compiled for {platform}: choose auto, chunked, xla or dot_product.')
   if cached and impl not in CACHE_IMPLEMENTATIONS:
     return 'chunked'
+  if impl == 'cpu_flash':
+    _check_cpu_flash(platform, dtype_name)
   return impl
+
+
+def _check_cpu_flash(platform: str, dtype_name: str | None) -> None:
+  if platform != 'cpu':
+    raise ConfigError(f'model.attention_impl=cpu_flash runs on CPUs only; this program is '
+                      f'compiled for {platform}: choose auto, chunked, xla or dot_product.')
+  if dtype_name not in (None, 'float32'):
+    raise ConfigError(f'model.attention_impl=cpu_flash computes in float32, not {dtype_name}: '
+                      'choose model.dtype=float32, or auto (chunked in other dtypes).')
+  error = cpu_kernel.build_error()
+  if error:
+    raise ConfigError(f'model.attention_impl=cpu_flash: the CPU kernel cannot run here: {error}. '
+                      'Choose auto (chunked where the kernel cannot be built) or chunked.')
 
 
 def attention(q, k, v, impl: str, q_offset=None):
@@ -262,6 +285,30 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
                                 interpret=interpret)
 
 
+def kv_for_head_shards(q, k, v):
+  """(k, v) with each query head's copy of its KV head where the mesh splits the query heads
+  but not the KV heads (tensor parallelism past the KV heads), so every shard holds the KV
+  heads its query heads read; unchanged elsewhere."""
+  if splits_evenly('kv_heads', k.shape[2]):
+    return k, v
+  group = q.shape[2] // k.shape[2]
+  return tuple(constrain(jnp.repeat(x, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
+               for x in (k, v))
+
+
+def _on_shards(local, q, k, v):
+  """local(q, k, v) -> out on each device's batch and head shard (shard_map over the current
+  mesh), or on the whole arrays without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  k, v = kv_for_head_shards(q, k, v)
+  q_spec = logical_to_spec(('batch', 'length', 'heads', 'head_dim'))
+  kv_spec = logical_to_spec(('batch', 'length', 'kv_heads', 'head_dim'), k.shape)
+  return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v)
+
+
 def splash_attention(q, k, v, q_offset=None):
   """The `splash` implementation: the kernel on each device's batch and head shard."""
   assert q_offset is None, 'a KV cache resolves to a cache implementation'
@@ -275,13 +322,47 @@ def splash_attention(q, k, v, q_offset=None):
     out = jax.vmap(kernel)(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     return out.transpose(0, 2, 1, 3)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return local(q, k, v)
-  q_spec = logical_to_spec(('batch', 'length', 'heads', 'head_dim'))
-  kv_spec = logical_to_spec(('batch', 'length', 'kv_heads', 'head_dim'), k.shape)
-  return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                       check_vma=False)(q, k, v)
+  return _on_shards(local, q, k, v)
+
+
+# ---- cpu_flash: the compiled CPU kernel ------------------------------------------------------
+
+
+@jax.custom_vjp
+def _cpu_flash(q, k, v):
+  return _cpu_flash_fwd(q, k, v)[0]
+
+
+def _cpu_flash_fwd(q, k, v):
+  batch, length, heads, _ = q.shape
+  out, lse = jax.ffi.ffi_call(cpu_kernel.FORWARD, (
+      jax.ShapeDtypeStruct(q.shape, jnp.float32),
+      jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)), vmap_method='sequential')(
+          q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _cpu_flash_bwd(residuals, d_out):
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in residuals[:3])
+  return tuple(jax.ffi.ffi_call(cpu_kernel.BACKWARD, shapes, vmap_method='sequential')(
+      *residuals, d_out))
+
+
+_cpu_flash.defvjp(_cpu_flash_fwd, _cpu_flash_bwd)
+
+
+def cpu_flash_attention(q, k, v, q_offset=None):
+  """The `cpu_flash` implementation: the compiled kernel on each device's batch and head shard
+  (float32; the kernel is built and registered by `resolve`)."""
+  assert q_offset is None, 'a KV cache resolves to a cache implementation'
+  batch, length, heads, head_dim = q.shape
+  if (k.shape != v.shape or k.shape[:2] != (batch, length) or k.shape[3] != head_dim
+      or heads % k.shape[2] or {x.dtype for x in (q, k, v)} != {jnp.dtype(jnp.float32)}):
+    raise ValueError(f'cpu_flash is causal self-attention in float32: q [batch, length, heads, '
+                     f'head_dim], k and v [batch, length, kv_heads, head_dim], kv_heads dividing '
+                     f'heads; got q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, v {v.shape} '
+                     f'{v.dtype}.')
+  return _on_shards(_cpu_flash, q, k, v)
 
 
 _IMPLEMENTATIONS = {
@@ -290,4 +371,5 @@ _IMPLEMENTATIONS = {
     'cudnn': _dot_product('cudnn'),
     'chunked': chunked_attention,
     'splash': splash_attention,
+    'cpu_flash': cpu_flash_attention,
 }

@@ -58,6 +58,11 @@ def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
   are fine); None where the compiler finds it cannot fit a device. devices: those to compile
   for, the batch split over them (default: one local device; `aot.topology_devices` gives a TPU
   slice's)."""
+  if impl == 'cpu_flash':
+    raise config_lib.ConfigError(
+        '--attention_impls: cpu_flash keeps its working memory inside the kernel, which XLA\'s '
+        'memory analysis does not see (per thread: [64, L] logits and its KV head); compare '
+        'xla, dot_product, chunked or splash.')
   devices = list(devices or jax.devices()[:1])
   mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
   shape = jax.ShapeDtypeStruct(

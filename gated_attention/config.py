@@ -22,7 +22,7 @@ ROPE_SCALING_KEYS = {
     'yarn': ('factor', 'original_max_position', 'beta_fast', 'beta_slow', 'attention_factor',
              'mscale', 'mscale_all_dim', 'truncate'),
 }
-ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'chunked', 'splash')
+ATTENTION_IMPLS = ('auto', 'xla', 'dot_product', 'cudnn', 'chunked', 'splash', 'cpu_flash')
 SPLASH_BLOCK = 128  # The splash kernel's smallest block along the sequence.
 REMAT_POLICIES = ('none', 'full', 'save_dots')
 MOE_IMPLS = ('capacity', 'ragged')
@@ -314,6 +314,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
   _check_choice('model.remat', model.remat, REMAT_POLICIES)
   _check_choice('model.dtype', model.dtype, DTYPES)
   _check_choice('model.param_dtype', model.param_dtype, DTYPES)
+  if model.attention_impl == 'cpu_flash' and model.dtype != 'float32':
+    raise ConfigError(f'model.attention_impl=cpu_flash computes in float32, not '
+                      f'model.dtype={model.dtype!r}: choose float32, or auto (chunked in other '
+                      'dtypes on CPUs), chunked or xla.')
   if model.attention_impl == 'cudnn' and model.dtype not in CUDNN_DTYPES:
     raise ConfigError(f'model.attention_impl=cudnn takes model.dtype bfloat16 or float16 (what '
                       f'cuDNN\'s fused attention computes in), not {model.dtype!r}: choose a '

@@ -27,7 +27,8 @@ For each context length L (`lengths`):
 
 Writes WORKDIR/long_eval/step_N.json and PNGs (loss against position per length, accuracy
 against length per task). The model runs with the config saved in the checkpoint; its
-attention_impl 'auto' picks the memory-linear chunked path on CPUs.
+attention_impl 'auto' picks a path whose memory is linear in length on CPUs (cpu_flash, and
+chunked where a KV cache is read).
 """
 
 import dataclasses

@@ -26,7 +26,7 @@ from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, r
                                     rope_tables)
 from gated_attention.loss import next_token_loss, output_logits
 from gated_attention.moe import EXPERT_MATMUL, MoE
-from gated_attention.sharding import constrain, splits_evenly
+from gated_attention.sharding import constrain
 
 GATE_HISTOGRAM_BINS = 40
 ATTENTION_MAP_SIZE = 64  # analysis: attention maps of the first positions, as the paper's Fig. 2.
@@ -153,11 +153,7 @@ class Attention(nnx.Module):
       k = outputs['key'] = write(cache_key, k.astype(cache_key.dtype), q_offset)
       v = outputs['value'] = write(cache_value, v.astype(cache_value.dtype), q_offset)
     kv_values = v  # value_norm is per KV head, however the heads are sharded.
-    if not splits_evenly('kv_heads', k.shape[2]):
-      # Tensor parallelism past the KV heads: each shard reads the query heads' copies.
-      group = q.shape[2] // k.shape[2]
-      k = constrain(jnp.repeat(k, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
-      v = constrain(jnp.repeat(v, group, axis=2), ('batch', 'length', 'heads', 'head_dim'))
+    k, v = attention_lib.kv_for_head_shards(q, k, v)
 
     if measured is not None:
       y, probs = attention_lib.softmax_attention(q, k, v, q_offset)

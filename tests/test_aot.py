@@ -82,8 +82,8 @@ def test_local_topology_compiles_for_the_devices_at_hand_and_judges_the_host_mem
   report = aot.compile_report(config, aot.topology_devices('local'))
   assert report['device_kind'] == 'cpu' and report['train_step']['total'] > 0
   assert report['device_memory_bytes'] == host_share and report['fits'] is True
-  # auto runs chunked on CPUs, whose block loops XLA's cost analysis counts once.
-  assert 'attention (chunked) left out' in aot.format_report(report)
+  # auto runs cpu_flash on CPUs, a kernel XLA's cost analysis cannot see into.
+  assert 'attention (cpu_flash) left out' in aot.format_report(report)
   config.model.attention_impl = 'xla'
   config.data.update(batch_size=256, seq_len=2048)
   report = aot.compile_report(config, aot.topology_devices('local'))

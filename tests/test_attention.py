@@ -1,14 +1,18 @@
 """Every attention implementation against a NumPy reference and against `xla`, on values and
-gradients; the KV-cache offsets; memory linear in length for `chunked`."""
+gradients; the KV-cache offsets; memory linear in length for `chunked`; the CPU kernel's build."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gated_attention import attention
+from gated_attention import attention, cpu_kernel
 from gated_attention.config import ConfigError
 from tests import reference
 
@@ -36,6 +40,7 @@ IMPLEMENTATIONS = {
     'chunked': functools.partial(attention.chunked_attention, chunk=4),
     'chunked_one_block': functools.partial(attention.attention, impl='chunked'),
     'splash': functools.partial(attention.attention, impl='splash'),
+    'cpu_flash': functools.partial(attention.attention, impl='cpu_flash'),
 }
 
 
@@ -56,6 +61,105 @@ def test_implementation_equals_xla_on_values_and_gradients(name, heads, kv_heads
   expected = jax.grad(functools.partial(_loss, xla), argnums=(0, 1, 2))(q, k, v)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('length, heads, kv_heads, head_dim', [
+    (1, 2, 1, 8), (65, 6, 2, 20), (130, 4, 4, 64), (200, 3, 1, 40)])
+def test_cpu_flash_equals_xla_across_blocks_and_padded_widths(length, heads, kv_heads, head_dim):
+  """Lengths across the kernel's 64-row blocks and 16-wide vectors, head_dim padded to whole
+  vectors, GQA groups of 1 to 3."""
+  q, k, v = _qkv(5, batch=2, length=length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+  flash = functools.partial(attention.attention, impl='cpu_flash')
+  xla = functools.partial(attention.attention, impl='xla')
+  np.testing.assert_allclose(np.asarray(jax.jit(flash)(q, k, v)), np.asarray(xla(q, k, v)),
+                             rtol=1e-5, atol=1e-6)
+  grads = jax.jit(jax.grad(functools.partial(_loss, flash), argnums=(0, 1, 2)))(q, k, v)
+  expected = jax.grad(functools.partial(_loss, xla), argnums=(0, 1, 2))(q, k, v)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_flash_rows_far_below_any_mask_value_stay_causal():
+  """Equal logits near -1e35 (below any finite mask value the kernel could have used): query i
+  averages values 0..i exactly, as the formula says."""
+  length, head_dim = 20, 16
+  q = jnp.full((1, length, 1, head_dim), 1.58e17, jnp.float32)
+  k = -q
+  v = jnp.asarray(np.random.default_rng(6).normal(size=(1, length, 1, head_dim)), jnp.float32)
+  expected = np.cumsum(np.asarray(v[0, :, 0]), axis=0) / np.arange(1, length + 1)[:, None]
+  np.testing.assert_allclose(np.asarray(attention.attention(q, k, v, 'cpu_flash')[0, :, 0]),
+                             expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_flash_refuses_inputs_it_does_not_compute():
+  q, k, v = _qkv(7, length=16, heads=4, kv_heads=2)
+  for args in [(q, k[:, :5], v[:, :5]),  # Keys shorter than queries.
+               (q[:, :, :3], k, v),  # Heads not a multiple of the KV heads.
+               (q, k[..., :4], v[..., :4]),  # Another head_dim.
+               (q, k.astype(jnp.bfloat16), v)]:
+    with pytest.raises(ValueError, match='cpu_flash is causal self-attention in float32'):
+      attention.cpu_flash_attention(*args)
+
+
+_ON_A_MESH = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from gated_attention import attention, sharding
+from tests.test_attention import _loss, _qkv
+mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=2, expert=1))
+errors = {}
+for heads, kv_heads in [(6, 3), (4, 2)]:  # Tensor 2 splits 2 KV heads, not 3.
+  q, k, v = _qkv(8, batch=2, length=128, heads=heads, kv_heads=kv_heads)
+  value_and_grad = lambda impl: jax.jit(jax.value_and_grad(
+      lambda q, k, v: _loss(lambda *a: attention.attention(*a, impl), q, k, v), (0, 1, 2)))
+  want = value_and_grad('xla')(q, k, v)
+  for impl in ('cpu_flash', 'splash'):
+    with jax.set_mesh(mesh):
+      got = value_and_grad(impl)(q, k, v)
+    errors[f'{impl} {heads}/{kv_heads}'] = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+print(json.dumps(errors))
+"""
+
+
+def test_kernels_on_a_mesh_equal_xla_where_tensor_does_not_split_the_kv_heads():
+  """Each shard's query heads read their own KV heads: with 3 KV heads over tensor=2 the KV
+  heads are repeated to the query heads before the kernels run per shard."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', _ON_A_MESH], capture_output=True, text=True,
+                          timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  errors = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(errors) == 4 and max(errors.values()) < 1e-5, errors
+
+
+def _fake_compiler(tmp_path, body: str) -> str:
+  path = tmp_path / 'c++'
+  path.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\n{body}\n')
+  path.chmod(0o755)
+  return str(path)
+
+
+def test_cpu_kernel_that_cannot_be_built_is_named_and_auto_falls_back(tmp_path, monkeypatch):
+  monkeypatch.setenv('GATED_ATTENTION_CACHE', str(tmp_path / 'cache'))
+  try:
+    monkeypatch.setenv('CXX', str(tmp_path / 'missing'))
+    cpu_kernel.build_error.cache_clear()
+    assert 'no C++ compiler' in cpu_kernel.build_error()
+    assert attention.resolve('auto', platform='cpu') == 'chunked'
+    with pytest.raises(ConfigError, match='cpu_flash: the CPU kernel cannot run here: no C'):
+      attention.resolve('cpu_flash', platform='cpu')
+    # A failed build names the command and the compiler's words, and leaves no file behind.
+    monkeypatch.setenv('CXX', _fake_compiler(tmp_path, 'echo "error: no vectors" >&2; exit 1'))
+    cpu_kernel.build_error.cache_clear()
+    assert 'failed (exit status 1): error: no vectors' in cpu_kernel.build_error()
+    assert list((tmp_path / 'cache' / 'kernels').iterdir()) == []
+  finally:
+    monkeypatch.undo()
+    cpu_kernel.build_error.cache_clear()  # The next use finds the real library again.
+  assert cpu_kernel.build_error() is None
 
 
 def test_splash_at_a_length_its_blocks_do_not_divide_computes_the_same():
@@ -93,11 +197,18 @@ def test_queries_over_a_kv_cache_equal_the_rows_of_full_attention(impl):
 
 
 def test_a_cache_resolves_to_an_implementation_that_takes_offsets():
-  for impl in ('dot_product', 'splash', 'chunked'):
+  for impl in ('dot_product', 'splash', 'chunked', 'cpu_flash'):
     assert attention.resolve(impl, cached=True) == 'chunked'
   assert attention.resolve('xla', cached=True) == 'xla'
   assert [attention.resolve('auto', platform=p) for p in ('tpu', 'gpu', 'cpu')] == [
-      'splash', 'cudnn', 'chunked']
+      'splash', 'cudnn', 'cpu_flash']
+  # The CPU kernel computes in float32; other dtypes run chunked.
+  assert [attention.resolve('auto', platform='cpu', dtype=dtype)
+          for dtype in (jnp.float32, jnp.bfloat16)] == ['cpu_flash', 'chunked']
+  with pytest.raises(ConfigError, match='cpu_flash computes in float32, not bfloat16'):
+    attention.resolve('cpu_flash', platform='cpu', dtype=jnp.bfloat16)
+  with pytest.raises(ConfigError, match='model.attention_impl=cpu_flash runs on CPUs only'):
+    attention.resolve('cpu_flash', platform='tpu')
   for impl in ('auto', 'splash'):  # Splash's blocks do not divide 200: chunked computes it.
     assert attention.resolve(impl, platform='tpu', length=200) == 'chunked'
   # cuDNN's fused attention takes 16-bit dtypes only.

@@ -112,12 +112,13 @@ def test_sharded_training_matches_one_device(tmp_path):
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
 
 
-def test_tensor_parallelism_past_the_kv_heads_and_splash_match_one_device(tmp_path):
+def test_tensor_parallelism_past_the_kv_heads_and_the_kernels_match_one_device(tmp_path):
   """tensor=4 over 2 KV heads: the KV projections are replicated over the tensor shards that
-  share a KV head; the splash kernel runs per shard under shard_map (interpret mode here)."""
+  share a KV head; the splash kernel (interpret mode here) and the CPU kernel run per shard
+  under shard_map."""
   model = {'model.num_kv_heads': 2, 'model.attention_impl': 'xla', 'data.seq_len': 128}
   single = _run_sharded(dict(data=1, fsdp=1, tensor=1), tmp_path / 'single', 1, model)
-  for name, impl in [('xla', 'xla'), ('splash', 'splash')]:
+  for name, impl in [('xla', 'xla'), ('splash', 'splash'), ('cpu_flash', 'cpu_flash')]:
     sharded = _run_sharded(dict(data=2, fsdp=1, tensor=4), tmp_path / name, 8,
                            {**model, 'model.attention_impl': impl})
     assert sharded['wq'] == [32, 1, 16] and sharded['wk'] == [32, 2, 8], name  # wk: whole.
