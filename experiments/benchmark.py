@@ -101,6 +101,7 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
 
 def _attention_memory(config) -> None:
   impls = _ATTENTION.value or ['xla', 'dot_product', 'chunked']
+  benchmark.check_memory_measurable(impls)  # Before any compile.
   lengths = [int(length) for length in _MEMORY.value]
   model, batch = config.model, _MEMORY_BATCH.value
   devices = aot.topology_devices(_TOPOLOGY.value)

@@ -72,17 +72,16 @@ def resolve(impl: str, cached: bool = False, platform: str | None = None,
   if cached and impl not in CACHE_IMPLEMENTATIONS:
     return 'chunked'
   if impl == 'cpu_flash':
-    _check_cpu_flash(platform, dtype_name)
+    _check_cpu_flash(platform)
   return impl
 
 
-def _check_cpu_flash(platform: str, dtype_name: str | None) -> None:
+def _check_cpu_flash(platform: str) -> None:
+  """Refuses an explicit cpu_flash off CPUs or where its kernel cannot be built (its inputs'
+  dtype is checked by `cpu_flash_attention`, model.dtype by config validation)."""
   if platform != 'cpu':
     raise ConfigError(f'model.attention_impl=cpu_flash runs on CPUs only; this program is '
                       f'compiled for {platform}: choose auto, chunked, xla or dot_product.')
-  if dtype_name not in (None, 'float32'):
-    raise ConfigError(f'model.attention_impl=cpu_flash computes in float32, not {dtype_name}: '
-                      'choose model.dtype=float32, or auto (chunked in other dtypes).')
   error = cpu_kernel.build_error()
   if error:
     raise ConfigError(f'model.attention_impl=cpu_flash: the CPU kernel cannot run here: {error}. '

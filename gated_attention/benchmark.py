@@ -51,6 +51,15 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
           'devices': jax.device_count()}
 
 
+def check_memory_measurable(impls) -> None:
+  """Refuses implementations whose working memory XLA's memory analysis cannot see."""
+  if 'cpu_flash' in impls:
+    raise config_lib.ConfigError(
+        '--attention_impls: cpu_flash keeps its working memory inside the kernel, which XLA\'s '
+        'memory analysis does not see (per thread: [64, L] logits and its KV head); compare '
+        'xla, dot_product, chunked or splash.')
+
+
 def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
                      batch: int = 1, dtype=jnp.float32, devices=None) -> int | None:
   """Compiled temporary bytes per device of one attention layer's forward and backward pass,
@@ -58,11 +67,7 @@ def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
   are fine); None where the compiler finds it cannot fit a device. devices: those to compile
   for, the batch split over them (default: one local device; `aot.topology_devices` gives a TPU
   slice's)."""
-  if impl == 'cpu_flash':
-    raise config_lib.ConfigError(
-        '--attention_impls: cpu_flash keeps its working memory inside the kernel, which XLA\'s '
-        'memory analysis does not see (per thread: [64, L] logits and its KV head); compare '
-        'xla, dot_product, chunked or splash.')
+  check_memory_measurable([impl])
   devices = list(devices or jax.devices()[:1])
   mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
   shape = jax.ShapeDtypeStruct(

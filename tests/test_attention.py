@@ -205,8 +205,8 @@ def test_a_cache_resolves_to_an_implementation_that_takes_offsets():
   # The CPU kernel computes in float32; other dtypes run chunked.
   assert [attention.resolve('auto', platform='cpu', dtype=dtype)
           for dtype in (jnp.float32, jnp.bfloat16)] == ['cpu_flash', 'chunked']
-  with pytest.raises(ConfigError, match='cpu_flash computes in float32, not bfloat16'):
-    attention.resolve('cpu_flash', platform='cpu', dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match='cpu_flash is causal self-attention in float32'):
+    attention.attention(*(x.astype(jnp.bfloat16) for x in _qkv(9)), 'cpu_flash')
   with pytest.raises(ConfigError, match='model.attention_impl=cpu_flash runs on CPUs only'):
     attention.resolve('cpu_flash', platform='tpu')
   for impl in ('auto', 'splash'):  # Splash's blocks do not divide 200: chunked computes it.

@@ -75,3 +75,11 @@ def test_torch_reference_failure_names_the_script_and_its_error(fake_python, tmp
   with pytest.raises(ConfigError, match=r'torch_lm\.py failed under .*failing_python \(exit '
                                         r'status 3\): no torch here$'):
     benchmark.torch_reference(str(failing), 'torch_lm.py', run_config(gate='none'))
+
+
+def test_attention_memory_refuses_a_kernel_whose_memory_xla_cannot_see():
+  with pytest.raises(ConfigError, match='cpu_flash keeps its working memory inside the kernel'):
+    benchmark.check_memory_measurable(['xla', 'cpu_flash'])
+  with pytest.raises(ConfigError, match='cpu_flash keeps its working memory inside the kernel'):
+    benchmark.attention_memory('cpu_flash', 512)
+  benchmark.check_memory_measurable(['xla', 'dot_product', 'chunked', 'splash'])
