@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from gated_attention.checkpoint import whole_file
+from gated_attention.distributed import log
 from gated_attention.tokenizer import load_tokenizer
 
 
@@ -76,16 +77,27 @@ def _directory_hint(pattern: str) -> str:
 
 
 def split_documents(documents, heldout_fraction: float, seed: int, where: str = 'data.path'):
-  """(train, heldout) lists: a seeded choice of whole documents goes to heldout; `where` names
-  the documents' source in errors."""
+  """(train, heldout) lists: a seeded choice of whole documents goes to heldout, the fraction
+  rounded to at least one document and at most all but one (said when it moves the count);
+  `where` names the documents' source in messages."""
   if len(documents) < 2:
     raise DataError(f'{where} gives {len(documents)} document(s): a held-out split needs at '
                     'least 2 (whole files are held out).')
   order = np.random.default_rng(seed).permutation(len(documents))
-  num_heldout = min(len(documents) - 1, max(1, round(heldout_fraction * len(documents))))
+  rounded = round(heldout_fraction * len(documents))
+  num_heldout = min(len(documents) - 1, max(1, rounded))
+  if num_heldout != rounded:
+    _log_once(f'data.heldout_fraction={heldout_fraction} of the {len(documents)} documents of '
+              f'{where} rounds to {rounded}; {num_heldout} held out instead (each split needs '
+              'a whole document).')
   heldout = set(order[:num_heldout].tolist())
   train = [d for i, d in enumerate(documents) if i not in heldout]
   return train, [d for i, d in enumerate(documents) if i in heldout]
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+  log(message)
 
 
 class TokenChunks:

@@ -24,6 +24,18 @@ def test_embedded_corpus_is_real_and_split_by_document():
   assert [n for n, _ in again] == [n for n, _ in heldout]
 
 
+@pytest.mark.parametrize('fraction, heldout', [(0.05, 1), (0.9, 3)])
+def test_a_fraction_that_rounds_outside_the_documents_is_moved_and_said(fraction, heldout,
+                                                                       capsys):
+  documents = [(f'doc{i}', b'text') for i in range(4)]
+  train, held = data.split_documents(documents, fraction, seed=0, where='data.path=x')
+  assert (len(train), len(held)) == (4 - heldout, heldout)
+  assert (f'data.heldout_fraction={fraction} of the 4 documents of data.path=x rounds to '
+          f'{round(fraction * 4)}; {heldout} held out instead') in capsys.readouterr().out
+  data.split_documents(documents * 5, 0.05, seed=0)  # 20 documents: 1 held out, as rounded.
+  assert capsys.readouterr().out == ''
+
+
 def test_examples_start_with_bos_and_continue_the_stream():
   documents = [('a', b'abcdefgh'), ('b', b'ijklmnop')]
   chunks = data.TokenChunks(documents, seq_len=5, name='test', tokenizer=BYTES)
