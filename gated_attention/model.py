@@ -73,8 +73,8 @@ class KVCache(NamedTuple):
 
 class ModelOutput(NamedTuple):
   """logits: float32 [batch, length, vocab]; None when the call was given targets.
-  aux_losses: mixture-of-experts load_balance_loss and router_z_loss, mean over layers ({} for
-    a dense model).
+  aux_losses: mixture-of-experts load_balance_loss and router_z_loss, mean over layers, each
+    over the tokens not equal to pad_id ({} for a dense model).
   stats: with analysis=True, per-layer arrays (leading axis: layers); those that reduce over
     positions leave out the tokens equal to pad_id:
     first_token_attention [layers, batch, heads, length]: each query's attention on token 0;
@@ -216,17 +216,20 @@ class Block(nnx.Module):
       self.mlp = SwiGLU(cfg.d_model, mlp_width(cfg), std=cfg.init_std, out_std=out_std,
                         param_dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, rope, cache=None, measured: jax.Array | None = None):
-    """Returns (x, outputs): the attention's outputs, MoE auxiliary losses, max_activation
-    (over the `measured` positions, when given)."""
+  def __call__(self, x, rope, cache=None, measured: jax.Array | None = None,
+               counted: jax.Array | None = None):
+    """Returns (x, outputs): the attention's outputs, MoE auxiliary losses (over the `counted`
+    tokens, when given: PAD left out), max_activation (over the `measured` positions, when
+    given)."""
     attended, outputs = self.attention(self.attention_norm(x), rope, cache, measured)
     if self.sandwich_norm is not None:
       attended = self.sandwich_norm(attended)
     x = x + attended
-    mlp = self.mlp(self.mlp_norm(x))
     if isinstance(self.mlp, MoE):
-      mlp, aux_losses = mlp
+      mlp, aux_losses = self.mlp(self.mlp_norm(x), counted)
       outputs.update(aux_losses)
+    else:
+      mlp = self.mlp(self.mlp_norm(x))
     x = constrain(x + mlp, ACTIVATION_AXES)
     if measured is not None:
       outputs['max_activation'] = jnp.max(jnp.where(measured[..., None],
@@ -291,7 +294,8 @@ class Transformer(nnx.Module):
       positions = cache.length[:, None] + positions
     rope = rope_tables(positions, np.asarray(self.rope[0], np.float32), self.rope[1])
     measured = measured_positions(tokens, pad_id) if analysis else None
-    x, per_layer = self._layers(x, rope, cache, measured)
+    counted = None if pad_id is None else measured_positions(tokens, pad_id)  # For MoE losses.
+    x, per_layer = self._layers(x, rope, cache, measured, counted)
 
     x = self.final_norm(x)
     kernel = self.embedding[...].T if self.lm_head is None else self.lm_head[...]
@@ -313,13 +317,13 @@ class Transformer(nnx.Module):
     return ModelOutput(logits, aux_losses, per_layer if analysis else {}, new_cache, loss_sum,
                        num_tokens)
 
-  def _layers(self, x, rope, cache, measured):
+  def _layers(self, x, rope, cache, measured, counted):
     """Runs every block; returns x and the blocks' outputs stacked over layers."""
     def block_fn(graphdef):
       def layer(x, rope, length, inputs):
         params, key, value = inputs
         layer_cache = None if key is None else (key, value, length)
-        return nnx.merge(graphdef, params)(x, rope, layer_cache, measured)
+        return nnx.merge(graphdef, params)(x, rope, layer_cache, measured, counted)
       policy = REMAT_POLICIES[self.remat_policy]
       if policy is None or measured is not None:
         return layer

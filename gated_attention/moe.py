@@ -29,6 +29,8 @@ Auxiliary losses (returned with the output, averaged over layers by the model):
                  reduction, not a per-device loss); with train.microbatches > 1, over each
                  microbatch, and the mean of those. 1.0 for a uniform router.
   router z       mean over tokens of logsumexp(router logits)^2.
+Both average over the tokens that count (the model leaves out PAD input tokens); PAD tokens are
+still routed and computed, as every position is.
 """
 
 import math
@@ -72,14 +74,30 @@ def capacity_slots(expert: jax.Array, num_experts: int) -> jax.Array:
   return jnp.sum((jnp.cumsum(chosen, axis=1) - 1) * chosen, axis=-1).reshape(batch, top_k, seq)
 
 
-def load_balance_loss(probs: jax.Array, expert: jax.Array) -> jax.Array:
-  """num_experts * sum_e f_e * P_e over the whole batch: probs [batch, seq, experts], expert
-  [batch, k, seq] the chosen experts (before capacity). 1 when the router is uniform; num_experts
-  when every token sends everything to one expert."""
+def load_balance_loss(probs: jax.Array, expert: jax.Array,
+                      counted: jax.Array | None = None) -> jax.Array:
+  """num_experts * sum_e f_e * P_e over the batch's counted tokens: probs [batch, seq, experts],
+  expert [batch, k, seq] the chosen experts (before capacity), counted bool [batch, seq] (None:
+  every token). 1 when the router is uniform; num_experts when every token sends everything to
+  one expert."""
   num_experts = probs.shape[-1]
   assigned = jax.nn.one_hot(expert, num_experts, dtype=jnp.float32)  # [batch, k, seq, experts]
-  fraction = jnp.mean(assigned, axis=(0, 1, 2))
-  return num_experts * jnp.sum(fraction * jnp.mean(probs, axis=(0, 1)))
+  fraction = _counted_mean(jnp.mean(assigned, axis=1), counted)
+  return num_experts * jnp.sum(fraction * _counted_mean(probs, counted))
+
+
+def router_z_loss(logits: jax.Array, counted: jax.Array | None = None) -> jax.Array:
+  """Mean over the counted tokens of logsumexp(router logits) ** 2 (ST-MoE's z-loss)."""
+  return _counted_mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)), counted)
+
+
+def _counted_mean(x: jax.Array, counted: jax.Array | None) -> jax.Array:
+  """Mean of x [batch, seq, ...] over its tokens where counted [batch, seq] (None: all); 0
+  where none counts."""
+  if counted is None:
+    return jnp.mean(x, axis=(0, 1))
+  weight = counted.astype(jnp.float32).reshape(counted.shape + (1,) * (x.ndim - 2))
+  return jnp.sum(x * weight, axis=(0, 1)) / jnp.maximum(jnp.sum(counted), 1)
 
 
 def _swiglu_rows(h: jax.Array) -> jax.Array:
@@ -149,13 +167,14 @@ class MoE(nnx.Module):
     else:
       self.shared_expert = self.shared_expert_gate = None
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
-    """Returns (output, {'load_balance_loss', 'router_z_loss'})."""
+  def __call__(self, x: jax.Array, counted: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """Returns (output, {'load_balance_loss', 'router_z_loss'}), the losses over the counted
+    tokens (bool [batch, seq]: PAD left out; None: every token). Every token is routed."""
     logits = jnp.einsum('bte,ex->btx', x, self.router[...].astype(x.dtype),
                         preferred_element_type=jnp.float32)
     expert, weight, probs = route(logits, self.top_k, self.normalize_top_k)
-    aux = {'load_balance_loss': load_balance_loss(probs, expert),
-           'router_z_loss': jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))}
+    aux = {'load_balance_loss': load_balance_loss(probs, expert, counted),
+           'router_z_loss': router_z_loss(logits, counted)}
     wi, wo = self.wi[...].astype(x.dtype), self.wo[...].astype(x.dtype)
     if self.impl == 'ragged':
       out = self._ragged(x, expert, weight, wi, wo)

@@ -100,6 +100,40 @@ def test_load_balance_loss_of_collapsed_and_balanced_routing():
   np.testing.assert_allclose(load_balance_loss(halves, split), 2.0)
 
 
+def test_auxiliary_losses_average_over_the_counted_tokens_only():
+  rng = np.random.default_rng(5)
+  batch, seq, experts, top_k = 2, 6, 4, 2
+  logits = rng.normal(size=(batch, seq, experts)).astype(np.float32)
+  expert = rng.integers(0, experts, (batch, top_k, seq))
+  counted = rng.random((batch, seq)) < 0.6
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  rows = [(b, t) for b in range(batch) for t in range(seq) if counted[b, t]]
+  fraction = np.zeros(experts)
+  for b, t in rows:
+    for k in range(top_k):
+      fraction[expert[b, k, t]] += 1 / (top_k * len(rows))
+  mean_probs = np.mean([probs[b, t] for b, t in rows], axis=0)
+  z = np.mean([np.log(np.exp(logits[b, t]).sum()) ** 2 for b, t in rows])
+  np.testing.assert_allclose(
+      moe.load_balance_loss(jnp.asarray(probs), jnp.asarray(expert), jnp.asarray(counted)),
+      experts * np.sum(fraction * mean_probs), rtol=1e-6)
+  np.testing.assert_allclose(moe.router_z_loss(jnp.asarray(logits), jnp.asarray(counted)), z,
+                             rtol=1e-6)
+
+
+def test_trailing_pad_tokens_leave_the_auxiliary_losses_unchanged():
+  """Causal: PAD after a sequence changes no earlier position, so with PAD left out the losses
+  of the padded batch are those of the sequence alone; counting PAD would move them."""
+  graphdef, params = nnx.split(helpers.transformer(moe_config()))
+  tokens = helpers.random_tokens(6, length=10, vocab=256)  # Byte ids; PAD is 256.
+  padded = jnp.concatenate([tokens, jnp.full((2, 6), 256, jnp.int32)], axis=1)
+  alone = apply(graphdef, params, tokens, pad_id=256).aux_losses
+  for name, value in apply(graphdef, params, padded, pad_id=256).aux_losses.items():
+    np.testing.assert_allclose(value, alone[name], rtol=1e-5)
+  counting_pad = apply(graphdef, params, padded).aux_losses
+  assert not np.isclose(counting_pad['router_z_loss'], alone['router_z_loss'], rtol=1e-3)
+
+
 def test_a_small_moe_model_trains_and_reports_its_losses(tmp_path):
   config = helpers.run_config(steps=20, log_every=5, learning_rate=1e-2)
   config.model.moe.update(num_experts=4, top_k=2, expert_mlp_dim=32, capacity_factor=1.25)
