@@ -27,7 +27,8 @@ Auxiliary losses (returned with the output, averaged over layers by the model):
                  assignments sent to expert e and P_e the mean router probability of e, both
                  over the whole global batch (jit sees the global batch, so this is one global
                  reduction, not a per-device loss); with train.microbatches > 1, over each
-                 microbatch, and the mean of those. 1.0 for a uniform router.
+                 microbatch, and the mean of those weighted by their tokens (the trainer).
+                 1.0 for a uniform router.
   router z       mean over tokens of logsumexp(router logits)^2.
 Both average over the tokens that count (the model leaves out PAD input tokens); PAD tokens are
 still routed and computed, as every position is.

@@ -41,7 +41,7 @@ from gated_attention import workdir as workdir_lib
 from gated_attention.distributed import CompileTimer, PreemptionWatch, log
 from gated_attention.loss import target_mask
 from gated_attention.metrics import MetricsWriter, format_record
-from gated_attention.model import apply
+from gated_attention.model import apply, measured_positions
 from gated_attention.optimizer import learning_rate_schedule, make_optimizer
 from gated_attention.tokenizer import pad_id
 
@@ -63,46 +63,52 @@ def make_train_step(graphdef, optimizer, schedule, moe_config, pad_id: int | Non
   router_z_weight * router_z_loss (both reported). With microbatches > 1 the batch is split
   into that many equal parts, one alive at a time, for one optimizer update: each part's
   cross-entropy is summed and divided by the whole batch's count of targets, so loss and
-  gradients are those of the whole batch, padding or not; the auxiliary losses are the mean of
-  each part's (each over its part: the load-balance product is not additive over parts). A step
+  gradients are those of the whole batch, padding or not; the auxiliary losses are each part's
+  (over its tokens that are not PAD) weighted by its share of the batch's such tokens: the
+  router z-loss, a mean over tokens, is then the whole batch's; the load-balance product is not
+  additive over parts, so it is the token-weighted mean of the parts'. A step
   whose loss or gradient norm is not finite leaves parameters and optimizer state as they were
   (its `finite` metric is False); the loop decides what to do.
   """
   aux_weights = {'load_balance_loss': moe_config.load_balance_weight,
                  'router_z_loss': moe_config.router_z_weight}
 
-  def objective(params, tokens, num_targets):
+  def objective(params, tokens, num_targets, num_inputs):
     """This part's share of the objective and metrics: its summed cross-entropy over the
-    batch's num_targets, its auxiliary losses over the number of parts."""
+    batch's num_targets, its auxiliary losses times its share of the batch's num_inputs (input
+    tokens that are not PAD)."""
     output = apply(graphdef, params, tokens[:, :-1], targets=tokens[:, 1:], pad_id=pad_id)
+    share = jnp.sum(measured_positions(tokens[:, :-1], pad_id)) / jnp.maximum(num_inputs, 1)
     metrics = {'loss': output.loss_sum / jnp.maximum(num_targets, 1),
-               **{name: value / microbatches for name, value in output.aux_losses.items()}}
+               **{name: value * share for name, value in output.aux_losses.items()}}
     total = metrics['loss'] + sum(aux_weights[name] * value for name, value in metrics.items()
                                   if name in aux_weights)
     return total, metrics
 
   gradients = jax.value_and_grad(objective, has_aux=True)
 
-  def accumulate(params, tokens, num_targets):
+  def accumulate(params, tokens, num_targets, num_inputs):
     """Gradients and metrics summed over the microbatches, one microbatch alive at a time."""
     batch = tokens.shape[0]
     # Rows i, i + k, ... form microbatch i, so every device keeps an equal share of each.
     parts = tokens.reshape(batch // microbatches, microbatches, -1).swapaxes(0, 1)
     parts = sharding_lib.constrain(parts, (None, 'batch', 'length'))
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(gradients, params, parts[0], num_targets))
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(gradients, params, parts[0], num_targets, num_inputs))
 
     def add(total, part):
-      return jax.tree.map(jnp.add, total, gradients(params, part, num_targets)), None
+      return jax.tree.map(jnp.add, total, gradients(params, part, num_targets, num_inputs)), None
 
     ((_, metrics), grads), _ = jax.lax.scan(add, zeros, parts)
     return metrics, grads
 
   def train_step(state, tokens):
     num_targets = jnp.sum(target_mask(tokens[:, 1:], pad_id))
+    num_inputs = jnp.sum(measured_positions(tokens[:, :-1], pad_id))
     if microbatches == 1:
-      (_, metrics), grads = gradients(state['params'], tokens, num_targets)
+      (_, metrics), grads = gradients(state['params'], tokens, num_targets, num_inputs)
     else:
-      metrics, grads = accumulate(state['params'], tokens, num_targets)
+      metrics, grads = accumulate(state['params'], tokens, num_targets, num_inputs)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     updated = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),

@@ -28,6 +28,7 @@ def test_embedded_corpus_is_real_and_split_by_document():
 def test_a_fraction_that_rounds_outside_the_documents_is_moved_and_said(fraction, heldout,
                                                                        capsys):
   documents = [(f'doc{i}', b'text') for i in range(4)]
+  data._log_once.cache_clear()  # Said once per process: this test may not be the first.
   train, held = data.split_documents(documents, fraction, seed=0, where='data.path=x')
   assert (len(train), len(held)) == (4 - heldout, heldout)
   assert (f'data.heldout_fraction={fraction} of the 4 documents of data.path=x rounds to '

@@ -201,10 +201,32 @@ def test_microbatches_weigh_every_counted_target_alike_however_padding_falls(moe
     results[microbatches] = jax.device_get(compile_train_step(config, setup)(state, tokens))
   (whole_state, whole), (parts_state, parts) = results[1], results[2]
   np.testing.assert_allclose(parts['loss'], whole['loss'], rtol=1e-6)
-  if not moe:  # The load-balance loss is each microbatch's (documented), so not for MoE.
+  if moe:  # The z-loss, a mean over non-PAD tokens, weighs them alike too.
+    np.testing.assert_allclose(parts['router_z_loss'], whole['router_z_loss'], rtol=1e-5)
+  else:  # The load-balance loss is each microbatch's (documented), so not for MoE.
     np.testing.assert_allclose(parts['grad_norm'], whole['grad_norm'], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  parts_state['params'], whole_state['params'])
+
+
+def test_a_microbatch_of_pad_alone_leaves_the_auxiliary_losses_as_the_rest_gives_them():
+  """Rows 1 and 3 (microbatch 1 of two) are PAD after BOS: that part has one token per row, the
+  other 16; its losses weigh 1/17 of the step's, so both stay near the one-part batch's (an
+  equal-weight mean of the parts would move them by a large fraction)."""
+  config = helpers.run_config(steps=3)
+  config.data.update(seq_len=16, batch_size=4)
+  config.model.moe.update(num_experts=4, top_k=1, expert_mlp_dim=32)
+  tokens = np.array(helpers.random_tokens(4, 4, 17, 256))
+  tokens[1::2, 1:] = 256
+  metrics = {}
+  for microbatches in (1, 2):
+    config.train.microbatches = microbatches
+    setup = setup_train_state(config, sharding_lib.make_mesh(config.mesh))
+    state = initialize_train_state(config, setup)
+    metrics[microbatches] = jax.device_get(compile_train_step(config, setup)(state, tokens)[1])
+  np.testing.assert_allclose(metrics[2]['router_z_loss'], metrics[1]['router_z_loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics[2]['load_balance_loss'], metrics[1]['load_balance_loss'],
+                             rtol=0.1)
 
 
 def test_step_times_leave_out_checkpoint_saves_and_the_first_steps_warm_up(tmp_path,
