@@ -1,16 +1,19 @@
 """Train-step speed and memory, one row per combination of the axes given:
 
   python -m experiments.benchmark --config=configs/lm.py:size=small \
-      --gates=none,g1_elementwise,g1_headwise --attention_impls=cpu_flash,chunked [--scan=false,true]
-      [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] [--json]
+      --gates=none,g1_elementwise,g1_headwise --attention_impls=cpu_flash,chunked \
+      [--scan=false,true] [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] \
+      [--rounds=3] [--json]
 
-Each row: parameters, ms/step (the median trial; the trials' range beside it), tokens/s, MFU
-(gate FLOPs included), compiled memory per device, and the overhead against the ungated row of
-the same settings. Rows run one after the other, each alone in memory: timed round-robin in one
-process, a row's time depended on the rows beside it (3-10% here). --torch_python runs the PyTorch
-reference (../shared/bench/torch_lm.py, in its own environment) on the same shape in the same
-run, eager and with torch.compile. --attention_memory=512,...,16384 prints the compiled memory
-of one attention layer's forward and backward pass per implementation and length.
+Each row: parameters, ms/step (the median trial), tokens/s, MFU (gate FLOPs included), compiled
+memory per device, and the overhead against the ungated row of the same settings. Rows run one
+after the other, each alone in memory: timed round-robin in one process, a row's time depended
+on the rows beside it (3-10% here). --torch_python runs the PyTorch reference
+(../shared/bench/torch_lm.py, in its own environment) on the same shape, eager and with
+torch.compile, right after the rows of its gate. --rounds repeats all of it in turns: a machine
+whose speed drifts moves rows measured minutes apart, so each comparison is the median of the
+ratios within a round. --attention_memory=512,...,16384 prints the compiled memory of one
+attention layer's forward and backward pass per implementation and length.
 """
 
 import itertools
@@ -34,6 +37,10 @@ _SCAN = flags.DEFINE_list('scan', [], 'model.scan_layers values to compare: fals
 _MOE = flags.DEFINE_list('moe_impls', [], 'model.moe.impl values to compare (MoE configs).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per trial.', lower_bound=1)
 _TRIALS = flags.DEFINE_integer('trials', 3, 'Trials; the median trial is reported.',
+                               lower_bound=1)
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'Rounds: every row (each compiled afresh) and the '
+                               'PyTorch reference, again, in turns; the median round is reported, '
+                               'and comparisons are the median of the ratios within a round.',
                                lower_bound=1)
 _TORCH = flags.DEFINE_string('torch_python', None, 'Python of a PyTorch environment: also time '
                              'the PyTorch reference of the same shape (eager and compiled).')
@@ -77,24 +84,52 @@ def _row_config(config, row: dict):
   return run
 
 
+def _record(row: dict, round_index: int, result: dict) -> None:
+  """Adds one round's result to a row (a JAX row or a PyTorch reference) and says it."""
+  row.setdefault('rounds', []).append(result)
+  label = ' '.join(f'{axis}={value}' for axis, value in row.items()
+                   if axis not in ('rounds', 'result'))
+  print(f'  round {round_index + 1}/{_ROUNDS.value} {label}: {result["step_time_s"] * 1e3:.1f} '
+        f'ms/step', flush=True)
+
+
+def _paired(row: dict, reference: dict) -> float:
+  """row's step time over the reference's: the median of their ratios within a round."""
+  times = [[result['step_time_s'] for result in each['rounds']] for each in (row, reference)]
+  return benchmark.paired_ratio(*times)
+
+
+def _ratio(value) -> str:
+  return 'n/a' if value is None else f'{value:+.1%}'
+
+
 def _print_table(config, rows: list[dict], torch: dict) -> None:
   first = rows[0]['result']
   print(f'\n{first["devices"]} x {first["device_kind"]}, batch {config.data.batch_size} x seq '
-        f'{config.data.seq_len}, dtype {config.model.dtype}')
+        f'{config.data.seq_len}, dtype {config.model.dtype}, {_ROUNDS.value} round(s) of '
+        f'{_TRIALS.value} trial(s) of {_STEPS.value} step(s)')
+  against = ' '.join(f'{"vs torch " + mode:>16}' for mode in ('eager', 'compile')) if torch else ''
   print(f'{"gate":28} {"attention":>10} {"scan":>5} {"moe":>9} {"params":>11} {"ms/step":>9} '
-        f'{"trial range":>13} {"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10}')
+        f'{"range":>13} {"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10} {against}')
   for row in rows:
     r = row['result']
     mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a'
-    overhead = f'{r["overhead_vs_none"]:+.1%}' if r['overhead_vs_none'] is not None else 'n/a'
     memory = f'{r["memory_bytes"]["total"] / 2**20:.0f}' if r['memory_bytes'] else 'n/a'
-    spread = f'{min(r["trial_step_times_s"]) * 1e3:.0f}-{max(r["trial_step_times_s"]) * 1e3:.0f}'
+    trials = [t for result in row['rounds'] for t in result['trial_step_times_s']]
+    spread = f'{min(trials) * 1e3:.0f}-{max(trials) * 1e3:.0f}'
+    versus = ' '.join(f'{_ratio(r[f"vs_torch_{mode}"]):>16}' for mode in ('eager', 'compile'))
     print(f'{row["gate"]:28} {row["attention"]:>10} {str(row["scan"]):>5} {row["moe"]:>9} '
           f'{r["params"]:>11,} {r["step_time_s"] * 1e3:>9.1f} {spread:>13} '
-          f'{r["tokens_per_sec"]:>9,.0f} {mfu:>6} {overhead:>8} {memory:>10}')
-  for name, r in torch.items():
+          f'{r["tokens_per_sec"]:>9,.0f} {mfu:>6} {_ratio(r["overhead_vs_none"]):>8} '
+          f'{memory:>10} {versus if torch else ""}')
+  for name, reference in torch.items():
+    times = [result['step_time_s'] for result in reference['rounds']]
+    spread = f'{min(times) * 1e3:.0f}-{max(times) * 1e3:.0f}' if len(times) > 1 else ''
+    r = reference['result']
     print(f'{name:28} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
-          f'{r["step_time_s"] * 1e3:>9.1f} {"":>13} {r["tokens_per_sec"]:>9,.0f}')
+          f'{r["step_time_s"] * 1e3:>9.1f} {spread:>13} {r["tokens_per_sec"]:>9,.0f}')
+  print('(range: every trial of every round; PyTorch: its rounds. "vs" columns: the median over '
+        'rounds of the ratio within a round.)')
   if torch:
     print('(torch: PyTorch reference of the same shape, its own process, SDPA attention)')
 
@@ -142,25 +177,30 @@ def main(argv):
           raise config_lib.ConfigError(f'--{flag.name}={flag.value!r} is not a file; give {what}.')
       for row_config in row_configs:
         benchmark.check_torch_reference_shape(row_config)
-    for row, row_config in zip(rows, row_configs):
-      row['result'] = benchmark.benchmark_train_step(row_config, _STEPS.value, _TRIALS.value)
-      label = ' '.join(f'{axis}={value}' for axis, value in row.items() if axis != 'result')
-      print(f'  {label}: {row["result"]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
-    for row in rows:  # Overhead against the ungated row with the same other settings.
-      baseline = next((other['result'] for other in rows if other['gate'] == 'none' and all(
-          other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
-      row['result']['overhead_vs_none'] = (
-          row['result']['step_time_s'] / baseline['step_time_s'] - 1 if baseline else None)
     torch = {}
-    for gate in (_GATES.value if _TORCH.value else []):
-      if gate not in _TORCH_GATES:
-        continue
-      for compile_mode in (False, True):
-        name = f'torch {"compile" if compile_mode else "eager"} {gate}'
-        torch[name] = benchmark.torch_reference(
-            _TORCH.value, _TORCH_SCRIPT.value, _row_config(config, dict(rows[0], gate=gate)),
-            compile_mode)
-        print(f'  {name}: {torch[name]["step_time_s"] * 1e3:.1f} ms/step', flush=True)
+    for round_index in range(_ROUNDS.value):
+      for gate in _GATES.value:  # Each gate's rows, then its PyTorch reference: close in time.
+        for row, row_config in zip(rows, row_configs):
+          if row['gate'] == gate:
+            _record(row, round_index, benchmark.benchmark_train_step(
+                row_config, _STEPS.value, _TRIALS.value))
+        for mode in (('eager', 'compile') if _TORCH.value and gate in _TORCH_GATES else ()):
+          reference = torch.setdefault(f'torch {mode} {gate}', {'reference': f'torch {mode}',
+                                                                 'gate': gate})
+          _record(reference, round_index, benchmark.torch_reference(
+              _TORCH.value, _TORCH_SCRIPT.value, _row_config(config, dict(rows[0], gate=gate)),
+              compile_mode=mode == 'compile'))
+    for row in [*rows, *torch.values()]:
+      round_times = [result['step_time_s'] for result in row['rounds']]
+      row['result'] = next(result for result in row['rounds']
+                           if result['step_time_s'] == benchmark.lower_median(round_times))
+    for row in rows:  # Against the ungated row of the same settings, and against PyTorch.
+      baseline = next((other for other in rows if other['gate'] == 'none' and all(
+          other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
+      row['result']['overhead_vs_none'] = _paired(row, baseline) - 1 if baseline else None
+      for mode in ('eager', 'compile'):
+        reference = torch.get(f'torch {mode} {row["gate"]}')
+        row['result'][f'vs_torch_{mode}'] = _paired(row, reference) - 1 if reference else None
     if _JSON.value:
       print(json.dumps({'rows': rows, 'torch': torch}, indent=2))
     else:

@@ -4,6 +4,7 @@ failure as one line `error: ...` with exit status 1."""
 import logging as std_logging
 import os
 import sys
+import traceback
 
 import jax
 from absl import flags, logging
@@ -33,12 +34,19 @@ _DISTRIBUTED = flags.DEFINE_enum(
     'auto: only when a coordinator address or process count above 1 is given; off: never.')
 
 
-class _HideBackgroundTracebacks(std_logging.Filter):
-  """Drops orbax's reports of failures in its background threads, traceback included: the main
-  thread reports the same failure in one line, naming what it means for the run."""
+class HideBackgroundTracebacks(std_logging.Filter):
+  """Drops reports of failures in orbax's background threads and tasks, traceback included:
+  orbax's own, and asyncio's 'Task exception was never retrieved' for the reads that failed
+  beside the one the main thread raised (logged whenever the tasks are collected, at exit or
+  before). The main thread reports the same failure in one line, naming what it means for the
+  run."""
 
   def filter(self, record):
-    return not (record.exc_info and 'orbax' in record.pathname)
+    if not record.exc_info:
+      return True
+    trace = record.exc_info[2]
+    frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(trace)]
+    return not any('/orbax/' in path for path in [record.pathname, *frames])
 
 
 def _is_closed_event_loop(exc) -> bool:
@@ -72,7 +80,7 @@ def run_cleanly(job):
   and exit with status 1 (130 for Ctrl-C)."""
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-  logging.get_absl_handler().addFilter(_HideBackgroundTracebacks())
+  logging.get_absl_handler().addFilter(HideBackgroundTracebacks())
   _hide_closed_event_loop_reports()
   try:
     initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

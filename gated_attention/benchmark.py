@@ -18,9 +18,14 @@ from gated_attention.train import (check_batch, compile_train_step, compiled_mem
                                    initialize_train_state, mfu_of, setup_train_state)
 
 
+# Untimed steps before the trials, as many as the PyTorch reference's: the first step faults its
+# working set into memory (about 1.7x a later step's time on the `small` shape).
+WARMUP_STEPS = 3
+
+
 def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
   """The median trial (the lower of the middle two for an even count: always a measured trial)
-  of `trials`, each the mean step time over `steps` steps, after a warm-up step; every trial's
+  of `trials`, each the mean step time over `steps` steps, after WARMUP_STEPS steps; every trial's
   time beside it (`trial_step_times_s`)."""
   config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -33,7 +38,8 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
   shape = (config.data.batch_size, config.data.seq_len + 1)
   tokens = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
                           setup.batch_sharding)
-  state, metrics = compiled(state, tokens)
+  for _ in range(WARMUP_STEPS):
+    state, metrics = compiled(state, tokens)
   jax.block_until_ready(metrics)
   step_times = []
   for _ in range(trials):
@@ -42,13 +48,25 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
       state, metrics = compiled(state, tokens)
     jax.block_until_ready(metrics)
     step_times.append((time.perf_counter() - started) / steps)
-  step_time = sorted(step_times)[(trials - 1) // 2]
+  step_time = lower_median(step_times)
   tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
   return {'params': setup.num_params, 'step_time_s': step_time, 'trial_step_times_s': step_times,
           'tokens_per_sec': tokens_per_sec,
           'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': compile_s,
           'memory_bytes': compiled_memory(compiled), 'device_kind': jax.devices()[0].device_kind,
           'devices': jax.device_count()}
+
+
+def lower_median(values):
+  """The median, the lower of the middle two for an even count: always a measured value."""
+  return sorted(values)[(len(values) - 1) // 2]
+
+
+def paired_ratio(times, reference_times) -> float:
+  """The median over rounds of a time over the reference's time in the same round: the
+  comparison a machine whose speed drifts between rounds disturbs least."""
+  return lower_median([measured / reference
+                       for measured, reference in zip(times, reference_times)])
 
 
 def check_memory_measurable(impls) -> None:

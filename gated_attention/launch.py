@@ -21,6 +21,14 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
+def cpu_devices_env(devices: int) -> dict:
+  """The environment variables that give a new process `devices` virtual CPU devices; the
+  XLA_FLAGS already set are kept (the device count goes last, and XLA's last flag wins)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  return {'JAX_PLATFORMS': 'cpu',
+          'XLA_FLAGS': f'{flags} --xla_force_host_platform_device_count={devices}'.strip()}
+
+
 def _relay(rank: int, stream) -> None:
   for line in iter(stream.readline, ''):
     sys.stdout.write(f'[{rank}] {line}')
@@ -37,8 +45,7 @@ def launch_local(module: str, args: list[str], num_processes: int,
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(num_processes),
                JAX_PROCESS_ID=str(rank), PYTHONUNBUFFERED='1')
     if devices_per_process:
-      env.update(JAX_PLATFORMS='cpu',
-                 XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+      env.update(cpu_devices_env(devices_per_process))
     process = subprocess.Popen([sys.executable, '-m', module, *args], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     threading.Thread(target=_relay, args=(rank, process.stdout), daemon=True).start()

@@ -12,7 +12,7 @@ from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
-from gated_attention import layers, sharding
+from gated_attention import launch, layers, sharding
 from gated_attention import state as state_lib
 from gated_attention.evaluate import load_params
 from gated_attention.model import Attention, Transformer
@@ -89,8 +89,9 @@ def command(module, workdir, steps, checkpoint_every, **flags) -> list[str]:
 
 
 def env(devices=1) -> dict:
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  """The environment of a test's subprocess on `devices` CPU devices, the tests' XLA_FLAGS
+  kept."""
+  return dict(os.environ, PYTHONUNBUFFERED='1', **launch.cpu_devices_env(devices))
 
 
 def run(args, devices=1, timeout=300) -> subprocess.CompletedProcess:

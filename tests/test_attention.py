@@ -3,7 +3,6 @@ gradients; the KV-cache offsets; memory linear in length for `chunked`; the CPU 
 
 import functools
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from gated_attention import attention, cpu_kernel
 from gated_attention.config import ConfigError
-from tests import reference
+from tests import helpers, reference
 
 
 def _qkv(seed, batch=2, length=9, heads=4, kv_heads=2, head_dim=8):
@@ -126,10 +125,8 @@ print(json.dumps(errors))
 def test_kernels_on_a_mesh_equal_xla_where_tensor_does_not_split_the_kv_heads():
   """Each shard's query heads read their own KV heads: with 3 KV heads over tensor=2 the KV
   heads are repeated to the query heads before the kernels run per shard."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _ON_A_MESH], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=helpers.env(4))
   assert result.returncode == 0, result.stderr[-3000:]
   errors = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(errors) == 4 and max(errors.values()) < 1e-5, errors

@@ -1,9 +1,13 @@
 """The benchmark's results (arithmetic over its trials) and its PyTorch reference's contract."""
 
+import json
+import sys
+
 import pytest
 
 from gated_attention import benchmark
 from gated_attention.config import ConfigError
+from tests import helpers
 from tests.helpers import run_config
 
 
@@ -83,3 +87,35 @@ def test_attention_memory_refuses_a_kernel_whose_memory_xla_cannot_see():
   with pytest.raises(ConfigError, match='cpu_flash keeps its working memory inside the kernel'):
     benchmark.attention_memory('cpu_flash', 512)
   benchmark.check_memory_measurable(['xla', 'dot_product', 'chunked', 'splash'])
+
+
+def test_rounds_compare_each_row_with_the_reference_timed_in_the_same_round(tmp_path):
+  """Two rounds against a PyTorch stand-in that slows down each call (100, 200, 300, 400 ms:
+  eager and compiled, round 1 then round 2): a comparison is the lower median of the ratios
+  within a round, never one round's time against another's."""
+  counting = tmp_path / 'python'
+  counting.write_text(f'#!/bin/sh\nn=$(($(cat {tmp_path}/calls 2>/dev/null || echo 0) + 1))\n'
+                      f'echo $n > {tmp_path}/calls\n'
+                      'echo "torch 2 compile=$COMPILE gate=$GATE params=1 ms/step=${n}00.0"\n')
+  counting.chmod(0o755)
+  script = tmp_path / 'torch_lm.py'
+  script.write_text('')
+  flags = {**helpers.TINY_FLAGS, 'model.num_layers': 1}
+  result = helpers.run([sys.executable, '-m', 'experiments.benchmark', '--config=configs/lm.py',
+                        *[f'--config.{key}={value}' for key, value in flags.items()],
+                        '--gates=none', '--steps=1', '--trials=1', '--rounds=2', '--json',
+                        f'--torch_python={counting}', f'--torch_script={script}'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout[result.stdout.index('{'):])
+  (row,) = report['rows']
+  jax_times = [r['step_time_s'] for r in row['rounds']]
+  assert len(jax_times) == 2 and row['result']['step_time_s'] == min(jax_times)
+  torch = report['torch']
+  assert [r['step_time_s'] for r in torch['torch eager none']['rounds']] == [0.1, 0.3]
+  assert [r['step_time_s'] for r in torch['torch compile none']['rounds']] == [0.2, 0.4]
+  assert torch['torch compile none']['result']['step_time_s'] == 0.2
+  assert row['result']['vs_torch_eager'] == pytest.approx(
+      min(jax_times[0] / 0.1, jax_times[1] / 0.3) - 1)
+  assert row['result']['vs_torch_compile'] == pytest.approx(
+      min(jax_times[0] / 0.2, jax_times[1] / 0.4) - 1)
+  assert row['result']['overhead_vs_none'] == 0

@@ -161,6 +161,21 @@ def test_launch_local_names_the_failed_process_and_stops_the_others_at_once(tmp_
       capsys.readouterr().err)
 
 
+def test_processes_on_cpu_devices_keep_the_xla_flags_they_were_given(monkeypatch):
+  """launch_local and the tests give each process its device count after the flags already
+  set (they were dropped), and XLA's last flag wins over an earlier count."""
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_enable_fast_math=false '
+                                  '--xla_force_host_platform_device_count=8')
+  environment = launch.cpu_devices_env(2)
+  assert environment['XLA_FLAGS'] == ('--xla_cpu_enable_fast_math=false '
+                                      '--xla_force_host_platform_device_count=8 '
+                                      '--xla_force_host_platform_device_count=2')
+  result = subprocess.run([sys.executable, '-c', 'import jax; print(jax.device_count())'],
+                          env=dict(os.environ, **environment), capture_output=True, text=True,
+                          timeout=120)
+  assert result.stdout.split() == ['2'], result.stderr[-2000:]
+
+
 def test_a_relaunch_loads_its_train_step_from_the_compilation_cache_and_trains_alike(tmp_path):
   """The same command line twice: the second run loads the train step the first compiled and
   ends with the same parameters. The runs choose their platform as a user's would (no

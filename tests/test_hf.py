@@ -459,9 +459,7 @@ def test_export_refuses_what_its_format_cannot_hold(gate, overrides, fmt, messag
 
 
 def _run(module, *args, devices=1):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=helpers.env(devices),
                         capture_output=True, text=True, timeout=300)
 
 

@@ -1,7 +1,6 @@
 """The output layer's next-token loss, whole and a chunk of positions at a time, against NumPy."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 from gated_attention import config as config_lib
 from gated_attention import loss as loss_lib
 from gated_attention.train import compiled_memory
+from tests import helpers
 
 PAD = 3
 
@@ -134,10 +134,8 @@ def test_on_a_mesh_each_device_takes_its_rows_and_vocabulary_slice_and_reduces_o
   its vocabulary over tensor; inside the chunk loop nothing is gathered or reduced but per
   position values over the vocabulary's devices (never the kernel or its gradient)."""
   meshes = [(1, 8, 1, 1), (2, 2, 2, 1), (2, 1, 4, 1), (1, 2, 2, 2)]  # data, fsdp, tensor, expert
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _ON_A_MESH, json.dumps(meshes)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=helpers.env(8))
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   for mesh, found in report.items():

@@ -1,7 +1,6 @@
 """Logical-axis rules, mesh construction, and sharded training equal to one device."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gated_attention import sharding
+from tests import helpers
 
 
 @pytest.mark.parametrize('logical, expected', [
@@ -88,11 +88,9 @@ _SHARDED_RUN = textwrap.dedent('''
 def _run_sharded(mesh_config, workdir, devices, overrides=None):
   """Trains helpers.run_config (4 heads, 4 KV heads) with `overrides` ({'model.x': value})
   on `devices` CPU devices in a fresh process; returns its losses and parameter shard shapes."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _SHARDED_RUN, json.dumps(mesh_config),
                            json.dumps(overrides or {}), str(workdir)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=helpers.env(devices))
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -159,10 +157,8 @@ _ALL_GATHERS = textwrap.dedent('''
 def _all_gather_shapes(overrides: dict) -> list[list[int]]:
   """The result shapes of every all-gather in helpers.run_config's train step with `overrides`
   ({'mesh.data': 2, ...}), compiled for 8 CPU devices in a fresh process."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _ALL_GATHERS, json.dumps(overrides)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, timeout=300, env=helpers.env(8))
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
 
