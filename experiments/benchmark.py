@@ -191,9 +191,7 @@ def main(argv):
               _TORCH.value, _TORCH_SCRIPT.value, _row_config(config, dict(rows[0], gate=gate)),
               compile_mode=mode == 'compile'))
     for row in [*rows, *torch.values()]:
-      round_times = [result['step_time_s'] for result in row['rounds']]
-      row['result'] = next(result for result in row['rounds']
-                           if result['step_time_s'] == benchmark.lower_median(round_times))
+      row['result'] = benchmark.lower_median(row['rounds'], key=lambda r: r['step_time_s'])
     for row in rows:  # Against the ungated row of the same settings, and against PyTorch.
       baseline = next((other for other in rows if other['gate'] == 'none' and all(
           other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)

@@ -57,9 +57,10 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
           'devices': jax.device_count()}
 
 
-def lower_median(values):
-  """The median, the lower of the middle two for an even count: always a measured value."""
-  return sorted(values)[(len(values) - 1) // 2]
+def lower_median(values, key=None):
+  """The median (by `key`), the lower of the middle two for an even count: always a measured
+  value."""
+  return sorted(values, key=key)[(len(values) - 1) // 2]
 
 
 def paired_ratio(times, reference_times) -> float:
