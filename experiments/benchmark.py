@@ -3,7 +3,7 @@
   python -m experiments.benchmark --config=configs/lm.py:size=small \
       --gates=none,g1_elementwise,g1_headwise --attention_impls=cpu_flash,chunked \
       [--scan=false,true] [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] \
-      [--rounds=3] [--json]
+      [--rounds=3] [--interleave=30] [--json]
 
 Each row: parameters, ms/step (the median trial), tokens/s, MFU (gate FLOPs included), compiled
 memory per device, and the overhead against the ungated row of the same settings. Rows run one
@@ -12,8 +12,11 @@ on the rows beside it (3-10% here). --torch_python runs the PyTorch reference
 (../shared/bench/torch_lm.py, in its own environment) on the same shape, eager and with
 torch.compile, right after the rows of its gate. --rounds repeats all of it in turns: a machine
 whose speed drifts moves rows measured minutes apart, so each comparison is the median of the
-ratios within a round. --attention_memory=512,...,16384 prints the compiled memory of one
-attention layer's forward and backward pass per implementation and length.
+ratios within a round. --interleave=N also measures each gated row against its ungated row step
+by step: both compiled in one process, their steps taken in alternation, N pairs; the overhead
+is the median of the pairs' ratios (column "interleaved"). --attention_memory=512,...,16384
+prints the compiled memory of one attention layer's forward and backward pass per
+implementation and length.
 """
 
 import itertools
@@ -42,6 +45,9 @@ _ROUNDS = flags.DEFINE_integer('rounds', 1, 'Rounds: every row (each compiled af
                                'PyTorch reference, again, in turns; the median round is reported, '
                                'and comparisons are the median of the ratios within a round.',
                                lower_bound=1)
+_INTERLEAVE = flags.DEFINE_integer(
+    'interleave', 0, 'Pairs of steps: each gated row\'s step timed in alternation with its '
+    'ungated row\'s, both in one process (and in memory); 0: not measured.', lower_bound=0)
 _TORCH = flags.DEFINE_string('torch_python', None, 'Python of a PyTorch environment: also time '
                              'the PyTorch reference of the same shape (eager and compiled).')
 _TORCH_SCRIPT = flags.DEFINE_string('torch_script', '../shared/bench/torch_lm.py',
@@ -109,8 +115,10 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
         f'{config.data.seq_len}, dtype {config.model.dtype}, {_ROUNDS.value} round(s) of '
         f'{_TRIALS.value} trial(s) of {_STEPS.value} step(s)')
   against = ' '.join(f'{"vs torch " + mode:>16}' for mode in ('eager', 'compile')) if torch else ''
+  interleaved = f'{"interleaved":>24} ' if _INTERLEAVE.value else ''
   print(f'{"gate":28} {"attention":>10} {"scan":>5} {"moe":>9} {"params":>11} {"ms/step":>9} '
-        f'{"range":>13} {"tokens/s":>9} {"mfu":>6} {"vs none":>8} {"MiB/device":>10} {against}')
+        f'{"range":>13} {"tokens/s":>9} {"mfu":>6} {"vs none":>8} {interleaved}'
+        f'{"MiB/device":>10} {against}')
   for row in rows:
     r = row['result']
     mfu = f'{r["mfu"]:.1%}' if r['mfu'] is not None else 'n/a'
@@ -118,9 +126,13 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
     trials = [t for result in row['rounds'] for t in result['trial_step_times_s']]
     spread = f'{min(trials) * 1e3:.0f}-{max(trials) * 1e3:.0f}'
     versus = ' '.join(f'{_ratio(r[f"vs_torch_{mode}"]):>16}' for mode in ('eager', 'compile'))
+    paired = r['interleaved_vs_none']
+    paired = ('' if not _INTERLEAVE.value else f'{"":>24} ' if paired is None else
+              f'{_ratio(paired["ratio"] - 1)} ({_ratio(paired["ratio_quartiles"][0] - 1)} to '
+              f'{_ratio(paired["ratio_quartiles"][1] - 1)})'.rjust(24) + ' ')
     print(f'{row["gate"]:28} {row["attention"]:>10} {str(row["scan"]):>5} {row["moe"]:>9} '
           f'{r["params"]:>11,} {r["step_time_s"] * 1e3:>9.1f} {spread:>13} '
-          f'{r["tokens_per_sec"]:>9,.0f} {mfu:>6} {_ratio(r["overhead_vs_none"]):>8} '
+          f'{r["tokens_per_sec"]:>9,.0f} {mfu:>6} {_ratio(r["overhead_vs_none"]):>8} {paired}'
           f'{memory:>10} {versus if torch else ""}')
   for name, reference in torch.items():
     times = [result['step_time_s'] for result in reference['rounds']]
@@ -130,6 +142,9 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
           f'{r["step_time_s"] * 1e3:>9.1f} {spread:>13} {r["tokens_per_sec"]:>9,.0f}')
   print('(range: every trial of every round; PyTorch: its rounds. "vs" columns: the median over '
         'rounds of the ratio within a round.)')
+  if _INTERLEAVE.value:
+    print(f'(interleaved: against the ungated row, the median of {_INTERLEAVE.value} pairs of '
+          'steps taken in alternation in one process, and the quartiles of those ratios)')
   if torch:
     print('(torch: PyTorch reference of the same shape, its own process, SDPA attention)')
 
@@ -169,6 +184,9 @@ def main(argv):
       return _attention_memory(config)
     rows = _rows(config)
     row_configs = [_row_config(config, row) for row in rows]  # All refused before any compile.
+    if _INTERLEAVE.value and 'none' not in _GATES.value:
+      raise config_lib.ConfigError('--interleave measures each gated row against the ungated '
+                                   'row of the same settings: add none to --gates.')
     if _TORCH.value:
       for flag, what in ((_TORCH, 'a Python interpreter'),
                          (_TORCH_SCRIPT, 'the PyTorch reference (outside the repository, in '
@@ -192,10 +210,18 @@ def main(argv):
               compile_mode=mode == 'compile'))
     for row in [*rows, *torch.values()]:
       row['result'] = benchmark.lower_median(row['rounds'], key=lambda r: r['step_time_s'])
-    for row in rows:  # Against the ungated row of the same settings, and against PyTorch.
-      baseline = next((other for other in rows if other['gate'] == 'none' and all(
-          other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
-      row['result']['overhead_vs_none'] = _paired(row, baseline) - 1 if baseline else None
+    for row, row_config in zip(rows, row_configs):  # Against the ungated row, and PyTorch.
+      baseline = next(((other, other_config) for other, other_config in zip(rows, row_configs)
+                       if other['gate'] == 'none' and all(
+                           other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))),
+                      None)
+      row['result']['overhead_vs_none'] = _paired(row, baseline[0]) - 1 if baseline else None
+      row['result']['interleaved_vs_none'] = None
+      if _INTERLEAVE.value and baseline and baseline[0] is not row:
+        print(f'  interleaved: {row["gate"]} against none, {_INTERLEAVE.value} pairs of steps',
+              flush=True)
+        row['result']['interleaved_vs_none'] = benchmark.interleaved_overhead(
+            row_config, baseline[1], _INTERLEAVE.value)
       for mode in ('eager', 'compile'):
         reference = torch.get(f'torch {mode} {row["gate"]}')
         row['result'][f'vs_torch_{mode}'] = _paired(row, reference) - 1 if reference else None

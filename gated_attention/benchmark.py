@@ -1,10 +1,12 @@
 """Speed and memory, measured: the compiled train step alone (random tokens, no input pipeline)
-for any config, the compiled memory of one attention layer by implementation and length, and
-the PyTorch reference's step beside it (run in its own interpreter, never imported)."""
+for any config, one config's step against another's taken in alternation, the compiled memory
+of one attention layer by implementation and length, and the PyTorch reference's step beside it
+(run in its own interpreter, never imported)."""
 
 import re
 import subprocess
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +25,23 @@ from gated_attention.train import (check_batch, compile_train_step, compiled_mem
 WARMUP_STEPS = 3
 
 
-def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
-  """The median trial (the lower of the middle two for an even count: always a measured trial)
-  of `trials`, each the mean step time over `steps` steps, after WARMUP_STEPS steps; every trial's
-  time beside it (`trial_step_times_s`)."""
+class PreparedStep(NamedTuple):
+  """A config's compiled train step with its state and a batch of random tokens; `run()` takes
+  one step and waits for it."""
+  setup: object
+  compiled: object
+  state: dict
+  tokens: jax.Array
+  compile_s: float
+
+  def run(self) -> 'PreparedStep':
+    state, metrics = self.compiled(self.state, self.tokens)
+    jax.block_until_ready(metrics)
+    return self._replace(state=state)
+
+
+def prepare_train_step(config) -> PreparedStep:
+  """Validates `config`, builds its state and compiles its train step (timed)."""
   config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh)
   check_batch(config, mesh)
@@ -38,23 +53,67 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
   shape = (config.data.batch_size, config.data.seq_len + 1)
   tokens = jax.device_put(np.random.default_rng(0).integers(0, 256, shape, dtype=np.int32),
                           setup.batch_sharding)
+  return PreparedStep(setup, compiled, state, tokens, compile_s)
+
+
+def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
+  """The median trial (the lower of the middle two for an even count: always a measured trial)
+  of `trials`, each the mean step time over `steps` steps, after WARMUP_STEPS steps; every trial's
+  time beside it (`trial_step_times_s`)."""
+  prepared = prepare_train_step(config)
   for _ in range(WARMUP_STEPS):
-    state, metrics = compiled(state, tokens)
-  jax.block_until_ready(metrics)
+    prepared = prepared.run()
   step_times = []
   for _ in range(trials):
     started = time.perf_counter()
+    state, metrics = prepared.state, None
     for _ in range(steps):
-      state, metrics = compiled(state, tokens)
+      state, metrics = prepared.compiled(state, prepared.tokens)
     jax.block_until_ready(metrics)
     step_times.append((time.perf_counter() - started) / steps)
+    prepared = prepared._replace(state=state)
   step_time = lower_median(step_times)
   tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
+  setup = prepared.setup
   return {'params': setup.num_params, 'step_time_s': step_time, 'trial_step_times_s': step_times,
           'tokens_per_sec': tokens_per_sec,
-          'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': compile_s,
-          'memory_bytes': compiled_memory(compiled), 'device_kind': jax.devices()[0].device_kind,
-          'devices': jax.device_count()}
+          'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': prepared.compile_s,
+          'memory_bytes': compiled_memory(prepared.compiled),
+          'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count()}
+
+
+def interleaved_ratios(step, reference_step, pairs: int, clock=time.perf_counter) -> list[float]:
+  """Times `pairs` pairs of calls of two zero-argument step functions in alternation, the first
+  of a pair taking turns (step, reference; reference, step; ...): each pair's step time over its
+  reference time. Drift of the machine's speed reaches both sides of a ratio alike."""
+  ratios = []
+  for pair in range(pairs):
+    times = {}
+    for name, run in ((('step', step), ('reference', reference_step)) if pair % 2 == 0
+                      else (('reference', reference_step), ('step', step))):
+      started = clock()
+      run()
+      times[name] = clock() - started
+    ratios.append(times['step'] / times['reference'])
+  return ratios
+
+
+def interleaved_overhead(config, reference_config, pairs: int) -> dict:
+  """A config's step time over a reference config's, both compiled in this process and their
+  steps taken in alternation (`interleaved_ratios`) after WARMUP_STEPS each: the median ratio
+  (a measured one), its quartiles, and how many pairs. Both steps are in memory at once."""
+  prepared = {'step': prepare_train_step(config),
+              'reference': prepare_train_step(reference_config)}
+
+  def stepper(name):
+    def run():
+      prepared[name] = prepared[name].run()
+    return run
+
+  interleaved_ratios(stepper('step'), stepper('reference'), WARMUP_STEPS)
+  ratios = interleaved_ratios(stepper('step'), stepper('reference'), pairs)
+  return {'ratio': lower_median(ratios),
+          'ratio_quartiles': np.percentile(ratios, [25, 75]).tolist(), 'pairs': pairs}
 
 
 def lower_median(values, key=None):

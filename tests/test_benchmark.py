@@ -119,3 +119,44 @@ def test_rounds_compare_each_row_with_the_reference_timed_in_the_same_round(tmp_
   assert row['result']['vs_torch_compile'] == pytest.approx(
       min(jax_times[0] / 0.2, jax_times[1] / 0.4) - 1)
   assert row['result']['overhead_vs_none'] == 0
+
+
+def test_interleaved_ratios_alternate_which_step_goes_first():
+  """A step of 1.0 s against a reference of 1.25 s on a clock only the steps advance: every
+  ratio is 0.8, and the first of each pair takes turns."""
+  now, calls = [0.0], []
+
+  def step_of(name, seconds):
+    def run():
+      calls.append(name)
+      now[0] += seconds
+    return run
+
+  ratios = benchmark.interleaved_ratios(step_of('step', 1.0), step_of('reference', 1.25), 3,
+                                        clock=lambda: now[0])
+  assert ratios == [pytest.approx(0.8)] * 3
+  assert calls == ['step', 'reference', 'reference', 'step', 'step', 'reference']
+
+
+def test_interleave_measures_each_gated_row_against_its_ungated_row(tmp_path):
+  flags = {**helpers.TINY_FLAGS, 'model.num_layers': 1}
+  result = helpers.run([sys.executable, '-m', 'experiments.benchmark', '--config=configs/lm.py',
+                        *[f'--config.{key}={value}' for key, value in flags.items()],
+                        '--gates=none,g1_headwise', '--steps=1', '--trials=1', '--interleave=3',
+                        '--json'])
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(result.stdout[result.stdout.index('{'):])['rows']
+  assert [row['gate'] for row in rows] == ['none', 'g1_headwise']
+  assert rows[0]['result']['interleaved_vs_none'] is None  # Not against itself.
+  paired = rows[1]['result']['interleaved_vs_none']
+  low, high = paired['ratio_quartiles']
+  assert paired['pairs'] == 3 and 0 < low <= paired['ratio'] <= high
+
+
+def test_interleave_without_an_ungated_row_is_refused_before_compiling():
+  result = helpers.run([sys.executable, '-m', 'experiments.benchmark', '--config=configs/lm.py',
+                        '--gates=g1_headwise', '--interleave=3'])
+  assert result.returncode == 1
+  assert 'error: --interleave measures each gated row against the ungated row' in result.stderr
+  assert 'add none to --gates' in result.stderr
+  assert 'round 1/1' not in result.stdout  # No row was timed.
