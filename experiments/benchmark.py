@@ -211,17 +211,15 @@ def main(argv):
     for row in [*rows, *torch.values()]:
       row['result'] = benchmark.lower_median(row['rounds'], key=lambda r: r['step_time_s'])
     for row, row_config in zip(rows, row_configs):  # Against the ungated row, and PyTorch.
-      baseline = next(((other, other_config) for other, other_config in zip(rows, row_configs)
-                       if other['gate'] == 'none' and all(
-                           other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))),
-                      None)
-      row['result']['overhead_vs_none'] = _paired(row, baseline[0]) - 1 if baseline else None
+      base = next((index for index, other in enumerate(rows) if other['gate'] == 'none' and all(
+          other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
+      row['result']['overhead_vs_none'] = None if base is None else _paired(row, rows[base]) - 1
       row['result']['interleaved_vs_none'] = None
-      if _INTERLEAVE.value and baseline and baseline[0] is not row:
+      if _INTERLEAVE.value and base is not None and rows[base] is not row:
         print(f'  interleaved: {row["gate"]} against none, {_INTERLEAVE.value} pairs of steps',
               flush=True)
         row['result']['interleaved_vs_none'] = benchmark.interleaved_overhead(
-            row_config, baseline[1], _INTERLEAVE.value)
+            row_config, row_configs[base], _INTERLEAVE.value)
       for mode in ('eager', 'compile'):
         reference = torch.get(f'torch {mode} {row["gate"]}')
         row['result'][f'vs_torch_{mode}'] = _paired(row, reference) - 1 if reference else None

@@ -110,8 +110,9 @@ def interleaved_overhead(config, reference_config, pairs: int) -> dict:
       prepared[name] = prepared[name].run()
     return run
 
-  interleaved_ratios(stepper('step'), stepper('reference'), WARMUP_STEPS)
-  ratios = interleaved_ratios(stepper('step'), stepper('reference'), pairs)
+  step, reference = stepper('step'), stepper('reference')
+  interleaved_ratios(step, reference, WARMUP_STEPS)
+  ratios = interleaved_ratios(step, reference, pairs)
   return {'ratio': lower_median(ratios),
           'ratio_quartiles': np.percentile(ratios, [25, 75]).tolist(), 'pairs': pairs}
 
