@@ -144,12 +144,15 @@ def compile_report(config, devices) -> dict:
   kind = devices[0].device_kind
   print(f'compiling the train step for {len(devices)} x {kind} (minutes for paper-scale models)',
         flush=True)
-  started = time.perf_counter()
+  started, cpu_started = time.perf_counter(), time.process_time()
   try:
     train_step = compile_train_step(config, setup)
   except jax.errors.JaxRuntimeError as error:
     raise _out_of_memory(error, setup, kind) from None
   train_seconds = time.perf_counter() - started
+  # The compiler's threads together: on a shared host, less moved by other load than the wall
+  # time, and what a host with more cores could spread.
+  train_cpu_seconds = time.process_time() - cpu_started
   abstract_params = setup.abstract_state['params']
   tokens = jax.ShapeDtypeStruct((config.eval.batch_size, config.data.seq_len + 1), jnp.int32,
                                 sharding=setup.batch_sharding)
@@ -168,7 +171,8 @@ def compile_report(config, devices) -> dict:
       'attention_impl': attention_lib.resolve(
           config.model.attention_impl, platform=devices[0].platform, length=config.data.seq_len,
           dtype=config.model.dtype),
-      'compile_seconds': train_seconds,
+      'compile_seconds': train_seconds, 'compile_cpu_seconds': train_cpu_seconds,
+      'host_cores': len(os.sched_getaffinity(0)),
       'train_step': compiled_memory(train_step), 'eval_step': compiled_memory(eval_step),
       'parameter_bytes': _bytes_per_device(abstract_params),
       'optimizer_state_bytes': _bytes_per_device(setup.abstract_state['opt_state']),
@@ -194,7 +198,8 @@ def format_report(report: dict) -> str:
   memory = report['device_memory_bytes']
   lines = [f'{report["devices"]} x {report["device_kind"]}, mesh {report["mesh"]}, '
            f'{format_count(report["params_total"])} parameters; train step compiled in '
-           f'{report["compile_seconds"]:.1f}s',
+           f'{report["compile_seconds"]:.1f}s ({report["compile_cpu_seconds"]:.0f} CPU-seconds on '
+           f'{report["host_cores"]} cores)',
            f'{"per device":28} {"train step":>12} {"eval step":>12}']
   for key in ('arguments', 'outputs', 'temporaries', 'total'):
     row = [report[step][key] if report[step] else None for step in ('train_step', 'eval_step')]

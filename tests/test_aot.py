@@ -29,6 +29,8 @@ def test_mini_presets_compile_for_a_v5e_slice_and_report_memory(model):
   assert (report['devices'], report['device_kind']) == (4, 'TPU v5 lite')
   assert report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 1}
   assert report['device_memory_bytes'] == 16 * aot.GIB and report['fits'] is True
+  # The compiler's threads cannot use more CPU time than the host's cores had.
+  assert 0 < report['compile_cpu_seconds'] <= report['host_cores'] * report['compile_seconds'] + 0.5
   train = report['train_step']
   assert train['total'] >= report['parameter_bytes'] + report['optimizer_state_bytes'] > 0
   # A quarter of the float32 parameters (fsdp=4) on each chip, and twice that of Adam moments.
