@@ -134,11 +134,19 @@ def rope_frequencies(rotary_dim: int, theta: float, scaling) -> tuple[np.ndarray
   return ROPE_SCALINGS[scaling.type](inv_freq.astype(np.float32), rotary_dim, theta, scaling)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float = 1.0):
+def rope_tables(positions: jax.Array | np.ndarray, inv_freq: np.ndarray,
+                attention_factor: float = 1.0):
   """sin and cos of shape [batch or 1, length, rotary_dim // 2] for rotate-half RoPE at
-  positions [batch or 1, length], scaled by the attention factor (YaRN)."""
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  return jnp.sin(angles) * attention_factor, jnp.cos(angles) * attention_factor
+  positions [batch or 1, length], scaled by the attention factor (YaRN), in float32.
+
+  Positions known when tracing (a NumPy array) give NumPy tables, which enter a compiled program
+  as constants. Computed inside the program, XLA fuses the sine and cosine into each of their
+  consumers (every layer's rotation of q and k, forward and backward) and evaluates them there
+  for every element, once per head and sequence."""
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  angles = positions.astype(np.float32)[..., None] * np.asarray(inv_freq, np.float32)
+  factor = np.float32(attention_factor)
+  return xp.sin(angles) * factor, xp.cos(angles) * factor
 
 
 def _rotate(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:

@@ -289,7 +289,7 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embedding[...], tokens, axis=0)
     x = constrain(x, ('lookup_batch', 'length', 'embed'))
     x = constrain(x.astype(self.dtype), ACTIVATION_AXES)
-    positions = jnp.arange(tokens.shape[1])[None, :]
+    positions = np.arange(tokens.shape[1])[None, :]  # Static: the RoPE tables are constants.
     if cache is not None:
       positions = cache.length[:, None] + positions
     rope = rope_tables(positions, np.asarray(self.rope[0], np.float32), self.rope[1])

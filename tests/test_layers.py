@@ -8,7 +8,7 @@ from flax import nnx
 
 from gated_attention import config as config_lib
 from gated_attention import layers
-from tests import reference
+from tests import helpers, reference
 
 
 def test_rms_norm_matches_reference():
@@ -61,6 +61,27 @@ def test_rope_gradient_is_the_inverse_rotation(rotary_dim, attention_factor):
   rotate = layers._rotate  # pylint: disable=protected-access
   _, autodiff = jax.vjp(lambda x: rotate(x, sin, cos), x)
   np.testing.assert_allclose(custom(d_out)[0], autodiff(d_out)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_rope_tables_of_known_positions_are_constants_equal_to_the_traced_ones():
+  """NumPy positions give NumPy tables (constants in a compiled program); traced positions the
+  same values from XLA, and both match the formula in float64. A model's compiled forward pass
+  then evaluates no sine at all."""
+  inv_freq, factor = layers.rope_frequencies(32, 10_000.0, _scaling(
+      type='yarn', factor=4.0, original_max_position=256))
+  positions = np.arange(4096)[None]
+  constant = layers.rope_tables(positions, inv_freq, factor)
+  traced = jax.jit(lambda p: layers.rope_tables(p, inv_freq, factor))(jnp.asarray(positions))
+  angles = (positions.astype(np.float32)[..., None] * inv_freq).astype(np.float64)
+  for got, want, formula in zip(constant, traced, (np.sin(angles), np.cos(angles))):
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=3e-7 * factor)
+    np.testing.assert_allclose(got, formula * factor, rtol=0, atol=2e-7 * factor)
+  model = helpers.transformer(helpers.model_config())
+  graphdef, params = nnx.split(model)
+  program = jax.jit(lambda params, tokens: nnx.merge(graphdef, params)(tokens).logits).lower(
+      params, helpers.random_tokens(0)).compile().as_text()
+  assert ' sine(' not in program and ' cosine(' not in program
 
 
 def test_swiglu_matches_reference():
