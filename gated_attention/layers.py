@@ -53,7 +53,10 @@ def scaled_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
 
   Its gradient is the closed form dx = r (g s - x_hat mean(g s x_hat)), ds = sum(g x_hat), with
   r = 1 / rms(x) kept from the forward pass: two fused passes over x, where autodiff of the
-  forward formula costs XLA:CPU several."""
+  forward formula costs XLA:CPU several. The row term mean(g s x_hat) is taken as the product
+  (g x_hat) @ s / dim: written as an elementwise product and a sum, XLA:CPU hands it to a
+  library reduction that needs s broadcast out to x's full shape in memory first (XLA:TPU
+  compiles both forms to the same program)."""
   return _scaled_rms_norm_forward(x, scale, eps)[0]
 
 
@@ -69,9 +72,10 @@ def _scaled_rms_norm_backward(eps, residuals, d_out):
   x, inverse_rms, scale = residuals
   x_hat = x.astype(jnp.float32) * inverse_rms
   d_out = d_out.astype(jnp.float32)
-  d_normed = d_out * scale
-  d_x = inverse_rms * (d_normed - x_hat * jnp.mean(d_normed * x_hat, axis=-1, keepdims=True))
-  d_scale = jnp.sum(d_out * x_hat, axis=tuple(range(x.ndim - 1)))
+  d_x_hat = d_out * x_hat
+  row = jnp.einsum('...d,d->...', d_x_hat, scale, precision=jax.lax.Precision.HIGHEST)
+  d_x = inverse_rms * (d_out * scale - x_hat * (row / x.shape[-1])[..., None])
+  d_scale = jnp.sum(d_x_hat, axis=tuple(range(x.ndim - 1)))
   return d_x.astype(x.dtype), d_scale.astype(scale.dtype)
 
 
