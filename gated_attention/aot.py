@@ -150,8 +150,7 @@ def compile_report(config, devices) -> dict:
   except jax.errors.JaxRuntimeError as error:
     raise _out_of_memory(error, setup, kind) from None
   train_seconds = time.perf_counter() - started
-  # The compiler's threads together: on a shared host, less moved by other load than the wall
-  # time, and what a host with more cores could spread.
+  # The compiler's threads together: what a host with more cores could spread.
   train_cpu_seconds = time.process_time() - cpu_started
   abstract_params = setup.abstract_state['params']
   tokens = jax.ShapeDtypeStruct((config.eval.batch_size, config.data.seq_len + 1), jnp.int32,
