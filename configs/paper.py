@@ -69,7 +69,7 @@ def get_config(arg: str = ''):
   if args.scale == 'full':
     # The loss takes 512 positions at a time: float32 logits of the whole batch would not fit.
     config.model.update(model, vocab_size=QWEN3_VOCAB_SIZE, dtype='bfloat16', remat='full',
-                        loss_chunk=512)
+                        loss_chunk=512, fused_projections=True)
     config.model.moe.update(moe)
     config.data.update(seq_len=4096, batch_size=1024)
     config.train.update(steps=95_367, warmup_steps=1_000, min_learning_rate=3e-5,

@@ -138,6 +138,9 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       # ('full'), or its weight matmuls' outputs ('save_dots'); see gated_attention.model.
       remat='none',
       scan_layers=False,  # Stack the layers' parameters and run one block under lax.scan.
+      # The query, key and value projections (and a gate's W_theta they carry) as one matrix
+      # product, and the SwiGLU's two as one; the same function either way (see the README).
+      fused_projections=False,
       # Positions whose logits the loss takes at a time (0: all); it must divide data.seq_len.
       # Float32 logits of batch x loss_chunk x vocab are alive at once (gated_attention/loss.py).
       loss_chunk=0,

@@ -26,7 +26,7 @@ from gated_attention.layers import (RMSNorm, SwiGLU, apply_rope, dense, param, r
                                     rope_tables)
 from gated_attention.loss import next_token_loss, output_logits
 from gated_attention.moe import EXPERT_MATMUL, MoE
-from gated_attention.sharding import constrain
+from gated_attention.sharding import constrain, splits_evenly
 
 GATE_HISTOGRAM_BINS = 40
 ATTENTION_MAP_SIZE = 64  # analysis: attention maps of the first positions, as the paper's Fig. 2.
@@ -116,24 +116,42 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(d, 'head_dim', **norm) if cfg.qk_norm else None
     self.k_norm = RMSNorm(d, 'head_dim', **norm) if cfg.qk_norm else None
     self.impl = cfg.attention_impl
+    self.fused_projections = cfg.fused_projections
     self.sdpa_nonlinearity = cfg.gate.sdpa_nonlinearity
     self.eps = cfg.norm_eps
+
+  def _project(self, x: jax.Array) -> tuple[dict[str, jax.Array], jax.Array | None]:
+    """The query, key and value projections of x, each [batch, length, heads, head_dim], and
+    the logits of a gate whose W_theta one of their kernels carries (else None)."""
+    gate, logits = self.gate, None
+    kernels = {name: kernel[...].astype(x.dtype)
+               for name, kernel in (('query', self.wq), ('key', self.wk), ('value', self.wv))}
+    kv_heads = kernels['key'].shape[1]
+    if self.fused_projections and splits_evenly('kv_heads', kv_heads):
+      # One product: the kernels side by side per KV head, [embed, kv_heads, ...], so a tensor
+      # axis that splits the KV heads splits the fused kernel and its output the same way.
+      grouped = [kernel.reshape(kernel.shape[0], kv_heads, -1) for kernel in kernels.values()]
+      parts = jnp.split(dense(x, jnp.concatenate(grouped, axis=-1)),
+                        np.cumsum([kernel.shape[-1] for kernel in grouped])[:-1], axis=-1)
+      projections = {name: part.reshape(*x.shape[:-1], *kernels[name].shape[1:])
+                     for name, part in zip(kernels, parts)}
+      if gate.fused_into:
+        projections[gate.fused_into], logits = gate.split(projections[gate.fused_into])
+      return projections, logits
+    if gate.fused_into:
+      # The kernel, not its output, is split: slicing activations costs XLA:CPU a copy each
+      # way, slicing the kernel costs nothing measurable.
+      kernels[gate.fused_into], gate_kernel = gate.split(kernels[gate.fused_into])
+      logits = dense(x, gate_kernel)
+    return {name: dense(x, kernel) for name, kernel in kernels.items()}, logits
 
   def __call__(self, x: jax.Array, rope, cache=None, measured: jax.Array | None = None):
     """x: normed block input [batch, length, embed]; rope: (sin, cos) at x's positions;
     cache: None, or this layer's (key, value, length) to write into and attend over;
     measured: None, or bool [batch, length], the positions the paper's measurements read.
     Returns ([batch, length, embed], outputs: stats and, with a cache, 'key' and 'value')."""
-    gate, logits, score = self.gate, None, None
-    projections = {}
-    for name, kernel in (('query', self.wq), ('key', self.wk), ('value', self.wv)):
-      kernel = kernel[...].astype(x.dtype)
-      if gate.fused_into == name:
-        # The kernel, not its output, is split: slicing activations costs XLA:CPU a copy each
-        # way, slicing the kernel costs nothing measurable.
-        kernel, gate_kernel = gate.split(kernel)
-        logits = dense(x, gate_kernel)
-      projections[name] = dense(x, kernel)
+    gate, score = self.gate, None
+    projections, logits = self._project(x)
     if gate.enabled and not gate.fused_into:
       logits = gate.logits(x)
     if gate.position in projections:  # G2, G3, G4 gate a projection's output directly.
@@ -214,7 +232,7 @@ class Block(nnx.Module):
       self.mlp = MoE(cfg, std=cfg.init_std, out_std=out_std, param_dtype=dtype, rngs=rngs)
     else:
       self.mlp = SwiGLU(cfg.d_model, mlp_width(cfg), std=cfg.init_std, out_std=out_std,
-                        param_dtype=dtype, rngs=rngs)
+                        param_dtype=dtype, fused=cfg.fused_projections, rngs=rngs)
 
   def __call__(self, x, rope, cache=None, measured: jax.Array | None = None,
                counted: jax.Array | None = None):

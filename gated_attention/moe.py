@@ -163,7 +163,7 @@ class MoE(nnx.Module):
                     ('expert', 'mlp', 'embed'), param_dtype, out_std)
     if moe.shared_expert_dim:
       self.shared_expert = SwiGLU(cfg.d_model, moe.shared_expert_dim, std=std, out_std=out_std,
-                                  param_dtype=param_dtype, rngs=rngs)
+                                  param_dtype=param_dtype, fused=cfg.fused_projections, rngs=rngs)
       self.shared_expert_gate = param(rngs, (cfg.d_model, 1), ('embed', None), param_dtype, std)
     else:
       self.shared_expert = self.shared_expert_gate = None

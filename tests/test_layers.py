@@ -84,8 +84,10 @@ def test_rope_tables_of_known_positions_are_constants_equal_to_the_traced_ones()
   assert ' sine(' not in program and ' cosine(' not in program
 
 
-def test_swiglu_matches_reference():
-  mlp = layers.SwiGLU(8, 16, std=0.5, out_std=0.5, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize('fused', [False, True])
+def test_swiglu_matches_reference(fused):
+  mlp = layers.SwiGLU(8, 16, std=0.5, out_std=0.5, param_dtype=jnp.float32, fused=fused,
+                      rngs=nnx.Rngs(0))
   x = np.random.default_rng(3).normal(size=(1, 4, 8)).astype(np.float32)
   wi, wo = np.asarray(mlp.wi[...]), np.asarray(mlp.wo[...])
   gate, up = x @ wi[:, 0], x @ wi[:, 1]

@@ -149,6 +149,25 @@ def test_remat_policies_and_scanned_layers_give_the_same_loss_and_gradients():
                    state_lib.convert_layers(grads, False), expected_grads)
 
 
+@pytest.mark.parametrize('variant, overrides', [
+    ('none', {}), ('g1_elementwise', {}), ('g1_headwise', dict(scan_layers=True)),
+    ('g2_elementwise', {}), ('g3_elementwise', {}), ('g4_elementwise', {}), ('g5', {}),
+    ('g1_input_independent', {}),
+    ('g1_elementwise', dict(moe=dict(num_experts=4, top_k=2, expert_mlp_dim=16,
+                                     shared_expert_dim=8)))])
+def test_fused_projections_give_the_same_loss_and_gradients(variant, overrides):
+  """One product for query, key, value and the gate's W_theta (grouped by KV head: 4 query
+  heads over 2 here), and one for the SwiGLU's halves: the separate products' function."""
+  separate = helpers.model_config(variant, **overrides)
+  params = nnx.to_pure_dict(nnx.state(helpers.transformer(separate)))
+  expected_loss, expected_grads = _loss_and_grads(separate, params)
+  loss, grads = _loss_and_grads(helpers.model_config(variant, fused_projections=True,
+                                                     **overrides), params)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+               expected_grads)
+
+
 def test_layer_layouts_convert_both_ways_with_the_optimizer_state():
   cfg = helpers.model_config('g2_headwise', num_layers=3)
   params = nnx.to_pure_dict(nnx.state(helpers.transformer(cfg)))

@@ -104,7 +104,10 @@ def test_sharded_training_matches_one_device(tmp_path):
       ('mixed', dict(data=2, fsdp=2, tensor=2), [16, 2, 16]),
       ('tensor', dict(data=2, fsdp=1, tensor=4), [32, 1, 16]),
   ]:
-    sharded = _run_sharded(mesh_config, tmp_path / name, devices=8)
+    # One product per KV head group under tensor=4 (it splits the 4 KV heads); separate ones
+    # elsewhere.
+    sharded = _run_sharded(mesh_config, tmp_path / name, devices=8,
+                           overrides={'model.fused_projections': name == 'tensor'})
     assert sharded['devices'] == 8
     assert sharded['wq'] == wq_shard_shape, name
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
@@ -117,8 +120,10 @@ def test_tensor_parallelism_past_the_kv_heads_and_the_kernels_match_one_device(t
   model = {'model.num_kv_heads': 2, 'model.attention_impl': 'xla', 'data.seq_len': 128}
   single = _run_sharded(dict(data=1, fsdp=1, tensor=1), tmp_path / 'single', 1, model)
   for name, impl in [('xla', 'xla'), ('splash', 'splash'), ('cpu_flash', 'cpu_flash')]:
+    # With fused projections asked for, the query's product stays apart from the replicated KV.
     sharded = _run_sharded(dict(data=2, fsdp=1, tensor=4), tmp_path / name, 8,
-                           {**model, 'model.attention_impl': impl})
+                           {**model, 'model.attention_impl': impl,
+                            'model.fused_projections': impl == 'splash'})
     assert sharded['wq'] == [32, 1, 16] and sharded['wk'] == [32, 2, 8], name  # wk: whole.
     np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=2e-5, err_msg=name)
 
@@ -161,6 +166,38 @@ def _all_gather_shapes(overrides: dict) -> list[list[int]]:
                           capture_output=True, text=True, timeout=300, env=helpers.env(8))
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+_COLLECTIVES = textwrap.dedent('''
+    import collections, json, re, sys
+    from gated_attention import sharding
+    from gated_attention.train import compile_train_step, setup_train_state
+    from tests import helpers
+    counts = []
+    for kv_heads, fused in json.loads(sys.argv[1]):
+      config = helpers.run_config()
+      config.model.update(num_heads=4, num_kv_heads=kv_heads, fused_projections=fused)
+      config.mesh.update(data=1, fsdp=2, tensor=4)
+      text = compile_train_step(config, setup_train_state(
+          config, sharding.make_mesh(config.mesh))).as_text()
+      counts.append(collections.Counter(re.findall(
+          r' (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)\\(', text)))
+    print(json.dumps(counts))
+''')
+
+
+@pytest.mark.parametrize('kv_heads', [4, 2])
+def test_fused_projections_add_no_collective_on_a_tensor_parallel_mesh(kv_heads):
+  """On fsdp=2 x tensor=4 the fused kernels (grouped by KV head; with 2 KV heads the query's
+  product stays apart) are split the way their parts are: no collective is added to reshard
+  them, and the FSDP gathers of the parts become fewer, larger ones."""
+  result = subprocess.run([sys.executable, '-c', _COLLECTIVES,
+                           json.dumps([[kv_heads, False], [kv_heads, True]])],
+                          capture_output=True, text=True, timeout=300, env=helpers.env(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  separate, fused = json.loads(result.stdout.strip().splitlines()[-1])
+  assert all(fused.get(kind, 0) <= count for kind, count in separate.items()), (separate, fused)
+  assert set(fused) <= set(separate) and fused['all-gather'] < separate['all-gather']
 
 
 def test_capacity_experts_run_where_they_live_on_their_share_of_the_batch():
