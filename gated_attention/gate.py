@@ -109,10 +109,10 @@ class Gate(nnx.Module):
       return None
     return 'query' if self.position == 'sdpa' else self.position
 
-  def split(self, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Splits a fused kernel [embed, heads, head_dim + width] into (the projection's kernel,
-    W_theta [embed, heads, width])."""
-    return kernel[..., :-self.width], kernel[..., -self.width:]
+  def split(self, fused: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Splits the last axis of a fused kernel [embed, heads, head_dim + width], or of its
+    product [..., heads, head_dim + width], into (the projection's part, W_theta's part)."""
+    return fused[..., :-self.width], fused[..., -self.width:]
 
   def logits(self, x: jax.Array) -> jax.Array:
     """Gate logits of an unfused gate (G5, or input-independent) from X [batch, length, embed]."""
