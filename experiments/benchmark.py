@@ -3,7 +3,7 @@
   python -m experiments.benchmark --config=configs/lm.py:size=small \
       --gates=none,g1_elementwise,g1_headwise --attention_impls=cpu_flash,chunked \
       [--scan=false,true] [--moe_impls=capacity,ragged] [--torch_python=.torch-venv/bin/python] \
-      [--rounds=3] [--interleave=30] [--json]
+      [--rounds=3] [--interleave=30] [--profile_steps=3] [--json]
 
 Each row: parameters, ms/step (the median trial), tokens/s, MFU (gate FLOPs included), compiled
 memory per device, and the overhead against the ungated row of the same settings. Rows run one
@@ -16,18 +16,22 @@ ratios within a round. --interleave=N also measures each gated row against its u
 by step: both compiled in one process, their steps taken in alternation, N pairs; the overhead
 is the median of the pairs' ratios (column "interleaved"). --attention_memory=512,...,16384
 prints the compiled memory of one attention layer's forward and backward pass per
-implementation and length.
+implementation and length. --profile_steps=N traces N more steps of each row with jax.profiler
+and prints where their time went: by category (matmul, attention, collective, data movement,
+other fusions) and the costliest ops, each traced op joined to its instruction in the compiled
+step (gated_attention.profiling).
 """
 
 import itertools
 import json
 import pathlib
+import re
 
 import jax.numpy as jnp
 from absl import flags
 
 from experiments import cli, common
-from gated_attention import aot, benchmark
+from gated_attention import aot, benchmark, profiling
 from gated_attention import config as config_lib
 
 _CONFIG = cli.define_config('configs/lm.py')
@@ -58,6 +62,11 @@ _MEMORY_BATCH = flags.DEFINE_integer('memory_batch', 1, 'Sequences per device fo
                                      '--attention_memory.', lower_bound=1)
 _TOPOLOGY = flags.DEFINE_string('topology', 'local', '--attention_memory: compile for this TPU '
                                 'topology (e.g. v5p:2x2x1) instead of one local device.')
+_PROFILE_STEPS = flags.DEFINE_integer(
+    'profile_steps', 0, 'Steps traced after each row\'s trials: where their time went, by '
+    'category and op (0: no profile).', lower_bound=0)
+_PROFILE_DIR = flags.DEFINE_string('profile_dir', '/tmp/gated_attention_profile',
+                                   '--profile_steps: the traces go here, a folder per row.')
 _JSON = flags.DEFINE_bool('json', False, 'Print JSON instead of a table.')
 
 # The gates the PyTorch reference implements (G1 on the SDPA output).
@@ -97,6 +106,15 @@ def _record(row: dict, round_index: int, result: dict) -> None:
                    if axis not in ('rounds', 'result'))
   print(f'  round {round_index + 1}/{_ROUNDS.value} {label}: {result["step_time_s"] * 1e3:.1f} '
         f'ms/step', flush=True)
+  if 'profile' in result and not _JSON.value:
+    print(profiling.format_summary(result['profile']), flush=True)
+
+
+def _profile_dir(row: dict, round_index: int) -> pathlib.Path:
+  """A row's own folder for its trace, named after its settings and round."""
+  label = '_'.join(str(row[axis]) for axis in ('gate', 'attention', 'scan', 'moe'))
+  label = re.sub(r'[^\w.+=-]', '-', label)
+  return pathlib.Path(_PROFILE_DIR.value) / f'{label}_round{round_index + 1}'
 
 
 def _paired(row: dict, reference: dict) -> float:
@@ -201,7 +219,8 @@ def main(argv):
         for row, row_config in zip(rows, row_configs):
           if row['gate'] == gate:
             _record(row, round_index, benchmark.benchmark_train_step(
-                row_config, _STEPS.value, _TRIALS.value))
+                row_config, _STEPS.value, _TRIALS.value, _PROFILE_STEPS.value,
+                _profile_dir(row, round_index)))
         for mode in (('eager', 'compile') if _TORCH.value and gate in _TORCH_GATES else ()):
           reference = torch.setdefault(f'torch {mode} {gate}', {'reference': f'torch {mode}',
                                                                  'gate': gate})

@@ -3,6 +3,7 @@ for any config, one config's step against another's taken in alternation, the co
 of one attention layer by implementation and length, and the PyTorch reference's step beside it
 (run in its own interpreter, never imported)."""
 
+import pathlib
 import re
 import subprocess
 import time
@@ -14,6 +15,7 @@ import numpy as np
 
 from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
+from gated_attention import profiling
 from gated_attention import sharding as sharding_lib
 from gated_attention.model import mlp_width
 from gated_attention.train import (check_batch, compile_train_step, compiled_memory,
@@ -56,10 +58,12 @@ def prepare_train_step(config) -> PreparedStep:
   return PreparedStep(setup, compiled, state, tokens, compile_s)
 
 
-def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
+def benchmark_train_step(config, steps: int, trials: int = 3, profile_steps: int = 0,
+                         profile_dir: pathlib.Path | None = None) -> dict:
   """The median trial (the lower of the middle two for an even count: always a measured trial)
   of `trials`, each the mean step time over `steps` steps, after WARMUP_STEPS steps; every trial's
-  time beside it (`trial_step_times_s`)."""
+  time beside it (`trial_step_times_s`). profile_steps > 0: then that many more steps traced
+  into profile_dir, and where their time went (`profiling.profile_steps`) as `profile`."""
   prepared = prepare_train_step(config)
   for _ in range(WARMUP_STEPS):
     prepared = prepared.run()
@@ -75,11 +79,20 @@ def benchmark_train_step(config, steps: int, trials: int = 3) -> dict:
   step_time = lower_median(step_times)
   tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
   setup = prepared.setup
-  return {'params': setup.num_params, 'step_time_s': step_time, 'trial_step_times_s': step_times,
-          'tokens_per_sec': tokens_per_sec,
-          'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': prepared.compile_s,
-          'memory_bytes': compiled_memory(prepared.compiled),
-          'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count()}
+  result = {'params': setup.num_params, 'step_time_s': step_time,
+            'trial_step_times_s': step_times, 'tokens_per_sec': tokens_per_sec,
+            'mfu': mfu_of(config, setup)(tokens_per_sec), 'compile_s': prepared.compile_s,
+            'memory_bytes': compiled_memory(prepared.compiled),
+            'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count()}
+  if profile_steps:
+    latest = [prepared]
+
+    def run_step():
+      latest[0] = latest[0].run()
+
+    result['profile'] = profiling.profile_steps(run_step, prepared.compiled.as_text(),
+                                                profile_steps, profile_dir)
+  return result
 
 
 def interleaved_ratios(step, reference_step, pairs: int, clock=time.perf_counter) -> list[float]:

@@ -18,6 +18,7 @@ coordinates them).
 
 import collections
 import dataclasses
+import json
 import pathlib
 import sys
 import time
@@ -34,6 +35,7 @@ from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import flops as flops_lib
 from gated_attention import init_from as init_from_lib
+from gated_attention import profiling
 from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
@@ -381,15 +383,17 @@ class StepLog:
 class StepProfile:
   """Traces train.profile_steps steps with jax.profiler, after this process's first
   train.profile_after steps, into WORKDIR/profile/process_N (view with XProf or TensorBoard's
-  profile plugin). Each step is annotated with its number, so the viewer splits the trace by
-  step."""
+  profile plugin), then logs where their time went (`profiling`: by category and op) and saves
+  it as summary.json there. Each step is annotated with its number, so the viewer splits the
+  trace by step."""
 
-  def __init__(self, train_config, workdir: pathlib.Path, start_step: int, exclude):
+  def __init__(self, train_config, workdir: pathlib.Path, start_step: int, exclude, compiled):
     self.exclude = exclude  # Takes the profiler's own start and stop out of the step times.
+    self.compiled = compiled
     self.first = start_step + 1 + train_config.profile_after
     self.last = min(self.first + train_config.profile_steps - 1, train_config.steps)
     self.directory = workdir / 'profile' / f'process_{jax.process_index()}'
-    self.tracing = False
+    self.tracing, self.traced_from = False, None
     if train_config.profile_steps and self.first > train_config.steps:
       log(f'no profile: train.profile_after={train_config.profile_after} steps from step '
           f'{start_step + 1} reach past train.steps={train_config.steps}')
@@ -400,21 +404,26 @@ class StepProfile:
     """A context for running `step`: starts the trace before the first profiled step."""
     if step == self.first:
       started = time.perf_counter()
-      options = jax.profiler.ProfileOptions()
-      options.python_tracer_level = 0  # Tracing every Python call slowed the traced steps 2x.
-      jax.profiler.start_trace(str(self.directory), profiler_options=options)
+      profiling.start_trace(self.directory)
       self.tracing = True
-      self.exclude(time.perf_counter() - started)
+      self.traced_from = time.perf_counter()
+      self.exclude(self.traced_from - started)
     return jax.profiler.StepTraceAnnotation('train', step_num=step)
 
   def finish(self, step: int, state) -> None:
-    """After `step` is dispatched: the last profiled step is waited for, and the trace written."""
+    """After `step` is dispatched: the last profiled step is waited for, the trace written and
+    summarized."""
     if step == self.last:
       jax.block_until_ready(state)
       started = time.perf_counter()
+      step_time_s = (started - self.traced_from) / (self.last - self.first + 1)
       self.close()
+      summary = profiling.summarize_trace(self.directory, self.compiled.as_text(),
+                                          self.last - self.first + 1, step_time_s)
+      (self.directory / 'summary.json').write_text(json.dumps(summary, indent=2))
       self.exclude(time.perf_counter() - started)
-      log(f'profile of steps {self.first}-{self.last} in {self.directory.parent}')
+      log(f'profile of steps {self.first}-{self.last} in {self.directory.parent}\n'
+          f'{profiling.format_summary(summary)}')
 
   def close(self) -> None:
     if self.tracing:
@@ -546,7 +555,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host
   # never stalls the device; a step is read before any checkpoint that would include it.
   step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
-  profile = StepProfile(train_config, workdir, start_step, step_log.exclude)
+  profile = StepProfile(train_config, workdir, start_step, step_log.exclude, compiled)
   preemption = PreemptionWatch()
   pending, preempted = None, False
   try:

@@ -275,6 +275,9 @@ def test_profile_traces_the_chosen_steps_counted_from_each_start(tmp_path):
   train(helpers.run_config(steps=7, profile_steps=5, profile_after=0), tmp_path)
   traces = sorted((tmp_path / 'profile' / 'process_0').glob('plugins/profile/*/*.xplane.pb'))
   assert [_profiled_steps(trace) for trace in traces] == [[2, 3], [6, 7]]
+  # Where the last profile's time went, its ops joined to the compiled step.
+  summary = json.loads((tmp_path / 'profile' / 'process_0' / 'summary.json').read_text())
+  assert summary['steps'] == 2 and summary['categories_s']['matmul'] > 0
 
 
 def test_a_run_resumes_and_evaluates_in_the_other_layer_layout(tmp_path):

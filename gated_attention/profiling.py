@@ -1,0 +1,225 @@
+"""Where a compiled step's time goes: a jax.profiler trace of a few steps, each traced op's time
+joined by its name to the instruction of the compiled program it ran, and summed by category
+(matmul, attention, collective, data movement, other fusions, other).
+
+The join is by instruction name, the one thing every backend's trace shares: XLA:CPU names each
+executed thunk after its instruction; GPU kernels carry their instruction in `hlo_op`, and a
+device's derived `XLA Ops` line (where the trace has one) names them directly. Events that name
+no instruction of the program (the runtime's own, Python) are left out, and so are loops and
+calls, whose bodies are traced op by op."""
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+import time
+from typing import NamedTuple
+
+import jax
+
+CATEGORIES = ('matmul', 'attention', 'collective', 'data movement', 'other fusion', 'other')
+
+_MATMUL_OPCODES = {'dot', 'convolution', 'ragged-dot'}
+_COLLECTIVE_OPCODES = {'all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+                       'ragged-all-to-all', 'collective-permute', 'collective-broadcast', 'send',
+                       'recv'}
+# Ops that only move or reshape data: a fusion of nothing else is data movement.
+_DATA_MOVEMENT_OPCODES = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'slice',
+                          'concatenate', 'pad', 'dynamic-slice', 'dynamic-update-slice',
+                          'reverse', 'parameter', 'constant', 'tuple', 'get-tuple-element',
+                          'copy-start', 'copy-done', 'bitcast-convert'}
+# Ops whose time is their body's, which the trace holds op by op.
+_CONTROL_OPCODES = {'while', 'conditional', 'call', 'async-start', 'async-update', 'async-done'}
+# Custom calls by target and instruction name (a Pallas kernel's instruction is named after it:
+# splash_mha_fwd, gmm): cuDNN's fMHA, cpu_flash, splash; cuBLAS, megablox.
+_ATTENTION_KERNEL = re.compile(r'fmha|flash|splash|attention', re.IGNORECASE)
+_MATMUL_KERNEL = re.compile(r'gemm|matmul|gmm', re.IGNORECASE)
+
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([^\s(]+)\s.*->.*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?%?([^\s=]+) = (.*)$')
+_OPCODE = re.compile(r'(?:^|\s)([a-z][\w\-]*)\(')
+_CALLED = re.compile(r'\b(?:calls|to_apply|body|condition)=(%?[\w.\-]+)|'
+                     r'\b(?:branch_computations|called_computations)=\{([^}]*)\}')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_SOURCE = re.compile(r'op_name="([^"]*)"')
+
+
+class Op(NamedTuple):
+  """One instruction of a compiled program: its category (one of CATEGORIES, or 'control' for
+  loops and calls), result shape, and the JAX operation it came from (metadata; may be '')."""
+  category: str
+  shape: str
+  source: str
+
+
+def _base_opcode(opcode: str) -> str:
+  """all-reduce-start / all-reduce-done -> all-reduce (async collectives)."""
+  return re.sub(r'-(start|done|update)$', '', opcode) if opcode not in _CONTROL_OPCODES else opcode
+
+
+def program_ops(hlo_text: str) -> dict[str, Op]:
+  """Instruction name -> Op for every instruction of a compiled program's text
+  (`compiled.as_text()`). An op is categorized by what it holds (a fusion by what it fuses):
+  attention where a custom call names an attention kernel, else matmul where it holds a dot or
+  a GEMM kernel, else collective, else data movement where it only moves data, else other."""
+  instructions = {}  # name -> (opcode, custom call's target and name, called computations,
+  #                           shape, source)
+  bodies = collections.defaultdict(list)  # computation -> its instructions' names
+  computation = None
+  for line in hlo_text.splitlines():
+    if not line.startswith(' ') and (header := _COMPUTATION.match(line)):
+      computation = header.group(1)
+      continue
+    if computation is None or not (found := _INSTRUCTION.match(line)):
+      continue
+    name, rest = found.groups()
+    opcode, target, source = (_OPCODE.search(rest), _TARGET.search(rest), _SOURCE.search(rest))
+    called = [callee.strip().lstrip('%') for one, several in _CALLED.findall(rest)
+              for callee in (one or several).split(',') if callee.strip()]
+    shape = rest[:opcode.start()].strip() if opcode else ''
+    instructions[name] = (opcode.group(1) if opcode else '',
+                          f'{target.group(1)} {name}' if target else '',
+                          called, re.sub(r'\{[^}]*\}', '', shape),
+                          source.group(1).split('/', 1)[-1] if source else '')
+    bodies[computation].append(name)
+
+  inside_memo = {}
+
+  def inside(computation_name: str) -> set:
+    """Opcodes (custom calls as `custom-call:TARGET NAME`) in a computation, nested ones too."""
+    if computation_name not in inside_memo:
+      inside_memo[computation_name] = set()  # A computation never calls itself; stops a cycle.
+      found = set()
+      for name in bodies.get(computation_name, ()):
+        opcode, target, called = instructions[name][:3]
+        found.add(f'custom-call:{target}' if opcode == 'custom-call' else _base_opcode(opcode))
+        for callee in called:
+          found |= inside(callee)
+      inside_memo[computation_name] = found
+    return inside_memo[computation_name]
+
+  def category(opcode: str, target: str, called: list) -> str:
+    opcode = _base_opcode(opcode)
+    if opcode in _CONTROL_OPCODES:
+      return 'control'
+    # A fusion is what it fuses; any other op is itself and what it calls (a reduce's adder).
+    contents = (set() if opcode == 'fusion' else
+                {f'custom-call:{target}' if opcode == 'custom-call' else opcode})
+    for callee in called:
+      contents |= inside(callee)
+    targets = [op.split(':', 1)[1] for op in contents if op.startswith('custom-call:')]
+    if any(_ATTENTION_KERNEL.search(t) for t in targets):
+      return 'attention'
+    if contents & _MATMUL_OPCODES or any(_MATMUL_KERNEL.search(t) for t in targets):
+      return 'matmul'
+    if contents & _COLLECTIVE_OPCODES:
+      return 'collective'
+    if contents <= _DATA_MOVEMENT_OPCODES:
+      return 'data movement'
+    return 'other fusion' if opcode == 'fusion' else 'other'
+
+  return {name: Op(category(*fields[:3]), *fields[3:]) for name, fields in instructions.items()}
+
+
+def op_times(trace_events: list, names) -> dict[str, float]:
+  """Seconds per instruction name summed over a trace's complete events (Chrome trace format,
+  timestamps in microseconds), for the names in `names`. Where the trace has devices, their
+  events (each one's `XLA Ops` line where it has one, else its kernels by `hlo_op`), averaged
+  over the devices (one program runs on each); else the host's (XLA:CPU's thunks)."""
+  processes, threads = {}, {}
+  for event in trace_events:
+    if event.get('ph') == 'M' and event.get('name') == 'process_name':
+      processes[event['pid']] = event['args']['name']
+    elif event.get('ph') == 'M' and event.get('name') == 'thread_name':
+      threads[(event['pid'], event.get('tid'))] = event['args']['name']
+  complete = [event for event in trace_events if event.get('ph') == 'X' and 'dur' in event]
+  devices = {pid for pid, name in processes.items() if name.startswith('/device:')
+             and any(event['pid'] == pid for event in complete)}
+  if devices:
+    op_lines = {key for key, name in threads.items() if key[0] in devices and name == 'XLA Ops'}
+    complete = [event for event in complete if event['pid'] in devices
+                and (not op_lines or (event['pid'], event.get('tid')) in op_lines)]
+  times = collections.defaultdict(float)
+  for event in complete:
+    name = (event.get('args') or {}).get('hlo_op') or event['name']
+    if name in names:
+      times[name] += event['dur'] * 1e-6 / max(len(devices), 1)
+  return dict(times)
+
+
+def summarize(times: dict[str, float], ops: dict[str, Op], steps: int, step_time_s: float,
+              top: int = 12) -> dict:
+  """Per step: seconds by category (loops and calls left out), their total, the step's wall
+  time, and the `top` ops by time with their category, shape and source."""
+  timed = {name: seconds / steps for name, seconds in times.items()
+           if ops[name].category != 'control'}
+  by_category = dict.fromkeys(CATEGORIES, 0.0)
+  for name, seconds in timed.items():
+    by_category[ops[name].category] += seconds
+  ranked = sorted(timed.items(), key=lambda item: -item[1])[:top]
+  return {'steps': steps, 'step_time_s': step_time_s, 'op_time_s': sum(timed.values()),
+          'categories_s': by_category,
+          'top_ops': [dict(name=name, time_s=seconds, **ops[name]._asdict())
+                      for name, seconds in ranked]}
+
+
+def read_trace(directory: pathlib.Path) -> list:
+  """The events of the newest perfetto trace jax.profiler wrote under `directory`."""
+  paths = sorted(pathlib.Path(directory).rglob('perfetto_trace.json.gz'),
+                 key=lambda path: path.stat().st_mtime)
+  if not paths:
+    raise FileNotFoundError(f'no perfetto_trace.json.gz under {directory}: the profiler wrote '
+                            'no trace')
+  with gzip.open(paths[-1], 'rt') as file:
+    trace = json.load(file)
+  return trace['traceEvents'] if isinstance(trace, dict) else trace
+
+
+def start_trace(directory: pathlib.Path) -> None:
+  """Starts jax.profiler's trace into `directory`, a perfetto trace (which `read_trace` reads)
+  beside the XProf one, without Python's calls (tracing them slowed traced steps 2x)."""
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  jax.profiler.start_trace(str(directory), create_perfetto_trace=True, profiler_options=options)
+
+
+def summarize_trace(directory: pathlib.Path, hlo_text: str, steps: int,
+                    step_time_s: float) -> dict:
+  """`summarize` of the trace in `directory` of `steps` steps of the program `hlo_text`, with
+  the trace's folder as `trace_dir`."""
+  ops = program_ops(hlo_text)
+  return dict(summarize(op_times(read_trace(directory), ops), ops, steps, step_time_s),
+              trace_dir=str(directory))
+
+
+def profile_steps(run_step, hlo_text: str, steps: int, directory: pathlib.Path) -> dict:
+  """Traces `steps` calls of `run_step` (each takes one step and waits for it) into `directory`
+  and summarizes where their time went (`summarize_trace`)."""
+  start_trace(directory)
+  try:
+    started = time.perf_counter()
+    for _ in range(steps):
+      run_step()
+    step_time_s = (time.perf_counter() - started) / steps
+  finally:
+    jax.profiler.stop_trace()
+  return summarize_trace(directory, hlo_text, steps, step_time_s)
+
+
+def format_summary(summary: dict) -> str:
+  """A table of the summary: categories, then the costliest ops."""
+  op_time = summary['op_time_s'] or float('nan')
+  lines = [f'where the time goes: {summary["steps"]} steps traced at '
+           f'{summary["step_time_s"] * 1e3:.1f} ms/step (under the profiler); the ops took '
+           f'{summary["op_time_s"] * 1e3:.1f} ms/step (ops that overlap count in full, gaps '
+           f'between them not at all)',
+           f'  {"category":<16} {"ms/step":>9} {"share":>7}']
+  for category, seconds in summary['categories_s'].items():
+    lines.append(f'  {category:<16} {seconds * 1e3:>9.2f} {seconds / op_time:>7.1%}')
+  lines.append(f'  {"op":<32} {"category":<14} {"ms/step":>9}  shape, source')
+  for op in summary['top_ops']:
+    lines.append(f'  {op["name"]:<32} {op["category"]:<14} {op["time_s"] * 1e3:>9.2f}  '
+                 f'{op["shape"][:40]} {op["source"][-60:]}')
+  lines.append(f'  trace: {summary["trace_dir"]}')
+  return '\n'.join(lines)
