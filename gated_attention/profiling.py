@@ -3,10 +3,10 @@ joined by its name to the instruction of the compiled program it ran, and summed
 (matmul, attention, collective, data movement, other fusions, other).
 
 The join is by instruction name, the one thing every backend's trace shares: XLA:CPU names each
-executed thunk after its instruction; GPU kernels carry their instruction in `hlo_op`, and a
-device's derived `XLA Ops` line (where the trace has one) names them directly. Events that name
-no instruction of the program (the runtime's own, Python) are left out, and so are loops and
-calls, whose bodies are traced op by op."""
+executed thunk after its instruction; a GPU kernel carries its instruction in `hlo_op`; a TPU's
+`XLA Ops` line names its ops directly. Events that name no instruction of the program (the
+runtime's own, copies, Python) are left out, and so are loops and calls, whose bodies are
+traced op by op."""
 
 import collections
 import gzip
@@ -19,6 +19,11 @@ from typing import NamedTuple
 import jax
 
 CATEGORIES = ('matmul', 'attention', 'collective', 'data movement', 'other fusion', 'other')
+
+
+class ProfileError(RuntimeError):
+  """A trace that cannot be summarized: none written, or none of its events names an op of the
+  compiled program (a trace format this reader does not know)."""
 
 _MATMUL_OPCODES = {'dot', 'convolution', 'ragged-dot'}
 _COLLECTIVE_OPCODES = {'all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
@@ -122,11 +127,16 @@ def program_ops(hlo_text: str) -> dict[str, Op]:
   return {name: Op(category(*fields[:3]), *fields[3:]) for name, fields in instructions.items()}
 
 
-def op_times(trace_events: list, names) -> dict[str, float]:
+def op_times(trace_events: list, names, module: str | None = None) -> dict[str, float]:
   """Seconds per instruction name summed over a trace's complete events (Chrome trace format,
-  timestamps in microseconds), for the names in `names`. Where the trace has devices, their
-  events (each one's `XLA Ops` line where it has one, else its kernels by `hlo_op`), averaged
-  over the devices (one program runs on each); else the host's (XLA:CPU's thunks)."""
+  timestamps in microseconds), for the names in `names`, of the program `module` where events
+  name their module (other programs' ops of the same names are left out).
+
+  Where the trace has devices, their events, averaged over the devices (one program runs on
+  each): a device's `XLA Ops` lines where it has them (libtpu writes one; XProf derives one per
+  GPU stream), named after their instructions, else its kernels by the instruction in their
+  `hlo_op` (what jax writes for a GPU; copies and the tracer's own events carry none). Else the
+  host's: XLA:CPU's thunks, named after their instructions."""
   processes, threads = {}, {}
   for event in trace_events:
     if event.get('ph') == 'M' and event.get('name') == 'process_name':
@@ -134,16 +144,28 @@ def op_times(trace_events: list, names) -> dict[str, float]:
     elif event.get('ph') == 'M' and event.get('name') == 'thread_name':
       threads[(event['pid'], event.get('tid'))] = event['args']['name']
   complete = [event for event in trace_events if event.get('ph') == 'X' and 'dur' in event]
-  devices = {pid for pid, name in processes.items() if name.startswith('/device:')
+  # Chips, not the host, Megascale's network or a TPU's SparseCores (which have no op line).
+  devices = {pid for pid, name in processes.items()
+             if re.match(r'/device:(GPU|TPU):\d+$', name)
              and any(event['pid'] == pid for event in complete)}
-  if devices:
-    op_lines = {key for key, name in threads.items() if key[0] in devices and name == 'XLA Ops'}
-    complete = [event for event in complete if event['pid'] in devices
-                and (not op_lines or (event['pid'], event.get('tid')) in op_lines)]
+  op_lines = {key for key, name in threads.items()
+              if key[0] in devices and name.startswith('XLA Ops')}
+
+  def op_name(event):
+    if not devices:
+      return event['name']
+    if event['pid'] not in devices:
+      return None
+    if op_lines:
+      return event['name'] if (event['pid'], event.get('tid')) in op_lines else None
+    args = event.get('args') or {}
+    if module and args.get('hlo_module', module) != module:
+      return None
+    return args['hlo_op'].split('::')[-1] if args.get('hlo_op') else None
+
   times = collections.defaultdict(float)
   for event in complete:
-    name = (event.get('args') or {}).get('hlo_op') or event['name']
-    if name in names:
+    if (name := op_name(event)) in names:
       times[name] += event['dur'] * 1e-6 / max(len(devices), 1)
   return dict(times)
 
@@ -169,8 +191,8 @@ def read_trace(directory: pathlib.Path) -> list:
   paths = sorted(pathlib.Path(directory).rglob('perfetto_trace.json.gz'),
                  key=lambda path: path.stat().st_mtime)
   if not paths:
-    raise FileNotFoundError(f'no perfetto_trace.json.gz under {directory}: the profiler wrote '
-                            'no trace')
+    raise ProfileError(f'no perfetto_trace.json.gz under {directory}: the profiler wrote no '
+                       'trace')
   with gzip.open(paths[-1], 'rt') as file:
     trace = json.load(file)
   return trace['traceEvents'] if isinstance(trace, dict) else trace
@@ -187,10 +209,16 @@ def start_trace(directory: pathlib.Path) -> None:
 def summarize_trace(directory: pathlib.Path, hlo_text: str, steps: int,
                     step_time_s: float) -> dict:
   """`summarize` of the trace in `directory` of `steps` steps of the program `hlo_text`, with
-  the trace's folder as `trace_dir`."""
-  ops = program_ops(hlo_text)
-  return dict(summarize(op_times(read_trace(directory), ops), ops, steps, step_time_s),
-              trace_dir=str(directory))
+  the trace's folder as `trace_dir`. Raises ProfileError where no traced event names an op of
+  the program: a summary of nothing would read as a step that costs nothing."""
+  ops, events = program_ops(hlo_text), read_trace(directory)
+  module = re.match(r'HloModule ([^\s,]+)', hlo_text)
+  times = op_times(events, ops, module.group(1) if module else None)
+  if not times:
+    raise ProfileError(f'none of the {len(events):,} events of the trace in {directory} names an '
+                       f'op of the compiled step ({len(ops):,} instructions): a trace format '
+                       'this reader does not know; the trace itself is there to view')
+  return dict(summarize(times, ops, steps, step_time_s), trace_dir=str(directory))
 
 
 def profile_steps(run_step, hlo_text: str, steps: int, directory: pathlib.Path) -> dict:

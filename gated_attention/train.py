@@ -418,12 +418,15 @@ class StepProfile:
       started = time.perf_counter()
       step_time_s = (started - self.traced_from) / (self.last - self.first + 1)
       self.close()
-      summary = profiling.summarize_trace(self.directory, self.compiled.as_text(),
-                                          self.last - self.first + 1, step_time_s)
-      (self.directory / 'summary.json').write_text(json.dumps(summary, indent=2))
+      try:
+        summary = profiling.summarize_trace(self.directory, self.compiled.as_text(),
+                                            self.last - self.first + 1, step_time_s)
+        (self.directory / 'summary.json').write_text(json.dumps(summary, indent=2))
+        said = profiling.format_summary(summary)
+      except profiling.ProfileError as error:  # The trace stays; training goes on.
+        said = f'no summary of it: {error}'
       self.exclude(time.perf_counter() - started)
-      log(f'profile of steps {self.first}-{self.last} in {self.directory.parent}\n'
-          f'{profiling.format_summary(summary)}')
+      log(f'profile of steps {self.first}-{self.last} in {self.directory.parent}\n{said}')
 
   def close(self) -> None:
     if self.tracing:

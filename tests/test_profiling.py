@@ -2,6 +2,9 @@
 hold, trace events joined to them by name (CPU and device layouts of a trace), and a real
 trace of a real step on this machine."""
 
+import gzip
+import json
+
 import pytest
 
 from gated_attention import benchmark, profiling
@@ -106,26 +109,32 @@ def test_op_times_read_the_host_threads_of_a_cpu_trace():
   assert times == {'matmul_fusion': pytest.approx(400e-6), 'sort.1': pytest.approx(50e-6)}
 
 
-def test_op_times_read_a_device_by_its_op_line_else_its_kernels():
-  """A GPU trace holds each op twice (its kernels on a stream, and once on the derived `XLA Ops`
-  line): the op line alone counts, and without one, kernels count by their `hlo_op`. The host's
-  events of the same names (launches) never count where there is a device."""
+def test_op_times_read_a_device_by_its_op_lines_else_its_kernels():
+  """A GPU trace as jax writes it holds kernels on streams, each naming its instruction in
+  `hlo_op` (copies and the tracer's events name none); XProf's adds `XLA Ops` lines, one per
+  stream, holding each op again: those lines alone count then. The host's events of the same
+  names (launches) never count where there is a device, nor do SparseCores', nor kernels of
+  another program (by `hlo_module`)."""
   ops = profiling.program_ops(PROGRAM)
   device = [_metadata(1, '/device:GPU:0'), _metadata(1, 'Stream #13(Kernel)', tid=13),
             _event(1, 13, 'sm90_xmma_gemm_bf16', 70.0, hlo_op='matmul_fusion'),
-            _event(1, 13, 'sm90_xmma_gemm_bf16', 30.0, hlo_op='matmul_fusion'),
+            _event(1, 13, 'sm90_xmma_gemm_bf16', 30.0, hlo_op='7::matmul_fusion'),
             _event(1, 13, 'cudnn_fmha_kernel', 20.0, hlo_op='fmha.1'),
-            _metadata(2, '/host:CPU'), _event(2, 5, 'matmul_fusion', 5.0)]
-  by_kernel = profiling.op_times(device, ops)
+            _event(1, 13, 'sort.1', 500.0),  # No hlo_op: not an op's kernel, whatever its name.
+            _event(1, 13, 'other_gemm', 800.0, hlo_op='matmul_fusion', hlo_module='jit_other'),
+            _metadata(1, 'Stream #20(MemcpyD2H)', tid=20), _event(1, 20, 'MemcpyD2H', 40.0),
+            _metadata(2, '/host:CPU'), _event(2, 5, 'matmul_fusion', 5.0),
+            _metadata(4, '/device:TPU:0 SparseCore 0'), _event(4, 1, 'fmha.1', 9.0)]
+  by_kernel = profiling.op_times(device, ops, module='jit_step')
   assert by_kernel == {'matmul_fusion': pytest.approx(100e-6), 'fmha.1': pytest.approx(20e-6)}
-  op_line = [_metadata(1, 'XLA Ops', tid=99), _event(1, 99, 'matmul_fusion', 110.0),
-             _event(1, 99, 'fmha.1', 21.0)]
-  assert profiling.op_times(device + op_line, ops) == {'matmul_fusion': pytest.approx(110e-6),
-                                                      'fmha.1': pytest.approx(21e-6)}
+  op_lines = [_metadata(1, 'XLA Ops - from #13', tid=99), _event(1, 99, 'matmul_fusion', 110.0),
+              _event(1, 99, 'fmha.1', 21.0)]
+  assert profiling.op_times(device + op_lines, ops, module='jit_step') == {
+      'matmul_fusion': pytest.approx(110e-6), 'fmha.1': pytest.approx(21e-6)}
   # A second device running the same program: each op's time is the devices' mean.
   second = [_metadata(3, '/device:GPU:1'), _metadata(3, 'XLA Ops', tid=99),
             _event(3, 99, 'matmul_fusion', 90.0), _event(3, 99, 'fmha.1', 19.0)]
-  assert profiling.op_times(device + op_line + second, ops) == {
+  assert profiling.op_times(device + op_lines + second, ops, module='jit_step') == {
       'matmul_fusion': pytest.approx(100e-6), 'fmha.1': pytest.approx(20e-6)}
 
 
@@ -157,3 +166,14 @@ def test_a_traced_train_step_on_this_machine_joins_its_ops_to_the_program(tmp_pa
   assert sum(categories.values()) == pytest.approx(profile['op_time_s'])
   assert {op['category'] for op in profile['top_ops']} <= set(profiling.CATEGORIES)
   assert list((tmp_path / 'trace').rglob('perfetto_trace.json.gz'))
+
+
+def test_a_trace_with_no_op_of_the_program_is_an_error_not_an_empty_summary(tmp_path):
+  folder = tmp_path / 'plugins' / 'profile' / 'run'
+  folder.mkdir(parents=True)
+  with gzip.open(folder / 'perfetto_trace.json.gz', 'wt') as file:
+    json.dump({'traceEvents': [_metadata(7, '/host:CPU'), _event(7, 1, 'fusion.999', 5.0)]}, file)
+  with pytest.raises(profiling.ProfileError, match='none of the 2 events .* names an op'):
+    profiling.summarize_trace(tmp_path, PROGRAM, steps=1, step_time_s=0.1)
+  with pytest.raises(profiling.ProfileError, match='no perfetto_trace.json.gz under'):
+    profiling.summarize_trace(tmp_path / 'elsewhere', PROGRAM, steps=1, step_time_s=0.1)
