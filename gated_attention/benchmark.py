@@ -6,6 +6,7 @@ of one attention layer by implementation and length, and the PyTorch reference's
 import pathlib
 import re
 import subprocess
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -58,24 +59,31 @@ def prepare_train_step(config) -> PreparedStep:
   return PreparedStep(setup, compiled, state, tokens, compile_s)
 
 
+def run_steps(prepared: PreparedStep, steps: int) -> tuple[PreparedStep, float]:
+  """Takes `steps` steps, dispatched back to back, waiting only for the last: the state after
+  them and the mean seconds per step."""
+  started = time.perf_counter()
+  state, metrics = prepared.state, None
+  for _ in range(steps):
+    state, metrics = prepared.compiled(state, prepared.tokens)
+  jax.block_until_ready(metrics)
+  return prepared._replace(state=state), (time.perf_counter() - started) / steps
+
+
 def benchmark_train_step(config, steps: int, trials: int = 3, profile_steps: int = 0,
                          profile_dir: pathlib.Path | None = None) -> dict:
   """The median trial (the lower of the middle two for an even count: always a measured trial)
   of `trials`, each the mean step time over `steps` steps, after WARMUP_STEPS steps; every trial's
   time beside it (`trial_step_times_s`). profile_steps > 0: then that many more steps traced
-  into profile_dir, and where their time went (`profiling.profile_steps`) as `profile`."""
+  into profile_dir (default: a new temporary folder), and where their time went
+  (`profiling.summarize_trace`) as `profile`."""
   prepared = prepare_train_step(config)
   for _ in range(WARMUP_STEPS):
     prepared = prepared.run()
   step_times = []
   for _ in range(trials):
-    started = time.perf_counter()
-    state, metrics = prepared.state, None
-    for _ in range(steps):
-      state, metrics = prepared.compiled(state, prepared.tokens)
-    jax.block_until_ready(metrics)
-    step_times.append((time.perf_counter() - started) / steps)
-    prepared = prepared._replace(state=state)
+    prepared, step_time = run_steps(prepared, steps)
+    step_times.append(step_time)
   step_time = lower_median(step_times)
   tokens_per_sec = config.data.batch_size * config.data.seq_len / step_time
   setup = prepared.setup
@@ -85,13 +93,14 @@ def benchmark_train_step(config, steps: int, trials: int = 3, profile_steps: int
             'memory_bytes': compiled_memory(prepared.compiled),
             'device_kind': jax.devices()[0].device_kind, 'devices': jax.device_count()}
   if profile_steps:
-    latest = [prepared]
-
-    def run_step():
-      latest[0] = latest[0].run()
-
-    result['profile'] = profiling.profile_steps(run_step, prepared.compiled.as_text(),
-                                                profile_steps, profile_dir)
+    profile_dir = profile_dir or pathlib.Path(tempfile.mkdtemp(prefix='gated_attention_profile_'))
+    since = profiling.start_trace(profile_dir)
+    try:
+      prepared, traced_step_time = run_steps(prepared, profile_steps)
+    finally:
+      jax.profiler.stop_trace()
+    result['profile'] = profiling.summarize_trace(profile_dir, prepared.compiled.as_text(),
+                                                  profile_steps, traced_step_time, since)
   return result
 
 

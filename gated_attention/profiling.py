@@ -2,11 +2,11 @@
 joined by its name to the instruction of the compiled program it ran, and summed by category
 (matmul, attention, collective, data movement, other fusions, other).
 
-The join is by instruction name, the one thing every backend's trace shares: XLA:CPU names each
-executed thunk after its instruction; a GPU kernel carries its instruction in `hlo_op`; a TPU's
+The join is by instruction name, the one thing every backend's trace shares: an XLA:CPU thunk
+and a GPU kernel carry their instruction (and its program) in `hlo_op` (`hlo_module`); a TPU's
 `XLA Ops` line names its ops directly. Events that name no instruction of the program (the
-runtime's own, copies, Python) are left out, and so are loops and calls, whose bodies are
-traced op by op."""
+runtime's own, copies, Python, other programs) are left out, and so are loops, conditionals and
+calls, whose bodies are traced op by op."""
 
 import collections
 import gzip
@@ -25,6 +25,7 @@ class ProfileError(RuntimeError):
   """A trace that cannot be summarized: none written, or none of its events names an op of the
   compiled program (a trace format this reader does not know)."""
 
+
 _MATMUL_OPCODES = {'dot', 'convolution', 'ragged-dot'}
 _COLLECTIVE_OPCODES = {'all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                        'ragged-all-to-all', 'collective-permute', 'collective-broadcast', 'send',
@@ -35,7 +36,9 @@ _DATA_MOVEMENT_OPCODES = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast'
                           'reverse', 'parameter', 'constant', 'tuple', 'get-tuple-element',
                           'copy-start', 'copy-done', 'bitcast-convert'}
 # Ops whose time is their body's, which the trace holds op by op.
-_CONTROL_OPCODES = {'while', 'conditional', 'call', 'async-start', 'async-update', 'async-done'}
+_CONTROL_OPCODES = {'while', 'conditional', 'call'}
+# Ops that are what they wrap (their called computations), as a fusion is what it fuses.
+_WRAPPER_OPCODES = {'fusion', 'async'}
 # Custom calls by target and instruction name (a Pallas kernel's instruction is named after it:
 # splash_mha_fwd, gmm): cuDNN's fMHA, cpu_flash, splash; cuBLAS, megablox.
 _ATTENTION_KERNEL = re.compile(r'fmha|flash|splash|attention', re.IGNORECASE)
@@ -44,7 +47,8 @@ _MATMUL_KERNEL = re.compile(r'gemm|matmul|gmm', re.IGNORECASE)
 _COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([^\s(]+)\s.*->.*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s+(?:ROOT\s+)?%?([^\s=]+) = (.*)$')
 _OPCODE = re.compile(r'(?:^|\s)([a-z][\w\-]*)\(')
-_CALLED = re.compile(r'\b(?:calls|to_apply|body|condition)=(%?[\w.\-]+)|'
+_CALLED = re.compile(r'\b(?:calls|to_apply|body|condition|true_computation|false_computation|'
+                     r'select|scatter)=(%?[\w.\-]+)|'
                      r'\b(?:branch_computations|called_computations)=\{([^}]*)\}')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _SOURCE = re.compile(r'op_name="([^"]*)"')
@@ -59,15 +63,16 @@ class Op(NamedTuple):
 
 
 def _base_opcode(opcode: str) -> str:
-  """all-reduce-start / all-reduce-done -> all-reduce (async collectives)."""
-  return re.sub(r'-(start|done|update)$', '', opcode) if opcode not in _CONTROL_OPCODES else opcode
+  """all-reduce-start / all-reduce-done -> all-reduce, async-start -> async (async ops)."""
+  return re.sub(r'-(start|done|update)$', '', opcode)
 
 
 def program_ops(hlo_text: str) -> dict[str, Op]:
   """Instruction name -> Op for every instruction of a compiled program's text
-  (`compiled.as_text()`). An op is categorized by what it holds (a fusion by what it fuses):
-  attention where a custom call names an attention kernel, else matmul where it holds a dot or
-  a GEMM kernel, else collective, else data movement where it only moves data, else other."""
+  (`compiled.as_text()`). An op is categorized by what it holds (a fusion or an async op by what
+  it wraps): attention where a custom call names an attention kernel, else matmul where it
+  holds a dot or a GEMM kernel, else collective, else data movement where it only moves data,
+  else other fusion (a fusion) or other; loops, conditionals and calls are 'control'."""
   instructions = {}  # name -> (opcode, custom call's target and name, called computations,
   #                           shape, source)
   bodies = collections.defaultdict(list)  # computation -> its instructions' names
@@ -109,7 +114,7 @@ def program_ops(hlo_text: str) -> dict[str, Op]:
     if opcode in _CONTROL_OPCODES:
       return 'control'
     # A fusion is what it fuses; any other op is itself and what it calls (a reduce's adder).
-    contents = (set() if opcode == 'fusion' else
+    contents = (set() if opcode in _WRAPPER_OPCODES else
                 {f'custom-call:{target}' if opcode == 'custom-call' else opcode})
     for callee in called:
       contents |= inside(callee)
@@ -120,7 +125,7 @@ def program_ops(hlo_text: str) -> dict[str, Op]:
       return 'matmul'
     if contents & _COLLECTIVE_OPCODES:
       return 'collective'
-    if contents <= _DATA_MOVEMENT_OPCODES:
+    if contents and contents <= _DATA_MOVEMENT_OPCODES:
       return 'data movement'
     return 'other fusion' if opcode == 'fusion' else 'other'
 
@@ -136,7 +141,7 @@ def op_times(trace_events: list, names, module: str | None = None) -> dict[str, 
   each): a device's `XLA Ops` lines where it has them (libtpu writes one; XProf derives one per
   GPU stream), named after their instructions, else its kernels by the instruction in their
   `hlo_op` (what jax writes for a GPU; copies and the tracer's own events carry none). Else the
-  host's: XLA:CPU's thunks, named after their instructions."""
+  host's: XLA:CPU's thunks, by their `hlo_op` too."""
   processes, threads = {}, {}
   for event in trace_events:
     if event.get('ph') == 'M' and event.get('name') == 'process_name':
@@ -152,15 +157,12 @@ def op_times(trace_events: list, names, module: str | None = None) -> dict[str, 
               if key[0] in devices and name.startswith('XLA Ops')}
 
   def op_name(event):
-    if not devices:
-      return event['name']
-    if event['pid'] not in devices:
+    args = event.get('args') or {}
+    if (devices and event['pid'] not in devices
+        or module and args.get('hlo_module', module) != module):
       return None
     if op_lines:
       return event['name'] if (event['pid'], event.get('tid')) in op_lines else None
-    args = event.get('args') or {}
-    if module and args.get('hlo_module', module) != module:
-      return None
     return args['hlo_op'].split('::')[-1] if args.get('hlo_op') else None
 
   times = collections.defaultdict(float)
@@ -186,53 +188,47 @@ def summarize(times: dict[str, float], ops: dict[str, Op], steps: int, step_time
                       for name, seconds in ranked]}
 
 
-def read_trace(directory: pathlib.Path) -> list:
-  """The events of the newest perfetto trace jax.profiler wrote under `directory`."""
-  paths = sorted(pathlib.Path(directory).rglob('perfetto_trace.json.gz'),
-                 key=lambda path: path.stat().st_mtime)
+def read_trace(directory: pathlib.Path, since: float = 0.0) -> list:
+  """The events of the newest perfetto trace jax.profiler wrote under `directory`, written at
+  `since` (a time.time()) or later: an earlier run's trace there is never taken for this one's."""
+  # Two seconds of slack for file systems that round their modification times down.
+  paths = sorted((path for path in pathlib.Path(directory).rglob('perfetto_trace.json.gz')
+                  if path.stat().st_mtime >= since - 2), key=lambda path: path.stat().st_mtime)
   if not paths:
-    raise ProfileError(f'no perfetto_trace.json.gz under {directory}: the profiler wrote no '
-                       'trace')
+    raise ProfileError(f'no perfetto_trace.json.gz under {directory} written by this trace: the '
+                       'profiler wrote none')
   with gzip.open(paths[-1], 'rt') as file:
     trace = json.load(file)
   return trace['traceEvents'] if isinstance(trace, dict) else trace
 
 
-def start_trace(directory: pathlib.Path) -> None:
+def start_trace(directory: pathlib.Path) -> float:
   """Starts jax.profiler's trace into `directory`, a perfetto trace (which `read_trace` reads)
-  beside the XProf one, without Python's calls (tracing them slowed traced steps 2x)."""
+  beside the XProf one, without Python's calls (tracing them slowed traced steps 2x). Returns
+  the time.time() it started, for `summarize_trace`."""
+  started = time.time()
   options = jax.profiler.ProfileOptions()
   options.python_tracer_level = 0
   jax.profiler.start_trace(str(directory), create_perfetto_trace=True, profiler_options=options)
+  return started
 
 
-def summarize_trace(directory: pathlib.Path, hlo_text: str, steps: int,
-                    step_time_s: float) -> dict:
-  """`summarize` of the trace in `directory` of `steps` steps of the program `hlo_text`, with
-  the trace's folder as `trace_dir`. Raises ProfileError where no traced event names an op of
-  the program: a summary of nothing would read as a step that costs nothing."""
-  ops, events = program_ops(hlo_text), read_trace(directory)
+def summarize_trace(directory: pathlib.Path, hlo_text: str, steps: int, step_time_s: float,
+                    since: float) -> dict:
+  """`summarize` of the trace started at `since` (`start_trace`) in `directory`, of `steps`
+  steps of the program `hlo_text`, with the trace's folder as `trace_dir`. Raises ProfileError
+  where no traced event names an op of the program outside loops and calls: a summary of
+  nothing would read as a step that costs nothing."""
+  ops, events = program_ops(hlo_text), read_trace(directory, since)
   module = re.match(r'HloModule ([^\s,]+)', hlo_text)
-  times = op_times(events, ops, module.group(1) if module else None)
-  if not times:
+  summary = summarize(op_times(events, ops, module.group(1) if module else None), ops, steps,
+                      step_time_s)
+  if not summary['op_time_s']:
     raise ProfileError(f'none of the {len(events):,} events of the trace in {directory} names an '
-                       f'op of the compiled step ({len(ops):,} instructions): a trace format '
-                       'this reader does not know; the trace itself is there to view')
-  return dict(summarize(times, ops, steps, step_time_s), trace_dir=str(directory))
-
-
-def profile_steps(run_step, hlo_text: str, steps: int, directory: pathlib.Path) -> dict:
-  """Traces `steps` calls of `run_step` (each takes one step and waits for it) into `directory`
-  and summarizes where their time went (`summarize_trace`)."""
-  start_trace(directory)
-  try:
-    started = time.perf_counter()
-    for _ in range(steps):
-      run_step()
-    step_time_s = (time.perf_counter() - started) / steps
-  finally:
-    jax.profiler.stop_trace()
-  return summarize_trace(directory, hlo_text, steps, step_time_s)
+                       f'op of the compiled step ({len(ops):,} instructions) outside its loops: '
+                       'a trace format this reader does not know; the trace itself is there to '
+                       'view')
+  return dict(summary, trace_dir=str(directory))
 
 
 def format_summary(summary: dict) -> str:

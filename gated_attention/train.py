@@ -388,27 +388,34 @@ class StepProfile:
   trace by step."""
 
   def __init__(self, train_config, workdir: pathlib.Path, start_step: int, exclude, compiled):
-    self.exclude = exclude  # Takes the profiler's own start and stop out of the step times.
+    self.exclude_from_steps = exclude  # Takes the profiler's start and stop out of step times.
     self.compiled = compiled
     self.first = start_step + 1 + train_config.profile_after
     self.last = min(self.first + train_config.profile_steps - 1, train_config.steps)
     self.directory = workdir / 'profile' / f'process_{jax.process_index()}'
-    self.tracing, self.traced_from = False, None
+    self.tracing, self.since, self.traced_from, self.excluded = False, 0.0, 0.0, 0.0
     if train_config.profile_steps and self.first > train_config.steps:
       log(f'no profile: train.profile_after={train_config.profile_after} steps from step '
           f'{start_step + 1} reach past train.steps={train_config.steps}')
     elif not train_config.profile_steps:
       self.first = self.last = -1
 
-  def step(self, step: int):
-    """A context for running `step`: starts the trace before the first profiled step."""
+  def step(self, step: int, state):
+    """A context for running `step` on `state`: before the first profiled step, waits for the
+    step before it (whose ops and time are not this profile's), then starts the trace."""
     if step == self.first:
+      jax.block_until_ready(state)
       started = time.perf_counter()
-      profiling.start_trace(self.directory)
+      self.since = profiling.start_trace(self.directory)
       self.tracing = True
       self.traced_from = time.perf_counter()
-      self.exclude(self.traced_from - started)
+      self.exclude_from_steps(self.traced_from - started)
     return jax.profiler.StepTraceAnnotation('train', step_num=step)
+
+  def exclude(self, seconds: float) -> None:
+    """Takes time the loop spent on other work (a checkpoint) out of the profiled steps'."""
+    if self.tracing:
+      self.excluded += seconds
 
   def finish(self, step: int, state) -> None:
     """After `step` is dispatched: the last profiled step is waited for, the trace written and
@@ -416,16 +423,17 @@ class StepProfile:
     if step == self.last:
       jax.block_until_ready(state)
       started = time.perf_counter()
-      step_time_s = (started - self.traced_from) / (self.last - self.first + 1)
+      steps = self.last - self.first + 1
+      step_time_s = (started - self.traced_from - self.excluded) / steps
       self.close()
       try:
-        summary = profiling.summarize_trace(self.directory, self.compiled.as_text(),
-                                            self.last - self.first + 1, step_time_s)
+        summary = profiling.summarize_trace(self.directory, self.compiled.as_text(), steps,
+                                            step_time_s, self.since)
         (self.directory / 'summary.json').write_text(json.dumps(summary, indent=2))
         said = profiling.format_summary(summary)
-      except profiling.ProfileError as error:  # The trace stays; training goes on.
-        said = f'no summary of it: {error}'
-      self.exclude(time.perf_counter() - started)
+      except Exception as error:  # A diagnostic: no failure of it may stop the training.
+        said = f'no summary of it ({type(error).__name__}): {error}'
+      self.exclude_from_steps(time.perf_counter() - started)
       log(f'profile of steps {self.first}-{self.last} in {self.directory.parent}\n{said}')
 
   def close(self) -> None:
@@ -564,7 +572,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   try:
     for step in range(start_step + 1, train_config.steps + 1):
       checkpointer.raise_if_save_failed()
-      with profile.step(step):
+      with profile.step(step, state):
         state, metrics = compiled(state, global_batch(next(iterator), setup.batch_sharding, part))
       profile.finish(step, state)
       if pending is not None:
@@ -578,7 +586,9 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
         checkpointer.save(step, state, {'iterator': iterator.get_state(),
                                         'data_fingerprint': data_fingerprint,
                                         'loop': step_log.state()}, config)
-        step_log.exclude(time.perf_counter() - started)
+        saving = time.perf_counter() - started
+        step_log.exclude(saving)
+        profile.exclude(saving)
       if preempted:
         break
   finally:
