@@ -137,8 +137,8 @@ def op_times(trace_events: list, names, module: str | None = None) -> dict[str, 
   timestamps in microseconds), for the names in `names`, of the program `module` where events
   name their module (other programs' ops of the same names are left out).
 
-  Where the trace has devices, their events, averaged over the devices (one program runs on
-  each): a device's `XLA Ops` lines where it has them (libtpu writes one; XProf derives one per
+  Each op's time is the mean over the devices it ran on (one program runs on each). Where the
+  trace has devices, their events: a device's `XLA Ops` lines where it has them (libtpu writes one; XProf derives one per
   GPU stream), named after their instructions, else its kernels by the instruction in their
   `hlo_op` (what jax writes for a GPU; copies and the tracer's own events carry none). Else the
   host's: XLA:CPU's thunks, by their `hlo_op` too."""
@@ -165,11 +165,13 @@ def op_times(trace_events: list, names, module: str | None = None) -> dict[str, 
       return event['name'] if (event['pid'], event.get('tid')) in op_lines else None
     return args['hlo_op'].split('::')[-1] if args.get('hlo_op') else None
 
-  times = collections.defaultdict(float)
+  times, ran_on = collections.defaultdict(float), set()
   for event in complete:
     if (name := op_name(event)) in names:
-      times[name] += event['dur'] * 1e-6 / max(len(devices), 1)
-  return dict(times)
+      times[name] += event['dur'] * 1e-6
+      # A chip by its process; XLA:CPU's devices share the host's, and name their ordinal.
+      ran_on.add(event['pid'] if devices else (event.get('args') or {}).get('device_ordinal'))
+  return {name: seconds / len(ran_on) for name, seconds in times.items()}
 
 
 def summarize(times: dict[str, float], ops: dict[str, Op], steps: int, step_time_s: float,

@@ -123,6 +123,14 @@ def test_op_times_read_the_host_thunks_of_a_cpu_trace_by_their_instruction():
             _event(7, 1, 'PjitFunction(step)', 10_000.0)]
   times = profiling.op_times(events, profiling.program_ops(PROGRAM), module='jit_step')
   assert times == {'matmul_fusion': pytest.approx(400e-6), 'sort.1': pytest.approx(50e-6)}
+  # Two CPU devices in one process (their thunks name their ordinal): the mean of the two.
+  second = [_event(7, 3, 'matmul_fusion', 200.0, hlo_op='matmul_fusion', device_ordinal='1',
+                   **mine), _event(7, 3, 'sort.1', 150.0, hlo_op='sort.1', device_ordinal='1',
+                                   **mine)]
+  first = [dict(event, args=dict(event['args'], device_ordinal='0')) if event.get('args') else
+           event for event in events]
+  times = profiling.op_times(first + second, profiling.program_ops(PROGRAM), module='jit_step')
+  assert times == {'matmul_fusion': pytest.approx(300e-6), 'sort.1': pytest.approx(100e-6)}
 
 
 def test_op_times_read_a_device_by_its_op_lines_else_its_kernels():
