@@ -38,9 +38,7 @@ class PreparedStep(NamedTuple):
   compile_s: float
 
   def run(self) -> 'PreparedStep':
-    state, metrics = self.compiled(self.state, self.tokens)
-    jax.block_until_ready(metrics)
-    return self._replace(state=state)
+    return run_steps(self, 1)[0]
 
 
 def prepare_train_step(config) -> PreparedStep:

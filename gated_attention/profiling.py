@@ -34,7 +34,7 @@ _COLLECTIVE_OPCODES = {'all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all
 _DATA_MOVEMENT_OPCODES = {'copy', 'transpose', 'bitcast', 'reshape', 'broadcast', 'slice',
                           'concatenate', 'pad', 'dynamic-slice', 'dynamic-update-slice',
                           'reverse', 'parameter', 'constant', 'tuple', 'get-tuple-element',
-                          'copy-start', 'copy-done', 'bitcast-convert'}
+                          'bitcast-convert'}  # copy-start and copy-done count as copy.
 # Ops whose time is their body's, which the trace holds op by op.
 _CONTROL_OPCODES = {'while', 'conditional', 'call'}
 # Ops that are what they wrap (their called computations), as a fusion is what it fuses.
@@ -99,7 +99,7 @@ def program_ops(hlo_text: str) -> dict[str, Op]:
   def inside(computation_name: str) -> set:
     """Opcodes (custom calls as `custom-call:TARGET NAME`) in a computation, nested ones too."""
     if computation_name not in inside_memo:
-      inside_memo[computation_name] = set()  # A computation never calls itself; stops a cycle.
+      inside_memo[computation_name] = set()  # Guards against a cycle (none in valid HLO).
       found = set()
       for name in bodies.get(computation_name, ()):
         opcode, target, called = instructions[name][:3]
@@ -138,10 +138,10 @@ def op_times(trace_events: list, names, module: str | None = None) -> dict[str, 
   name their module (other programs' ops of the same names are left out).
 
   Each op's time is the mean over the devices it ran on (one program runs on each). Where the
-  trace has devices, their events: a device's `XLA Ops` lines where it has them (libtpu writes one; XProf derives one per
-  GPU stream), named after their instructions, else its kernels by the instruction in their
-  `hlo_op` (what jax writes for a GPU; copies and the tracer's own events carry none). Else the
-  host's: XLA:CPU's thunks, by their `hlo_op` too."""
+  trace has devices, their events: a device's `XLA Ops` lines where it has them (libtpu writes
+  one; XProf derives one per GPU stream), named after their instructions, else its kernels by
+  the instruction in their `hlo_op` (what jax writes for a GPU; copies and the tracer's own
+  events carry none). Else the host's: XLA:CPU's thunks, by their `hlo_op` too."""
   processes, threads = {}, {}
   for event in trace_events:
     if event.get('ph') == 'M' and event.get('name') == 'process_name':
@@ -150,9 +150,9 @@ def op_times(trace_events: list, names, module: str | None = None) -> dict[str, 
       threads[(event['pid'], event.get('tid'))] = event['args']['name']
   complete = [event for event in trace_events if event.get('ph') == 'X' and 'dur' in event]
   # Chips, not the host, Megascale's network or a TPU's SparseCores (which have no op line).
+  with_events = {event['pid'] for event in complete}
   devices = {pid for pid, name in processes.items()
-             if re.match(r'/device:(GPU|TPU):\d+$', name)
-             and any(event['pid'] == pid for event in complete)}
+             if pid in with_events and re.match(r'/device:(GPU|TPU):\d+$', name)}
   op_lines = {key for key, name in threads.items()
               if key[0] in devices and name.startswith('XLA Ops')}
 

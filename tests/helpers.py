@@ -138,3 +138,9 @@ def random_params(model_cfg, seed: int = 0, std: float = 0.2) -> dict:
     return jnp.asarray(rng.normal(mean, std, leaf.shape), leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def busy_threads_at_most() -> int:
+  """How many threads can run XLA:CPU's ops at once here: its intra-op pool (one per core this
+  process may use) and the calling thread. Traced op time per step cannot exceed this many steps."""
+  return len(os.sched_getaffinity(0)) + 1

@@ -1,7 +1,6 @@
 """Training end to end on the embedded corpus: learning, exact resume, determinism, errors."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -280,8 +279,7 @@ def test_profile_traces_the_chosen_steps_counted_from_each_start(tmp_path):
   summary = json.loads((tmp_path / 'profile' / 'process_0' / 'summary.json').read_text())
   assert summary['steps'] == 2 and summary['categories_s']['matmul'] > 0
   # The ops of the traced steps alone: no more than every thread busy for their whole time.
-  threads = len(os.sched_getaffinity(0)) + 1
-  assert 0 < summary['op_time_s'] < threads * summary['step_time_s']
+  assert 0 < summary['op_time_s'] < helpers.busy_threads_at_most() * summary['step_time_s']
 
 
 def test_a_run_resumes_and_evaluates_in_the_other_layer_layout(tmp_path):
