@@ -27,6 +27,7 @@ import json
 import pathlib
 import re
 
+import jax
 import jax.numpy as jnp
 from absl import flags
 
@@ -61,7 +62,8 @@ _MEMORY = flags.DEFINE_list('attention_memory', [], 'Sequence lengths: print the
 _MEMORY_BATCH = flags.DEFINE_integer('memory_batch', 1, 'Sequences per device for '
                                      '--attention_memory.', lower_bound=1)
 _TOPOLOGY = flags.DEFINE_string('topology', 'local', '--attention_memory: compile for this TPU '
-                                'topology (e.g. v5p:2x2x1) instead of one local device.')
+                                'topology (e.g. v5p:2x2x1) or these NVIDIA GPUs (e.g. h200:1) '
+                                'instead of one local device.')
 _PROFILE_STEPS = flags.DEFINE_integer(
     'profile_steps', 0, 'Steps traced after each row\'s trials: where their time went, by '
     'category and op (0: no profile).', lower_bound=0)
@@ -196,6 +198,9 @@ def main(argv):
   del argv
   cli.refuse_gate_overrides(_CONFIG, '--gates')
   config = _CONFIG.value
+
+  if _MEMORY.value and _TOPOLOGY.value != 'local':
+    jax.config.update('jax_platforms', 'cpu')  # The topology is compiled for, never run here.
 
   def run():
     if _MEMORY.value:

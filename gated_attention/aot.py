@@ -1,7 +1,9 @@
-"""Ahead-of-time compilation for a device topology you need not have: a TPU slice described by
-name (compiled here by libtpu, nothing allocated) or the local devices. The same mesh, sharding
-and step code as training, so what compiles here is what will run there."""
+"""Ahead-of-time compilation for devices you need not have: a TPU slice described by name
+(compiled here by libtpu), NVIDIA GPUs described by model and count (compiled here by jax's CUDA
+plugin, no GPU or driver needed), or the local devices. Nothing is allocated. The same mesh,
+sharding and step code as training, so what compiles here is what will run there."""
 
+import importlib.util
 import math
 import os
 import re
@@ -14,6 +16,7 @@ from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
 from gated_attention import distributed
 from gated_attention import sharding as sharding_lib
+from gated_attention import traffic
 from gated_attention.evaluate import make_eval_step
 from gated_attention.summary import format_count, summarize
 from gated_attention.tokenizer import pad_id
@@ -28,13 +31,34 @@ MEMORY_BY_DEVICE_KIND = (
     ('TPU v5p', 95 * GIB),
     ('TPU v5', 95 * GIB),
     ('TPU v4', 32 * GIB),
-    ('H200', 141 * 10**9),
+    ('H200', 143_771 * 2**20),  # What CUDA reports for the "141 GB" chip.
     ('H100 NVL', 94 * 10**9),
-    ('H100', 80 * GIB),
+    ('H100', 81_559 * 2**20),  # The SXM "80 GB" chip, as CUDA reports it.
     ('A100-SXM4-40GB', 40 * GIB),
     ('A100-PCIE-40GB', 40 * GIB),
     ('A100', 80 * GIB),
 )
+
+
+# Memory bandwidth per chip (bytes/s, datasheets) by device_kind substring, first match.
+BANDWIDTH_BY_DEVICE_KIND = (
+    ('TPU v6 lite', 1640 * 10**9),
+    ('TPU v5 lite', 819 * 10**9),
+    ('TPU v5p', 2765 * 10**9),
+    ('TPU v4', 1200 * 10**9),
+    ('H200', 4800 * 10**9),
+    ('H100 NVL', 3900 * 10**9),
+    ('H100 PCIe', 2000 * 10**9),
+    ('H100', 3350 * 10**9),
+)
+# NVIDIA GPUs that `--topology` names, by the device_kind they have: what XLA compiles for (a
+# GpuTargetConfigProto, which a compile without the GPU needs in place of the device). Both are
+# Hopper SXM parts, the same 132 SMs (compute capability 9.0) at 1.98 GHz with a 50 MiB L2;
+# their memory and its bandwidth are those of the tables above.
+GPU_TARGETS = {'h100': 'NVIDIA H100 80GB HBM3', 'h200': 'NVIDIA H200'}
+# The cuDNN a GPU target is compiled for: the oldest that jax's CUDA plugin accepts.
+GPU_TARGET_CUDNN = (9, 8, 0)
+_GPU_TOPOLOGY = re.compile(r'^(?P<target>[^:]+):(?:(?P<hosts>\d+)x)?(?P<gpus>\d+)$')
 
 
 # Attention implementations whose work XLA's cost analysis leaves out (compiled_flops).
@@ -46,10 +70,11 @@ class CompileError(RuntimeError):
 
 
 def device_memory(device_kind: str) -> int | None:
-  for name, size in MEMORY_BY_DEVICE_KIND:
-    if name in device_kind:
-      return size
-  return None
+  return next((size for name, size in MEMORY_BY_DEVICE_KIND if name in device_kind), None)
+
+
+def device_bandwidth(device_kind: str) -> int | None:
+  return next((rate for name, rate in BANDWIDTH_BY_DEVICE_KIND if name in device_kind), None)
 
 
 def memory_per_device(device) -> tuple[int | None, str]:
@@ -63,9 +88,15 @@ def memory_per_device(device) -> tuple[int | None, str]:
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list:
-  """The devices of a TPU topology such as 'v5p:4x4x4' (compile-only), or 'local' for these."""
+  """Compile-only devices of a TPU topology ('v5p:4x4x4') or of NVIDIA GPUs ('h200:8' for one
+  host of 8, 'h100:4x8' for 4 hosts of 8; a GpuTargetConfigProto text file such as
+  'a100.txtpb:8' for another model), or 'local' for the devices at hand."""
   if topology == 'local':
     return jax.devices()
+  gpus = _GPU_TOPOLOGY.match(topology)
+  if gpus and (gpus['target'].lower() in GPU_TARGETS or gpus['target'].endswith('.txtpb')):
+    return _gpu_devices(topology, gpus['target'], int(gpus['hosts'] or 1), int(gpus['gpus']),
+                        num_slices)
   distributed.quiet_tpu_runtime()
   # Compile-only devices never touch a chip: the lock that keeps two processes off one TPU is
   # not needed.
@@ -77,7 +108,60 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
                                              **kwargs).devices)
   except Exception as error:  # libtpu raises plain runtime errors for unknown names.
     raise CompileError(f'--topology={topology!r} is not a TPU topology libtpu knows (for '
-                       f'example v5e:2x2, v5p:4x4x4, v6e:8x8, v4:4x4x4): {error}') from None
+                       f'example v5e:2x2, v5p:4x4x4, v6e:8x8, v4:4x4x4) nor NVIDIA GPUs (for '
+                       f'example h200:8, h100:4x8; the models: {", ".join(GPU_TARGETS)}, or a '
+                       f'GpuTargetConfigProto text file ending in .txtpb): {error}') from None
+
+
+def gpu_target_config(target: str) -> str:
+  """The GpuTargetConfigProto (text format) of a named GPU, or the contents of a .txtpb file."""
+  if target.endswith('.txtpb'):
+    try:
+      with open(target, encoding='utf-8') as file:
+        return file.read()
+    except OSError as error:
+      raise CompileError(f'--topology: cannot read the GPU target {target!r}: {error}') from None
+  description = GPU_TARGETS[target.lower()]
+  memory, bandwidth = device_memory(description), device_bandwidth(description)
+  major, minor, patch = GPU_TARGET_CUDNN
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024  threads_per_warp: 32  threads_per_core_limit: 2048
+  shared_memory_per_block: {48 * 1024}  shared_memory_per_block_optin: {227 * 1024}
+  shared_memory_per_core: {228 * 1024}
+  registers_per_core_limit: 65536  registers_per_block_limit: 65536
+  core_count: 132  fpus_per_core: 128  clock_rate_ghz: 1.98
+  block_dim_limit_x: {2**31 - 1}  block_dim_limit_y: 65535  block_dim_limit_z: 65535
+  l2_cache_size: {50 * 2**20}  device_memory_size: {memory}  memory_bandwidth: {bandwidth}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: {major} minor: {minor} patch: {patch} }}
+device_description_str: "{description}"
+"""
+
+
+def cuda_plugin_installed() -> bool:
+  """Whether jax's CUDA plugin (CUDA 12 or 13) is importable here."""
+  return bool(importlib.util.find_spec('jax_plugins')) and any(
+      importlib.util.find_spec(f'jax_plugins.xla_{cuda}') for cuda in ('cuda12', 'cuda13'))
+
+
+def _gpu_devices(topology: str, target: str, hosts: int, gpus: int, num_slices: int) -> list:
+  """Compile-only NVIDIA GPUs: `num_slices` x `hosts` x `gpus`, through jax's CUDA plugin."""
+  if not cuda_plugin_installed():
+    raise CompileError(
+        f'--topology={topology!r} compiles for NVIDIA GPUs with jax\'s CUDA plugin, which is not '
+        'installed here: pip install --no-deps -r requirements-gpu-aot.txt (no GPU or CUDA '
+        'driver needed).')
+  config = gpu_target_config(target)
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(
+        platform='cuda', topology=f'{num_slices}x{hosts}x{gpus}',
+        target_config=config).devices)
+  except Exception as error:  # The plugin raises plain runtime errors for a bad target.
+    raise CompileError(f'--topology={topology!r}: the CUDA plugin refuses this GPU target: '
+                       f'{error}') from None
 
 
 def _bytes_per_device(abstract_tree) -> int:
@@ -135,8 +219,10 @@ def compiled_flops(config, mesh) -> float | None:
   return at_depth(per_step) + config.data.batch_size / shards * at_depth(per_unit)
 
 
-def compile_report(config, devices) -> dict:
-  """Compiles the train and eval steps for `devices`; returns per-device memory and FLOPs."""
+def compile_report(config, devices, traffic_top: int = 0) -> dict:
+  """Compiles the train and eval steps for `devices`; returns per-device memory and FLOPs, and
+  where `traffic_top` > 0 the train step's memory traffic with its `traffic_top` largest ops
+  (`gated_attention.traffic`)."""
   config_lib.validate(config)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   check_batch(config, mesh)
@@ -188,6 +274,9 @@ def compile_report(config, devices) -> dict:
     report['dominant'] = max(parts, key=parts.get)
     report['fits'] = (None if report['device_memory_bytes'] is None
                       else train['total'] <= report['device_memory_bytes'])
+  if traffic_top:
+    report['traffic'] = traffic.memory_traffic(train_step.as_text(), traffic_top)
+    report['memory_bandwidth'] = device_bandwidth(kind)
   return report
 
 
@@ -213,4 +302,7 @@ def format_report(report: dict) -> str:
                f'{left_out}), model formula {report["model_flops_per_device"]:.4g}' if compiled
                else f'FLOPs per step per device: model formula '
                f'{report["model_flops_per_device"]:.4g}')
+  if 'traffic' in report:
+    lines.append(traffic.format_traffic(report['traffic'], report['memory_bandwidth'],
+                                        report['device_kind']))
   return '\n'.join(lines)

@@ -52,6 +52,8 @@ _CALLED = re.compile(r'\b(?:calls|to_apply|body|condition|true_computation|false
                      r'\b(?:branch_computations|called_computations)=\{([^}]*)\}')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _SOURCE = re.compile(r'op_name="([^"]*)"')
+_OPERAND = re.compile(r'%([\w.\-]+)')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 class Op(NamedTuple):
@@ -67,19 +69,48 @@ def _base_opcode(opcode: str) -> str:
   return re.sub(r'-(start|done|update)$', '', opcode)
 
 
-def program_ops(hlo_text: str) -> dict[str, Op]:
-  """Instruction name -> Op for every instruction of a compiled program's text
-  (`compiled.as_text()`). An op is categorized by what it holds (a fusion or an async op by what
-  it wraps): attention where a custom call names an attention kernel, else matmul where it
-  holds a dot or a GEMM kernel, else collective, else data movement where it only moves data,
-  else other fusion (a fusion) or other; loops, conditionals and calls are 'control'."""
-  instructions = {}  # name -> (opcode, custom call's target and name, called computations,
-  #                           shape, source)
-  bodies = collections.defaultdict(list)  # computation -> its instructions' names
-  computation = None
+class Instruction(NamedTuple):
+  """One instruction of a compiled program's text: its opcode, custom call's target and name
+  (or ''), called computations, result shape without layouts, source (the JAX operation, from
+  metadata), operands' names, a loop's known trip count (or None), whether it is its
+  computation's root, and a parameter's number (or None)."""
+  opcode: str
+  target: str
+  called: list
+  shape: str
+  source: str
+  operands: list
+  trip_count: int | None
+  root: bool
+  parameter: int | None  # A parameter's number.
+
+
+class Program(NamedTuple):
+  """A compiled program's text parsed: instructions by name, each computation's instructions'
+  names in order, and the entry computation's name."""
+  instructions: dict
+  bodies: dict
+  entry: str | None
+
+
+def _operands(arguments: str) -> list:
+  """The names of an instruction's operands: those in `arguments` (its text after the opcode's
+  parenthesis) up to the matching one."""
+  depth, end = 1, 0
+  while end < len(arguments) and depth:
+    depth += {'(': 1, ')': -1}.get(arguments[end], 0)
+    end += 1
+  return _OPERAND.findall(arguments[:end])
+
+
+def parse_program(hlo_text: str) -> Program:
+  """Parses `compiled.as_text()` (HLO text) into its instructions and computations."""
+  instructions, bodies = {}, collections.defaultdict(list)
+  computation = entry = None
   for line in hlo_text.splitlines():
     if not line.startswith(' ') and (header := _COMPUTATION.match(line)):
       computation = header.group(1)
+      entry = computation if line.startswith('ENTRY') else entry
       continue
     if computation is None or not (found := _INSTRUCTION.match(line)):
       continue
@@ -87,13 +118,26 @@ def program_ops(hlo_text: str) -> dict[str, Op]:
     opcode, target, source = (_OPCODE.search(rest), _TARGET.search(rest), _SOURCE.search(rest))
     called = [callee.strip().lstrip('%') for one, several in _CALLED.findall(rest)
               for callee in (one or several).split(',') if callee.strip()]
-    shape = rest[:opcode.start()].strip() if opcode else ''
-    instructions[name] = (opcode.group(1) if opcode else '',
-                          f'{target.group(1)} {name}' if target else '',
-                          called, re.sub(r'\{[^}]*\}', '', shape),
-                          source.group(1).split('/', 1)[-1] if source else '')
+    trips = _TRIP_COUNT.search(rest)
+    code, arguments = (opcode.group(1), rest[opcode.end():]) if opcode else ('', '')
+    instructions[name] = Instruction(
+        opcode=code, target=f'{target.group(1)} {name}' if target else '', called=called,
+        shape=re.sub(r'\{[^}]*\}', '', rest[:opcode.start()].strip() if opcode else ''),
+        source=source.group(1).split('/', 1)[-1] if source else '',
+        operands=_operands(arguments), trip_count=int(trips.group(1)) if trips else None,
+        root=line.lstrip().startswith('ROOT '),
+        parameter=int(arguments.split(')', 1)[0]) if code == 'parameter' else None)
     bodies[computation].append(name)
+  return Program(instructions, dict(bodies), entry)
 
+
+def program_ops(hlo_text: str) -> dict[str, Op]:
+  """Instruction name -> Op for every instruction of a compiled program's text
+  (`compiled.as_text()`). An op is categorized by what it holds (a fusion or an async op by what
+  it wraps): attention where a custom call names an attention kernel, else matmul where it
+  holds a dot or a GEMM kernel, else collective, else data movement where it only moves data,
+  else other fusion (a fusion) or other; loops, conditionals and calls are 'control'."""
+  instructions, bodies, _ = parse_program(hlo_text)
   inside_memo = {}
 
   def inside(computation_name: str) -> set:
@@ -129,7 +173,8 @@ def program_ops(hlo_text: str) -> dict[str, Op]:
       return 'data movement'
     return 'other fusion' if opcode == 'fusion' else 'other'
 
-  return {name: Op(category(*fields[:3]), *fields[3:]) for name, fields in instructions.items()}
+  return {name: Op(category(*fields[:3]), fields.shape, fields.source)
+          for name, fields in instructions.items()}
 
 
 def op_times(trace_events: list, names, module: str | None = None) -> dict[str, float]:
@@ -233,19 +278,32 @@ def summarize_trace(directory: pathlib.Path, hlo_text: str, steps: int, step_tim
   return dict(summary, trace_dir=str(directory))
 
 
+def format_rows(header: tuple, rows: list[tuple], note_column: bool = False) -> list[str]:
+  """Lines of a table, indented: columns of numbers right-aligned, others left-aligned, each as
+  wide as its widest cell; with `note_column`, the last is free text (shape, source)."""
+  cells = [tuple(str(cell) for cell in row) for row in (header, *rows)]
+  aligned = len(header) - note_column
+  widths = [max(len(row[column]) for row in cells) for column in range(aligned)]
+  numeric = [all(re.fullmatch(r'[-+\d.,%–]+', row[column]) for row in cells[1:])
+             for column in range(aligned)]
+  return ['  ' + ' '.join([row[c].rjust(widths[c]) if numeric[c] else row[c].ljust(widths[c])
+                           for c in range(aligned)] + list(row[aligned:])).rstrip()
+          for row in cells]
+
+
 def format_summary(summary: dict) -> str:
   """A table of the summary: categories, then the costliest ops."""
   op_time = summary['op_time_s'] or float('nan')
   lines = [f'where the time goes: {summary["steps"]} steps traced at '
            f'{summary["step_time_s"] * 1e3:.1f} ms/step (under the profiler); the ops took '
            f'{summary["op_time_s"] * 1e3:.1f} ms/step (ops that overlap count in full, gaps '
-           f'between them not at all)',
-           f'  {"category":<16} {"ms/step":>9} {"share":>7}']
-  for category, seconds in summary['categories_s'].items():
-    lines.append(f'  {category:<16} {seconds * 1e3:>9.2f} {seconds / op_time:>7.1%}')
-  lines.append(f'  {"op":<32} {"category":<14} {"ms/step":>9}  shape, source')
-  for op in summary['top_ops']:
-    lines.append(f'  {op["name"]:<32} {op["category"]:<14} {op["time_s"] * 1e3:>9.2f}  '
-                 f'{op["shape"][:40]} {op["source"][-60:]}')
+           f'between them not at all)']
+  lines += format_rows(('category', 'ms/step', 'share'), [
+      (category, f'{seconds * 1e3:.2f}', f'{seconds / op_time:.1%}')
+      for category, seconds in summary['categories_s'].items()])
+  lines += format_rows(('op', 'category', 'ms/step', 'shape, source'), [
+      (op['name'], op['category'], f'{op["time_s"] * 1e3:.2f}',
+       f'{op["shape"][:40]} {op["source"][-60:]}') for op in summary['top_ops']],
+                       note_column=True)
   lines.append(f'  trace: {summary["trace_dir"]}')
   return '\n'.join(lines)
