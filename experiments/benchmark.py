@@ -27,7 +27,6 @@ import json
 import pathlib
 import re
 
-import jax
 import jax.numpy as jnp
 from absl import flags
 
@@ -199,8 +198,8 @@ def main(argv):
   cli.refuse_gate_overrides(_CONFIG, '--gates')
   config = _CONFIG.value
 
-  if _MEMORY.value and _TOPOLOGY.value != 'local':
-    jax.config.update('jax_platforms', 'cpu')  # The topology is compiled for, never run here.
+  if _MEMORY.value:
+    aot.compile_here(_TOPOLOGY.value)
 
   def run():
     if _MEMORY.value:

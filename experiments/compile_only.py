@@ -15,7 +15,6 @@ device).
 import json
 import sys
 
-import jax
 from absl import flags
 
 from experiments import cli, common
@@ -33,8 +32,7 @@ _JSON = flags.DEFINE_bool('json', False, 'Print JSON.')
 
 def main(argv):
   del argv
-  if _TOPOLOGY.value != 'local':
-    jax.config.update('jax_platforms', 'cpu')  # The slice is compiled for, never run here.
+  aot.compile_here(_TOPOLOGY.value)
 
   def run():
     devices = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)

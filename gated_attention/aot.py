@@ -45,6 +45,7 @@ BANDWIDTH_BY_DEVICE_KIND = (
     ('TPU v6 lite', 1640 * 10**9),
     ('TPU v5 lite', 819 * 10**9),
     ('TPU v5p', 2765 * 10**9),
+    ('TPU v5', 2765 * 10**9),
     ('TPU v4', 1200 * 10**9),
     ('H200', 4800 * 10**9),
     ('H100 NVL', 3900 * 10**9),
@@ -87,6 +88,14 @@ def memory_per_device(device) -> tuple[int | None, str]:
   return device_memory(device.device_kind), f'memory of a {device.device_kind}'
 
 
+def compile_here(topology: str) -> None:
+  """Keeps jax on this host's CPU when `topology` names devices to compile for (anything but
+  'local'): they are never run here, and a GPU plugin that finds no GPU must not be started.
+  Call before jax starts its backends."""
+  if topology != 'local':
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list:
   """Compile-only devices of a TPU topology ('v5p:4x4x4') or of NVIDIA GPUs ('h200:8' for one
   host of 8, 'h100:4x8' for 4 hosts of 8; a GpuTargetConfigProto text file such as
@@ -121,6 +130,10 @@ def gpu_target_config(target: str) -> str:
         return file.read()
     except OSError as error:
       raise CompileError(f'--topology: cannot read the GPU target {target!r}: {error}') from None
+  if target.lower() not in GPU_TARGETS:
+    raise CompileError(f'--topology: {target!r} is not a GPU this project describes; choose one '
+                       f'of {", ".join(GPU_TARGETS)} or a GpuTargetConfigProto text file ending '
+                       'in .txtpb.')
   description = GPU_TARGETS[target.lower()]
   memory, bandwidth = device_memory(description), device_bandwidth(description)
   major, minor, patch = GPU_TARGET_CUDNN
@@ -151,8 +164,9 @@ def _gpu_devices(topology: str, target: str, hosts: int, gpus: int, num_slices: 
   if not cuda_plugin_installed():
     raise CompileError(
         f'--topology={topology!r} compiles for NVIDIA GPUs with jax\'s CUDA plugin, which is not '
-        'installed here: pip install --no-deps -r requirements-gpu-aot.txt (no GPU or CUDA '
-        'driver needed).')
+        'on this Python\'s path: pip install --no-deps --target .gpu-aot -r '
+        'requirements-gpu-aot.txt, then run with PYTHONPATH=.gpu-aot (no GPU or CUDA driver '
+        'needed).')
   config = gpu_target_config(target)
   from jax.experimental import topologies
   try:

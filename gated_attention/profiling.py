@@ -133,11 +133,17 @@ def parse_program(hlo_text: str) -> Program:
 
 def program_ops(hlo_text: str) -> dict[str, Op]:
   """Instruction name -> Op for every instruction of a compiled program's text
-  (`compiled.as_text()`). An op is categorized by what it holds (a fusion or an async op by what
-  it wraps): attention where a custom call names an attention kernel, else matmul where it
-  holds a dot or a GEMM kernel, else collective, else data movement where it only moves data,
-  else other fusion (a fusion) or other; loops, conditionals and calls are 'control'."""
-  instructions, bodies, _ = parse_program(hlo_text)
+  (`compiled.as_text()`): `categorize` of its `parse_program`."""
+  return categorize(parse_program(hlo_text))
+
+
+def categorize(program: Program) -> dict[str, Op]:
+  """Instruction name -> Op for every instruction of a parsed program. An op is categorized by
+  what it holds (a fusion or an async op by what it wraps): attention where a custom call names
+  an attention kernel, else matmul where it holds a dot or a GEMM kernel, else collective, else
+  data movement where it only moves data, else other fusion (a fusion) or other; loops,
+  conditionals and calls are 'control'."""
+  instructions, bodies, _ = program
   inside_memo = {}
 
   def inside(computation_name: str) -> set:

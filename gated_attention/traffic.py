@@ -5,14 +5,17 @@ at least B / bandwidth), known before the step runs, for chips this host does no
 
 An op moves its operands and its result as compiled, except what it does not touch:
 - an operand that a fusion only slices (dynamic-slice, slice; through bitcasts) moves its slices;
-- a dynamic-update-slice (alone or at a fusion's root) writes its update in place: its buffer
-  moves nothing, its result the update;
+- a dynamic-update-slice into a buffer the op was given (alone, or at a fusion's root) writes its
+  update in place: the buffer moves nothing, the result the update;
 - a loop's body and condition run its known trip count of times (scanned layers, microbatches,
   loss chunks), once where the compiler knows none;
-- a conditional's branches each count as if taken.
-Parameters, constants, tuples, bitcasts and the loops themselves move nothing; an async op counts
-at its start. Caches, reads that a fused kernel repeats, and overlap are not modelled: the count
-is of traffic, and a bound on time only for ops that are bound by memory."""
+- a conditional's branches each count as if taken;
+- an async op (a collective, a copy) moves its operands and its result once, counted at its end.
+Parameters, constants, tuples, bitcasts and the loops themselves move nothing. A gather is
+counted as reading its whole operand, a scatter as reading and writing its whole buffer, and a
+custom call's result as written whole, its scratch workspace included. Caches, reads that a
+fused kernel repeats, and overlap are not modelled: the count is of traffic, and a bound on time
+only for ops that are bound by memory."""
 
 import math
 import re
@@ -24,7 +27,7 @@ _BITS = {'pred': 8, 'c64': 64, 'c128': 128}
 # Ops that move no data of their own.
 _BOOKKEEPING = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'while', 'call',
                 'conditional', 'after-all', 'partition-id', 'replica-id', 'opt-barrier',
-                'add-dependency', 'iota'}
+                'add-dependency'}
 
 
 def shape_bytes(shape: str) -> int:
@@ -57,69 +60,113 @@ def _executions(program: profiling.Program) -> tuple[dict[str, int], int]:
   return runs, unknown
 
 
-def _users(program: profiling.Program, computation: str) -> dict[str, list]:
-  users = {}
-  for name in program.bodies[computation]:
-    for operand in program.instructions[name].operands:
-      users.setdefault(operand, []).append(name)
-  return users
+def _through_bitcasts(program, name: str) -> str:
+  while program.instructions[name].opcode == 'bitcast':
+    name = program.instructions[name].operands[0]
+  return name
 
 
-def _touched(program, users: dict, name: str) -> int | None:
-  """Bytes a fused computation reads of its value `name` where it only slices it or only writes
-  into it in place (through bitcasts), else None (read whole)."""
+def _in_place_updates(program, body: str) -> set:
+  """The dynamic-update-slices of a fused computation that write into one of its parameters in
+  place: at its root (or an element of a root tuple), through bitcasts."""
+  root = _through_bitcasts(program, next(
+      name for name in program.bodies[body] if program.instructions[name].root))
+  outputs = (program.instructions[root].operands if program.instructions[root].opcode == 'tuple'
+             else [root])
+  updates = set()
+  for output in outputs:
+    output = _through_bitcasts(program, output)
+    instruction = program.instructions[output]
+    if (instruction.opcode == 'dynamic-update-slice' and program.instructions[
+        _through_bitcasts(program, instruction.operands[0])].opcode == 'parameter'):
+      updates.add(output)
+  return updates
+
+
+def _touched(program, users: dict, in_place: set, name: str) -> int | None:
+  """Bytes a fused computation reads of its value `name` where it only slices it or only is
+  the buffer of an in-place update (through bitcasts), else None (read whole)."""
   total = 0
   for user in users.get(name, ()):
     instruction = program.instructions[user]
     if instruction.opcode == 'bitcast':
-      through = _touched(program, users, user)
+      through = _touched(program, users, in_place, user)
       if through is None:
         return None
       total += through
     elif instruction.opcode in ('dynamic-slice', 'slice') and instruction.operands[0] == name:
       total += shape_bytes(instruction.shape)
-    elif not (instruction.opcode == 'dynamic-update-slice' and instruction.operands[0] == name):
+    elif not (user in in_place and instruction.operands[0] == name):
       return None
   return total
 
 
-def _written(program, name: str) -> int:
-  """Bytes a (fused computation's) result writes: a dynamic-update-slice's update (in place),
-  each element of a tuple so, else the whole result."""
+def _written(program, in_place: set, name: str) -> int:
+  """Bytes a fused computation's result `name` writes: an in-place update's update, each
+  element of a tuple so, else the whole result."""
   instruction = program.instructions[name]
   if instruction.opcode == 'bitcast':
-    return _written(program, instruction.operands[0])
-  if instruction.opcode == 'dynamic-update-slice':
+    return _written(program, in_place, instruction.operands[0])
+  if name in in_place:
     return shape_bytes(program.instructions[instruction.operands[1]].shape)
   if instruction.opcode == 'tuple':
-    return sum(_written(program, operand) for operand in instruction.operands)
+    return sum(_written(program, in_place, operand) for operand in instruction.operands)
   return shape_bytes(instruction.shape)
+
+
+def _fusion_bytes(program, instruction, operand_bytes: list) -> int:
+  body = instruction.called[0]
+  users = {}
+  for name in program.bodies[body]:
+    for operand in program.instructions[name].operands:
+      users.setdefault(operand, []).append(name)
+  in_place = _in_place_updates(program, body)
+  parameters = {program.instructions[name].parameter: name for name in program.bodies[body]
+                if program.instructions[name].opcode == 'parameter'}
+  read = 0
+  for number, size in enumerate(operand_bytes):
+    touched = (_touched(program, users, in_place, parameters[number]) if number in parameters
+               else None)
+    read += size if touched is None else touched
+  root = next(name for name in program.bodies[body] if program.instructions[name].root)
+  return read + _written(program, in_place, root)
 
 
 def op_bytes(program: profiling.Program, name: str) -> int:
   """Bytes one execution of the op `name` reads and writes (the module docstring's rules)."""
   instruction = program.instructions[name]
   opcode = instruction.opcode
-  if opcode in _BOOKKEEPING or re.search(r'-(done|update)$', opcode):
+  if opcode in _BOOKKEEPING or re.search(r'-(start|update)$', opcode):
     return 0
+  if opcode.endswith('-done'):  # What its start read, and what it gives.
+    start = program.instructions[instruction.operands[0]]
+    return (sum(shape_bytes(program.instructions[operand].shape) for operand in start.operands)
+            + shape_bytes(instruction.shape))
   operand_bytes = [shape_bytes(program.instructions[operand].shape)
-                   for operand in instruction.operands if operand in program.instructions]
+                   for operand in instruction.operands]
   if opcode == 'dynamic-update-slice':
     return 2 * operand_bytes[1]
   if opcode in ('dynamic-slice', 'slice'):
     return 2 * shape_bytes(instruction.shape)
-  if opcode != 'fusion':
-    return sum(operand_bytes) + shape_bytes(instruction.shape)
-  body = instruction.called[0]
-  users = _users(program, body)
-  parameters = {program.instructions[inner].parameter: inner for inner in program.bodies[body]
-                if program.instructions[inner].opcode == 'parameter'}
-  read = 0
-  for number, size in enumerate(operand_bytes):
-    touched = _touched(program, users, parameters[number]) if number in parameters else None
-    read += size if touched is None else touched
-  root = next(inner for inner in program.bodies[body] if program.instructions[inner].root)
-  return read + _written(program, root)
+  if opcode == 'fusion':
+    return _fusion_bytes(program, instruction, operand_bytes)
+  return sum(operand_bytes) + shape_bytes(instruction.shape)
+
+
+def _check(program: profiling.Program) -> None:
+  """Refuses text this counter cannot read whole, naming what is missing."""
+  if program.entry is None:
+    raise ValueError('no ENTRY computation: not the text of a compiled HLO module '
+                     '(compiled.as_text())')
+  for name, instruction in program.instructions.items():
+    missing = [operand for operand in instruction.operands
+               if operand not in program.instructions]
+    if missing:
+      raise ValueError(f'instruction {name} names operands the text does not define: {missing}')
+    if instruction.opcode == 'fusion' and not (
+        instruction.called and any(program.instructions[inner].root
+                                   for inner in program.bodies.get(instruction.called[0], ()))):
+      raise ValueError(f'fusion {name} calls no computation with a ROOT in the text')
 
 
 def memory_traffic(hlo_text: str, top: int = 12) -> dict:
@@ -127,7 +174,8 @@ def memory_traffic(hlo_text: str, top: int = 12) -> dict:
   (profiling.CATEGORIES), the `top` ops by bytes (per step: one execution's bytes times its
   executions), and how many loops were counted once for want of a known trip count."""
   program = profiling.parse_program(hlo_text)
-  ops = profiling.program_ops(hlo_text)
+  _check(program)
+  ops = profiling.categorize(program)
   runs, unknown = _executions(program)
   rows = []
   for computation, times in runs.items():

@@ -1,5 +1,12 @@
-"""Ahead-of-time compilation for TPU topologies this machine does not have."""
+"""Ahead-of-time compilation for TPU topologies and NVIDIA GPUs this machine does not have.
 
+`.ci/run` installs the TPU runtime into the environment, and jax's CUDA plugin
+(requirements-gpu-aot.txt) into `.gpu-aot`, which only the GPU tests' command lines put on their
+path: the plugin's libraries announce on every import of jax that they found no GPU, which the
+other tests' output need not carry."""
+
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -17,10 +24,20 @@ from gated_attention import moe
 from gated_attention import sharding
 from gated_attention.train import compile_train_step, setup_train_state
 
-pytest.importorskip('libtpu', reason='the TPU runtime (requirements-tpu.txt) is not installed')
+from tests.helpers import REPO
+
+needs_tpu_runtime = pytest.mark.skipif(
+    importlib.util.find_spec('libtpu') is None,
+    reason='the TPU runtime (requirements-tpu.txt) is not installed')
+GPU_AOT = REPO / '.gpu-aot'
+needs_cuda_plugin = pytest.mark.skipif(
+    not (GPU_AOT / 'jax_plugins').is_dir(),
+    reason='the CUDA plugin is not installed in .gpu-aot (pip install --no-deps --target .gpu-aot '
+    '-r requirements-gpu-aot.txt)')
 V5E_2X2 = 'v5e:2x2'
 
 
+@needs_tpu_runtime
 @pytest.mark.parametrize('model', sorted(paper.MODELS))
 def test_mini_presets_compile_for_a_v5e_slice_and_report_memory(model):
   config = paper.get_config(f'model={model},gate=g1_elementwise,scale=mini')
@@ -42,12 +59,15 @@ def test_mini_presets_compile_for_a_v5e_slice_and_report_memory(model):
   assert 0.8 < ratio < (2.0 if config.model.moe.num_experts == 0 else 10.0)
 
 
-def _compile_only(*args):
-  return subprocess.run([sys.executable, '-m', 'experiments.compile_only', *args],
+def _compile_only(*args, path=()):
+  """experiments.compile_only in a process of its own, with `path` on its PYTHONPATH."""
+  return subprocess.run([sys.executable, '-m', 'experiments.compile_only', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                        env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                 PYTHONPATH=os.pathsep.join(map(str, [REPO, *path]))))
 
 
+@needs_tpu_runtime
 def test_an_impossible_mesh_for_the_topology_is_the_usual_error():
   result = _compile_only('--config=configs/paper.py:model=dense_1p7b_28l,scale=mini',
                          f'--topology={V5E_2X2}', '--config.mesh.fsdp=8', '--config.mesh.data=1')
@@ -57,6 +77,7 @@ def test_an_impossible_mesh_for_the_topology_is_the_usual_error():
   assert 'Traceback' not in result.stderr
 
 
+@needs_tpu_runtime
 def test_a_step_that_does_not_fit_exits_non_zero_naming_what_dominates():
   result = _compile_only('--config=configs/paper.py:model=dense_1p7b_28l,scale=mini',
                          f'--topology={V5E_2X2}', '--config.mesh.fsdp=4', '--config.mesh.data=1',
@@ -69,7 +90,8 @@ def test_a_step_that_does_not_fit_exits_non_zero_naming_what_dominates():
 
 
 def test_unknown_topology_is_named():
-  with pytest.raises(aot.CompileError, match="--topology='v9z:1x1'"):
+  with pytest.raises(aot.CompileError, match="--topology='v9z:1x1' is not a TPU topology .* nor "
+                     "NVIDIA GPUs .*h200:8"):
     aot.topology_devices('v9z:1x1')
 
 
@@ -92,6 +114,7 @@ def test_local_topology_compiles_for_the_devices_at_hand_and_judges_the_host_mem
   assert report['train_step']['total'] > host_share and report['fits'] is False
 
 
+@needs_tpu_runtime
 def test_multi_slice_topology_puts_the_data_axis_across_slices():
   devices = aot.topology_devices(V5E_2X2, num_slices=2)
   assert [device.slice_index for device in devices] == [0] * 4 + [1] * 4
@@ -116,6 +139,7 @@ def test_compiled_flops_multiply_out_the_scan_microbatch_and_loss_loops():
   assert extrapolated == pytest.approx(direct, rel=0.005)
 
 
+@needs_tpu_runtime
 def test_grouped_matmul_compiles_for_tpu_to_grouped_gemms_forward_and_backward():
   """On TPU the MoE's grouped matmuls run the megablox kernels: the product and both gradients
   count the routed work, 3 x 2mkn. XLA's own ragged_dot makes the weight gradient a dense
@@ -149,3 +173,72 @@ def test_a_variant_of_a_chip_is_not_taken_for_its_larger_sibling(device_kind, me
   memory as CUDA reports it)."""
   assert aot.device_memory(device_kind) == memory
   assert flops.peak_flops_per_device(device_kind) == peak
+
+
+# The tiny model at 1,024 tokens in bfloat16 (cuDNN's attention takes no float32).
+TINY = ('--config=configs/lm.py:size=tiny', '--config.model.dtype=bfloat16',
+        '--config.data.seq_len=1024', '--config.data.batch_size=8', '--config.eval.batch_size=8',
+        '--config.mesh.data=1')
+
+
+def _gpu_report(topology: str, *flags) -> dict:
+  result = _compile_only('--json', f'--topology={topology}', *TINY, *flags, path=[GPU_AOT])
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout[result.stdout.index('\n{') + 1:])
+
+
+@needs_cuda_plugin
+def test_a_multi_host_gpu_cluster_compiles_with_fsdp_and_cudnn_attention():
+  report = _gpu_report('h100:2x4', '--config.mesh.fsdp=8', '--traffic=5')
+  assert (report['devices'], report['device_kind']) == (8, 'NVIDIA H100 80GB HBM3')
+  assert report['mesh'] == {'data': 1, 'fsdp': 8, 'tensor': 1, 'expert': 1}
+  assert report['attention_impl'] == 'cudnn'  # What `auto` picks for a GPU.
+  assert report['device_memory_bytes'] == 81_559 * 2**20 and report['fits'] is True
+  # An eighth of the float32 parameters on each GPU, and twice that of Adam's moments.
+  assert report['parameter_bytes'] == pytest.approx(4 * report['params_total'] / 8, rel=0.02)
+  assert report['optimizer_state_bytes'] == pytest.approx(2 * report['parameter_bytes'], rel=0.01)
+  train = report['train_step']
+  assert train['total'] >= report['parameter_bytes'] + report['optimizer_state_bytes']
+  # The step reads its parameters and optimizer state and writes them anew at least.
+  assert report['memory_bandwidth'] == 3350 * 10**9 and len(report['traffic']['top_ops']) == 5
+  assert report['traffic']['bytes'] >= 2 * (report['parameter_bytes']
+                                            + report['optimizer_state_bytes'])
+
+
+@needs_cuda_plugin
+def test_cudnn_attention_leaves_out_the_scores_that_xla_attention_keeps():
+  """`xla` attention keeps each layer's float32 [heads, L, L] probabilities for the backward
+  pass; cuDNN's fused kernel keeps none. 8 sequences on one H200, 4 layers of 4 heads."""
+  scores = {impl: _gpu_report('h200:1', f'--config.model.attention_impl={impl}')
+            for impl in ('xla', 'cudnn')}
+  assert {report['attention_impl'] for report in scores.values()} == {'xla', 'cudnn'}
+  one_layer = 8 * 4 * 1024 * 1024 * 4  # Bytes of one layer's float32 [8, 4, L, L].
+  saved = (scores['xla']['train_step']['temporaries']
+           - scores['cudnn']['train_step']['temporaries'])
+  assert saved >= 4 * one_layer
+
+
+@pytest.mark.skipif(aot.cuda_plugin_installed(), reason='a CUDA plugin is on this path')
+def test_gpu_topologies_without_the_plugin_name_what_to_install():
+  with pytest.raises(aot.CompileError, match=r"--topology='h200:8'.*--target \.gpu-aot -r "
+                     r"requirements-gpu-aot\.txt, then run with PYTHONPATH=\.gpu-aot"):
+    aot.topology_devices('h200:8')
+
+
+def test_a_gpu_target_is_a_named_model_or_a_target_config_file(tmp_path):
+  named = aot.gpu_target_config('H200')
+  assert 'device_description_str: "NVIDIA H200"' in named
+  assert f'device_memory_size: {143_771 * 2**20}' in named
+  assert 'cuda_compute_capability { major: 9 minor: 0 }' in named
+  assert f'memory_bandwidth: {4800 * 10**9}' in named
+  # The PCIe H100 (2.0 TB/s) is not taken for the SXM part whose name it contains.
+  assert (aot.device_bandwidth('NVIDIA H100 PCIe'), aot.device_bandwidth('NVIDIA H100 80GB HBM3'),
+          aot.device_bandwidth('cpu')) == (2000 * 10**9, 3350 * 10**9, None)
+  own = tmp_path / 'a100.txtpb'
+  own.write_text('device_description_str: "NVIDIA A100-SXM4-80GB"\n')
+  assert aot.gpu_target_config(str(own)) == own.read_text()
+  with pytest.raises(aot.CompileError, match='cannot read the GPU target'):
+    aot.gpu_target_config(str(tmp_path / 'missing.txtpb'))
+  with pytest.raises(aot.CompileError, match="'a100' is not a GPU .* h100, h200 or a "
+                                             "GpuTargetConfigProto"):
+    aot.gpu_target_config('a100')

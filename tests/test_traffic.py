@@ -87,6 +87,47 @@ def test_a_written_program_counts_what_each_op_touches():
   assert len(moved) == 6  # Parameters, constants, tuples and the loop move nothing.
 
 
+# An update into a buffer the fusion makes itself (written whole), and an async all-gather.
+FRESH_AND_ASYNC = """HloModule jit_gather, entry_computation_layout={()->()}
+
+%fused_fresh (param_0.4: bf16[256,128], param_1.4: s32[]) -> bf16[4,256,128] {
+  %param_0.4 = bf16[256,128]{1,0} parameter(0)
+  %zero.4 = bf16[] constant(0)
+  %buffer.4 = bf16[4,256,128]{2,1,0} broadcast(%zero.4), dimensions={}
+  %bitcast.4 = bf16[1,256,128]{2,1,0} bitcast(%param_0.4)
+  %param_1.4 = s32[] parameter(1)
+  %c.4 = s32[] constant(0)
+  ROOT %dus.4 = bf16[4,256,128]{2,1,0} dynamic-update-slice(%buffer.4, %bitcast.4, %param_1.4, %c.4, %c.4)
+}
+
+ENTRY %main (p: bf16[256,128], i: s32[]) -> (bf16[4,256,128], bf16[1024,128]) {
+  %p = bf16[256,128]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %fresh = bf16[4,256,128]{2,1,0} fusion(%p, %i), kind=kLoop, calls=%fused_fresh
+  %ag-start = (bf16[256,128]{1,0}, bf16[1024,128]{1,0}) all-gather-start(%p), dimensions={0}, replica_groups={{0,1,2,3}}
+  %ag-done = bf16[1024,128]{1,0} all-gather-done(%ag-start)
+  ROOT %out = (bf16[4,256,128]{2,1,0}, bf16[1024,128]{1,0}) tuple(%fresh, %ag-done)
+}
+"""
+
+
+def test_an_update_into_a_new_buffer_writes_it_whole_and_an_async_op_counts_once():
+  result = traffic.memory_traffic(FRESH_AND_ASYNC)
+  moved = {op['name']: op['bytes'] for op in result['top_ops']}
+  assert moved == {'fresh': 256 * 128 * 2 + 4 + 4 * 256 * 128 * 2,
+                   'ag-done': 256 * 128 * 2 + 1024 * 128 * 2}
+  assert result['categories_bytes']['collective'] == moved['ag-done']
+
+
+def test_text_that_is_not_a_whole_program_is_refused_naming_what_is_missing():
+  with pytest.raises(ValueError, match='no ENTRY computation'):
+    traffic.memory_traffic(PROGRAM.replace('ENTRY %main', '%main'))
+  with pytest.raises(ValueError, match=r"add_fusion names operands .* \['p9'\]"):
+    traffic.memory_traffic(PROGRAM.replace('fusion(%p2, %p2)', 'fusion(%p2, %p9)'))
+  with pytest.raises(ValueError, match='fusion add_fusion calls no computation'):
+    traffic.memory_traffic(PROGRAM.replace('calls=%fused_add', 'calls=%fused_gone'))
+
+
 def test_a_loop_without_a_known_trip_count_is_counted_once_and_said():
   result = traffic.memory_traffic(PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}',
                                                   ''))
