@@ -4,16 +4,17 @@ at least B / bandwidth), known before the step runs, for chips this host does no
 (`experiments.compile_only --traffic`).
 
 An op moves its operands and its result as compiled, except what it does not touch:
-- an operand that a fusion only slices (dynamic-slice, slice; through bitcasts) moves its slices;
+- an operand that a fusion only slices or gathers from (dynamic-slice, slice, gather; through
+  bitcasts) moves what is taken, and a gather alone reads what it takes;
 - a dynamic-update-slice into a buffer the op was given (alone, or at a fusion's root) writes its
   update in place: the buffer moves nothing, the result the update;
 - a loop's body and condition run its known trip count of times (scanned layers, microbatches,
   loss chunks), once where the compiler knows none;
 - a conditional's branches each count as if taken;
 - an async op (a collective, a copy) moves its operands and its result once, counted at its end.
-Parameters, constants, tuples, bitcasts and the loops themselves move nothing. A gather is
-counted as reading its whole operand, a scatter as reading and writing its whole buffer, and a
-custom call's result as written whole, its scratch workspace included. Caches, reads that a
+Parameters, constants, tuples, bitcasts and the loops themselves move nothing. A scatter is
+counted as reading and writing its whole buffer, and a custom call's result as written whole,
+its scratch workspace included. Caches, reads that a
 fused kernel repeats, and overlap are not modelled: the count is of traffic, and a bound on time
 only for ops that are bound by memory."""
 
@@ -28,6 +29,10 @@ _BITS = {'pred': 8, 'c64': 64, 'c128': 128}
 _BOOKKEEPING = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'while', 'call',
                 'conditional', 'after-all', 'partition-id', 'replica-id', 'opt-barrier',
                 'add-dependency'}
+
+
+# Ops that read only what they take of their first operand.
+_TAKING = ('dynamic-slice', 'slice', 'gather')
 
 
 def shape_bytes(shape: str) -> int:
@@ -84,8 +89,9 @@ def _in_place_updates(program, body: str) -> set:
 
 
 def _touched(program, users: dict, in_place: set, name: str) -> int | None:
-  """Bytes a fused computation reads of its value `name` where it only slices it or only is
-  the buffer of an in-place update (through bitcasts), else None (read whole)."""
+  """Bytes a fused computation reads of its value `name` where it only takes from it (slices,
+  gathers) or only is the buffer of an in-place update (through bitcasts), else None (read
+  whole)."""
   total = 0
   for user in users.get(name, ()):
     instruction = program.instructions[user]
@@ -94,7 +100,7 @@ def _touched(program, users: dict, in_place: set, name: str) -> int | None:
       if through is None:
         return None
       total += through
-    elif instruction.opcode in ('dynamic-slice', 'slice') and instruction.operands[0] == name:
+    elif instruction.opcode in _TAKING and instruction.operands[0] == name:
       total += shape_bytes(instruction.shape)
     elif not (user in in_place and instruction.operands[0] == name):
       return None
@@ -146,8 +152,8 @@ def op_bytes(program: profiling.Program, name: str) -> int:
                    for operand in instruction.operands]
   if opcode == 'dynamic-update-slice':
     return 2 * operand_bytes[1]
-  if opcode in ('dynamic-slice', 'slice'):
-    return 2 * shape_bytes(instruction.shape)
+  if opcode in _TAKING:  # What it takes, read and written, and its indices.
+    return 2 * shape_bytes(instruction.shape) + sum(operand_bytes[1:])
   if opcode == 'fusion':
     return _fusion_bytes(program, instruction, operand_bytes)
   return sum(operand_bytes) + shape_bytes(instruction.shape)

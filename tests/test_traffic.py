@@ -87,7 +87,8 @@ def test_a_written_program_counts_what_each_op_touches():
   assert len(moved) == 6  # Parameters, constants, tuples and the loop move nothing.
 
 
-# An update into a buffer the fusion makes itself (written whole), and an async all-gather.
+# An update into a buffer the fusion makes itself (written whole), an async all-gather, and a
+# fusion that gathers 8 rows of a table.
 FRESH_AND_ASYNC = """HloModule jit_gather, entry_computation_layout={()->()}
 
 %fused_fresh (param_0.4: bf16[256,128], param_1.4: s32[]) -> bf16[4,256,128] {
@@ -100,22 +101,33 @@ FRESH_AND_ASYNC = """HloModule jit_gather, entry_computation_layout={()->()}
   ROOT %dus.4 = bf16[4,256,128]{2,1,0} dynamic-update-slice(%buffer.4, %bitcast.4, %param_1.4, %c.4, %c.4)
 }
 
-ENTRY %main (p: bf16[256,128], i: s32[]) -> (bf16[4,256,128], bf16[1024,128]) {
+%fused_take (param_0.5: f32[1024,128], param_1.5: s32[8,1]) -> f32[8,128] {
+  %param_0.5 = f32[1024,128]{1,0} parameter(0)
+  %param_1.5 = s32[8,1]{1,0} parameter(1)
+  %gather.5 = f32[8,128]{1,0} gather(%param_0.5, %param_1.5), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,128}
+  ROOT %exp.5 = f32[8,128]{1,0} exponential(%gather.5)
+}
+
+ENTRY %main (p: bf16[256,128], i: s32[], table: f32[1024,128], ids: s32[8,1]) -> (bf16[4,256,128], bf16[1024,128], f32[8,128]) {
   %p = bf16[256,128]{1,0} parameter(0)
   %i = s32[] parameter(1)
+  %table = f32[1024,128]{1,0} parameter(2)
+  %ids = s32[8,1]{1,0} parameter(3)
   %fresh = bf16[4,256,128]{2,1,0} fusion(%p, %i), kind=kLoop, calls=%fused_fresh
+  %take = f32[8,128]{1,0} fusion(%table, %ids), kind=kLoop, calls=%fused_take
   %ag-start = (bf16[256,128]{1,0}, bf16[1024,128]{1,0}) all-gather-start(%p), dimensions={0}, replica_groups={{0,1,2,3}}
   %ag-done = bf16[1024,128]{1,0} all-gather-done(%ag-start)
-  ROOT %out = (bf16[4,256,128]{2,1,0}, bf16[1024,128]{1,0}) tuple(%fresh, %ag-done)
+  ROOT %out = (bf16[4,256,128]{2,1,0}, bf16[1024,128]{1,0}, f32[8,128]{1,0}) tuple(%fresh, %ag-done, %take)
 }
 """
 
 
-def test_an_update_into_a_new_buffer_writes_it_whole_and_an_async_op_counts_once():
+def test_a_new_buffer_is_written_whole_an_async_op_counts_once_a_gather_reads_its_rows():
   result = traffic.memory_traffic(FRESH_AND_ASYNC)
   moved = {op['name']: op['bytes'] for op in result['top_ops']}
   assert moved == {'fresh': 256 * 128 * 2 + 4 + 4 * 256 * 128 * 2,
-                   'ag-done': 256 * 128 * 2 + 1024 * 128 * 2}
+                   'ag-done': 256 * 128 * 2 + 1024 * 128 * 2,
+                   'take': 8 * 128 * 4 + 8 * 4 + 8 * 128 * 4}  # The rows it takes, not the table.
   assert result['categories_bytes']['collective'] == moved['ag-done']
 
 
