@@ -8,8 +8,8 @@ they fit:
 GPUs; --topology=local for the devices at hand. Needs the TPU runtime for TPU topologies (pip
 install -r requirements-tpu.txt), jax's CUDA plugin for GPUs (requirements-gpu-aot.txt).
 --traffic=N adds the bytes each op of the train step moves (gated_attention.traffic). Exits 1
-when the step does not fit in a device's memory (a chip's; on a CPU, the host's share per
-device).
+when the train or the eval step does not fit in a device's memory (a chip's; on a CPU, the
+host's share per device), naming the step.
 """
 
 import json
@@ -38,13 +38,13 @@ def main(argv):
     devices = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
     report = aot.compile_report(_CONFIG.value, devices, _TRAFFIC.value)
     print(json.dumps(report, indent=2) if _JSON.value else aot.format_report(report))
-    if report.get('fits') is False:
-      print(f'error: the train step needs {report["train_step"]["total"] / aot.GIB:.2f} GiB per '
-            f'device, more than the {report["device_memory_bytes"] / aot.GIB:.1f} GiB of '
-            f'{report["device_memory"]}; {report["dominant"]} dominate. Shard more (a larger '
-            'mesh.fsdp or mesh.tensor), raise train.microbatches, lower data.batch_size, or '
-            'take a larger slice.',
-            file=sys.stderr)
+    for step in report['too_large']:
+      name = step.replace('_', ' ')
+      dominant = f'{report["dominant"].capitalize()} dominate. ' if step == 'train_step' else ''
+      print(f'error: the {name} needs {report[step]["total"] / aot.GIB:.2f} GiB per device, more '
+            f'than the {report["device_memory_bytes"] / aot.GIB:.1f} GiB of '
+            f'{report["device_memory"]}. {dominant}{aot.FIT_ADVICE[name]}', file=sys.stderr)
+    if report['too_large']:
       sys.exit(1)
 
   common.run_cleanly(run)

@@ -184,21 +184,33 @@ def _bytes_per_device(abstract_tree) -> int:
              for leaf in jax.tree.leaves(abstract_tree))
 
 
-def _out_of_memory(error, setup, device_kind: str) -> Exception:
-  """A compiler out-of-memory error as the not-fit message; other errors pass through."""
+# What to change when a step does not fit, by step.
+FIT_ADVICE = {
+    'train step': 'Shard more (a larger mesh.fsdp or mesh.tensor), raise train.microbatches, lower '
+                  'data.batch_size, or use more devices (a larger slice).',
+    'eval step': 'Lower eval.batch_size (the held-out sequences evaluated at once) or '
+                 'model.loss_chunk, or use more devices.',
+}
+
+
+def _out_of_memory(error, setup, device_kind: str, step: str) -> Exception:
+  """A compiler out-of-memory error as the not-fit message of `step` ('train step' or 'eval
+  step'); other errors pass through."""
   message = str(error)
   if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
     return error
-  required = re.search(r'required for HLO temporaries \(([\d.]+)G\)', message)
+  required = re.search(r'required for HLO temporaries \(([\d.]+)([GT])\)', message)
   parts = {'parameters': _bytes_per_device(setup.abstract_state['params']),
-           'optimizer state': _bytes_per_device(setup.abstract_state['opt_state']),
-           'activations and temporaries': float(required.group(1)) * GIB if required else 0}
+           'activations and temporaries': (float(required.group(1)) * GIB
+                                           * (1024 if required.group(2) == 'T' else 1)
+                                           if required else 0)}
+  if step == 'train step':
+    parts['optimizer state'] = _bytes_per_device(setup.abstract_state['opt_state'])
   dominant = max(parts, key=parts.get)
   return CompileError(
-      f'the train step does not fit: {message.strip().splitlines()[-1][:300]} Per device: '
+      f'the {step} does not fit: {message.strip().splitlines()[-1][:300]} Per device: '
       + ', '.join(f'{name} {size / GIB:.2f} GiB' for name, size in parts.items())
-      + f'; {dominant} dominate on a {device_kind}. Shard more (a larger mesh.fsdp or '
-      'mesh.tensor), raise train.microbatches, lower data.batch_size, or take a larger slice.')
+      + f'; {dominant} dominate on a {device_kind}. {FIT_ADVICE[step]}')
 
 
 def compiled_flops(config, mesh) -> float | None:
@@ -248,17 +260,20 @@ def compile_report(config, devices, traffic_top: int = 0) -> dict:
   try:
     train_step = compile_train_step(config, setup)
   except jax.errors.JaxRuntimeError as error:
-    raise _out_of_memory(error, setup, kind) from None
+    raise _out_of_memory(error, setup, kind, 'train step') from None
   train_seconds = time.perf_counter() - started
   # The compiler's threads together: what a host with more cores could spread.
   train_cpu_seconds = time.process_time() - cpu_started
   abstract_params = setup.abstract_state['params']
   tokens = jax.ShapeDtypeStruct((config.eval.batch_size, config.data.seq_len + 1), jnp.int32,
                                 sharding=setup.batch_sharding)
-  with jax.set_mesh(mesh):
-    eval_step = jax.jit(make_eval_step(setup.graphdef, analysis=False,
-                                       pad_id=pad_id(config.data.tokenizer))).lower(
-        abstract_params, tokens).compile()
+  try:
+    with jax.set_mesh(mesh):
+      eval_step = jax.jit(make_eval_step(setup.graphdef, analysis=False,
+                                         pad_id=pad_id(config.data.tokenizer))).lower(
+          abstract_params, tokens).compile()
+  except jax.errors.JaxRuntimeError as error:
+    raise _out_of_memory(error, setup, kind, 'eval step') from None
   print('counting FLOPs: four loop-free compiles (1 and 2 layers, 1 and 2 sequences per batch '
         'shard)', flush=True)
   summary = summarize(config)
@@ -286,8 +301,12 @@ def compile_report(config, devices, traffic_top: int = 0) -> dict:
              'optimizer state': report['optimizer_state_bytes'],
              'activations and temporaries': train['temporaries']}
     report['dominant'] = max(parts, key=parts.get)
-    report['fits'] = (None if report['device_memory_bytes'] is None
-                      else train['total'] <= report['device_memory_bytes'])
+  memory = report['device_memory_bytes']
+  # Which step does not fit (experiments.eval runs the eval step with the parameters alone).
+  report['too_large'] = [step for step in ('train_step', 'eval_step')
+                         if memory is not None and report[step] is not None
+                         and report[step]['total'] > memory]
+  report['fits'] = None if memory is None or train is None else not report['too_large']
   if traffic_top:
     report['traffic'] = traffic.memory_traffic(train_step.as_text(), traffic_top)
     report['memory_bandwidth'] = device_bandwidth(kind)

@@ -112,6 +112,22 @@ def test_local_topology_compiles_for_the_devices_at_hand_and_judges_the_host_mem
   config.data.update(batch_size=256, seq_len=2048)
   report = aot.compile_report(config, aot.topology_devices('local'))
   assert report['train_step']['total'] > host_share and report['fits'] is False
+  assert report['too_large'] == ['train_step']
+
+
+@needs_tpu_runtime
+def test_an_eval_step_that_does_not_fit_is_named_though_the_train_step_fits():
+  """The held-out batch is evaluated at once: 4,096 sequences of 4,096 tokens with the whole
+  151,936-id logits do not fit a v5e chip, while the train step of 8 sequences does."""
+  result = _compile_only('--config=configs/paper.py:model=dense_1p7b_28l,scale=mini',
+                         f'--topology={V5E_2X2}', '--config.mesh.fsdp=4', '--config.mesh.data=1',
+                         '--config.model.vocab_size=151936', '--config.data.seq_len=4096',
+                         '--config.data.batch_size=8', '--config.eval.batch_size=4096',
+                         '--config.model.loss_chunk=0')
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'error: the eval step does not fit' in result.stderr
+  assert 'Lower eval.batch_size' in result.stderr and 'on a TPU v5 lite' in result.stderr
+  assert 'train step' not in result.stderr and 'Traceback' not in result.stderr
 
 
 @needs_tpu_runtime
