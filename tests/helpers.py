@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from gated_attention import checkpoint as checkpoint_lib
@@ -25,6 +26,14 @@ TINY_FLAGS = {
     'train.log_every': 1,
 }
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# jax's CUDA plugin for compiling for NVIDIA GPUs (requirements-gpu-aot.txt), which `.ci/run`
+# installs here and only the command lines that compile for GPUs put on their path: its libraries
+# announce on every import of jax that they found no GPU.
+GPU_AOT = REPO / '.gpu-aot'
+needs_cuda_plugin = pytest.mark.skipif(
+    not (GPU_AOT / 'jax_plugins').is_dir(),
+    reason='the CUDA plugin is not installed in .gpu-aot (pip install --no-deps --target .gpu-aot '
+    '-r requirements-gpu-aot.txt)')
 
 
 def model_config(gate: str = 'g1_elementwise', gate_overrides=None, **overrides):
@@ -94,10 +103,11 @@ def env(devices=1) -> dict:
   return dict(os.environ, PYTHONUNBUFFERED='1', **launch.cpu_devices_env(devices))
 
 
-def run(args, devices=1, timeout=300) -> subprocess.CompletedProcess:
-  """Runs a command line from the repository root, bounded in time."""
-  return subprocess.run(args, cwd=REPO, env=env(devices), capture_output=True, text=True,
-                        timeout=timeout)
+def run(args, devices=1, timeout=300, path=()) -> subprocess.CompletedProcess:
+  """Runs a command line from the repository root, bounded in time, with `path` on its
+  PYTHONPATH beside the repository."""
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env=dict(env(devices), PYTHONPATH=os.pathsep.join(map(str, [REPO, *path]))))
 
 
 def train_cli(workdir, steps=6, checkpoint_every=2, devices=1, **flags) -> str:

@@ -1,14 +1,9 @@
-"""Ahead-of-time compilation for TPU topologies and NVIDIA GPUs this machine does not have.
-
-`.ci/run` installs the TPU runtime into the environment, and jax's CUDA plugin
-(requirements-gpu-aot.txt) into `.gpu-aot`, which only the GPU tests' command lines put on their
-path: the plugin's libraries announce on every import of jax that they found no GPU, which the
-other tests' output need not carry."""
+"""Ahead-of-time compilation for TPU topologies and NVIDIA GPUs this machine does not have (the
+TPU runtime in the environment, jax's CUDA plugin in `.gpu-aot`: tests.helpers.GPU_AOT)."""
 
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -24,16 +19,12 @@ from gated_attention import moe
 from gated_attention import sharding
 from gated_attention.train import compile_train_step, setup_train_state
 
-from tests.helpers import REPO
+from tests import helpers
+from tests.helpers import GPU_AOT, needs_cuda_plugin
 
 needs_tpu_runtime = pytest.mark.skipif(
     importlib.util.find_spec('libtpu') is None,
     reason='the TPU runtime (requirements-tpu.txt) is not installed')
-GPU_AOT = REPO / '.gpu-aot'
-needs_cuda_plugin = pytest.mark.skipif(
-    not (GPU_AOT / 'jax_plugins').is_dir(),
-    reason='the CUDA plugin is not installed in .gpu-aot (pip install --no-deps --target .gpu-aot '
-    '-r requirements-gpu-aot.txt)')
 V5E_2X2 = 'v5e:2x2'
 
 
@@ -61,10 +52,7 @@ def test_mini_presets_compile_for_a_v5e_slice_and_report_memory(model):
 
 def _compile_only(*args, path=()):
   """experiments.compile_only in a process of its own, with `path` on its PYTHONPATH."""
-  return subprocess.run([sys.executable, '-m', 'experiments.compile_only', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS='cpu',
-                                 PYTHONPATH=os.pathsep.join(map(str, [REPO, *path]))))
+  return helpers.run([sys.executable, '-m', 'experiments.compile_only', *args], path=path)
 
 
 @needs_tpu_runtime

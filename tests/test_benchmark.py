@@ -160,3 +160,19 @@ def test_interleave_without_an_ungated_row_is_refused_before_compiling():
   assert 'error: --interleave measures each gated row against the ungated row' in result.stderr
   assert 'add none to --gates' in result.stderr
   assert 'round 1/1' not in result.stdout  # No row was timed.
+
+
+@helpers.needs_cuda_plugin
+def test_attention_memory_compiles_for_a_gpu_this_host_does_not_have():
+  """One attention layer of 4 sequences x 2,048 tokens, 4 heads, for an H200: `xla` keeps
+  float32 [4, 4, L, L] arrays (scores, probabilities, their gradients), cuDNN's kernel and
+  `chunked` none."""
+  result = helpers.run([sys.executable, '-m', 'experiments.benchmark', '--config=configs/lm.py',
+                        '--config.model.dtype=bfloat16', '--topology=h200:1', '--memory_batch=4',
+                        '--attention_memory=2048', '--attention_impls=xla,chunked,cudnn',
+                        '--json'], path=[helpers.GPU_AOT])
+  assert result.returncode == 0, result.stderr[-3000:]
+  memory = {impl: sizes['2048'] for impl, sizes in
+            json.loads(result.stdout[result.stdout.index('{'):]).items()}
+  scores = 4 * 4 * 2048 * 2048 * 4  # One float32 [4, 4, L, L] array: 256 MiB.
+  assert memory['xla'] >= 2 * scores and scores > 8 * max(memory['cudnn'], memory['chunked'])

@@ -181,7 +181,10 @@ def test_a_traced_train_step_on_this_machine_joins_its_ops_to_the_program(tmp_pa
   than every thread busy for the whole step, and most of it (a join that missed most ops, or
   counted them twice, fails)."""
   config = run_config(gate='g1_elementwise')
-  config.model.num_layers = 1
+  # Ops of a few milliseconds a step, so that the runtime's own gaps between them (tens of
+  # microseconds each) stay a small part of it on a loaded machine too.
+  config.model.update(num_layers=1, d_model=64, mlp_dim=128)
+  config.data.seq_len = 128
   result = benchmark.benchmark_train_step(config, steps=1, trials=1, profile_steps=2,
                                           profile_dir=tmp_path / 'trace')
   profile = result['profile']
