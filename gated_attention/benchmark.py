@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gated_attention import aot
 from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
 from gated_attention import profiling
@@ -163,9 +164,10 @@ def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
                      batch: int = 1, dtype=jnp.float32, devices=None) -> int | None:
   """Compiled temporary bytes per device of one attention layer's forward and backward pass,
   `batch` sequences per device (compiled, never run: lengths far beyond this machine's memory
-  are fine); None where the compiler finds it cannot fit a device. devices: those to compile
-  for, the batch split over them (default: one local device; `aot.topology_devices` gives a TPU
-  slice's)."""
+  are fine); None where it cannot fit a device: the compiler says so (libtpu), or the
+  temporaries exceed an accelerator's memory (XLA's GPU compiler compiles them anyway). devices:
+  those to compile for, the batch split over them (default: one local device;
+  `aot.topology_devices` gives a TPU slice's or GPUs')."""
   check_memory_measurable([impl])
   devices = list(devices or jax.devices()[:1])
   mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
@@ -176,11 +178,13 @@ def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
   with jax.set_mesh(mesh):
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     try:
-      return step.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+      temporaries = step.lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
     except jax.errors.JaxRuntimeError as error:
       if 'RESOURCE_EXHAUSTED' in str(error):
         return None
       raise
+  memory = aot.device_memory(devices[0].device_kind) if devices[0].platform != 'cpu' else None
+  return None if memory is not None and temporaries > memory else temporaries
 
 
 # The PyTorch reference's fixed shape: a config that differs in any of these is not its model.

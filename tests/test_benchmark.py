@@ -169,10 +169,12 @@ def test_attention_memory_compiles_for_a_gpu_this_host_does_not_have():
   `chunked` none."""
   result = helpers.run([sys.executable, '-m', 'experiments.benchmark', '--config=configs/lm.py',
                         '--config.model.dtype=bfloat16', '--topology=h200:1', '--memory_batch=4',
-                        '--attention_memory=2048', '--attention_impls=xla,chunked,cudnn',
+                        '--attention_memory=2048,65536', '--attention_impls=xla,chunked,cudnn',
                         '--json'], path=[helpers.GPU_AOT])
   assert result.returncode == 0, result.stderr[-3000:]
-  memory = {impl: sizes['2048'] for impl, sizes in
-            json.loads(result.stdout[result.stdout.index('{'):]).items()}
+  table = json.loads(result.stdout[result.stdout.index('{'):])
+  memory = {impl: sizes['2048'] for impl, sizes in table.items()}
   scores = 4 * 4 * 2048 * 2048 * 4  # One float32 [4, 4, L, L] array: 256 MiB.
   assert memory['xla'] >= 2 * scores and scores > 8 * max(memory['cudnn'], memory['chunked'])
+  # At 65,536 tokens one such array is 256 GiB, more than the H200's 140 GiB.
+  assert table['xla']['65536'] is None and table['cudnn']['65536'] < 2**30
