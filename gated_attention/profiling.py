@@ -73,7 +73,7 @@ class Instruction(NamedTuple):
   """One instruction of a compiled program's text: its opcode, custom call's target and name
   (or ''), called computations, result shape without layouts, source (the JAX operation, from
   metadata), operands' names, a loop's known trip count (or None), whether it is its
-  computation's root, and a parameter's number (or None)."""
+  computation's root, a parameter's number (or None), and its whole text."""
   opcode: str
   target: str
   called: list
@@ -83,6 +83,7 @@ class Instruction(NamedTuple):
   trip_count: int | None
   root: bool
   parameter: int | None  # A parameter's number.
+  text: str  # All of it after `name = `: attributes the fields above leave out.
 
 
 class Program(NamedTuple):
@@ -126,7 +127,7 @@ def parse_program(hlo_text: str) -> Program:
         source=source.group(1).split('/', 1)[-1] if source else '',
         operands=_operands(arguments), trip_count=int(trips.group(1)) if trips else None,
         root=line.lstrip().startswith('ROOT '),
-        parameter=int(arguments.split(')', 1)[0]) if code == 'parameter' else None)
+        parameter=int(arguments.split(')', 1)[0]) if code == 'parameter' else None, text=rest)
     bodies[computation].append(name)
   return Program(instructions, dict(bodies), entry)
 

@@ -56,13 +56,71 @@ def _executions(program: profiling.Program) -> tuple[dict[str, int], int]:
         continue
       times = runs[computation]
       if instruction.opcode == 'while':
-        unknown += instruction.trip_count is None
-        times *= instruction.trip_count or 1
+        trips = trip_count(program, instruction)
+        unknown += trips is None
+        times *= 1 if trips is None else trips
       for callee in instruction.called:
         if callee in program.bodies and callee not in runs:
           runs[callee] = times
           pending.append(callee)
   return runs, unknown
+
+
+def _source(program, name: str) -> profiling.Instruction:
+  """The instruction whose value `name` is, through copies and bitcasts."""
+  while program.instructions[name].opcode in ('copy', 'bitcast'):
+    name = program.instructions[name].operands[0]
+  return program.instructions[name]
+
+
+def _constant(program, name: str) -> int | None:
+  """The value of a scalar integer constant (through copies), else None."""
+  found = re.fullmatch(r'[su]\d+\[\](?:\{[^}]*\})? constant\((-?\d+)\).*',
+                       _source(program, name).text)
+  return int(found.group(1)) if found else None
+
+
+def _element(program, name: str) -> int | None:
+  """The tuple index that the get-tuple-element `name` is (through copies), else None."""
+  instruction = _source(program, name)
+  found = re.search(r'\bindex=(\d+)', instruction.text)
+  return int(found.group(1)) if instruction.opcode == 'get-tuple-element' and found else None
+
+
+def _root(program, computation: str) -> str:
+  return next(name for name in program.bodies[computation] if program.instructions[name].root)
+
+
+def trip_count(program: profiling.Program, loop: profiling.Instruction) -> int | None:
+  """How many times a while loop runs: the compiler's count where it gives one, else read from
+  the loop when it counts an element of its tuple from a constant, by a constant step, while
+  below a constant (`i < n`, as XLA:TPU writes a scan without giving its count; copies looked
+  through), else None."""
+  if loop.trip_count is not None:
+    return loop.trip_count
+  condition, body = (re.search(rf'\b{key}=%?([\w.\-]+)', loop.text) for key in ('condition',
+                                                                              'body'))
+  if not (condition and body and condition.group(1) in program.bodies
+          and body.group(1) in program.bodies):
+    return None
+  compare = program.instructions[_root(program, condition.group(1))]
+  if compare.opcode != 'compare' or 'direction=LT' not in compare.text:
+    return None
+  index, bound = _element(program, compare.operands[0]), _constant(program, compare.operands[1])
+  start_tuple = _source(program, loop.operands[0])
+  next_tuple = _source(program, _root(program, body.group(1)))
+  if (index is None or bound is None or start_tuple.opcode != 'tuple'
+      or next_tuple.opcode != 'tuple'):
+    return None
+  start = _constant(program, start_tuple.operands[index])
+  step = _source(program, next_tuple.operands[index])
+  if start is None or step.opcode != 'add':
+    return None
+  counted = [operand for operand in step.operands if _element(program, operand) == index]
+  steps = [_constant(program, operand) for operand in step.operands if operand not in counted]
+  if len(counted) != 1 or len(steps) != 1 or not steps[0] or steps[0] < 0:
+    return None
+  return max(0, -(-(bound - start) // steps[0]))
 
 
 def _through_bitcasts(program, name: str) -> str:
@@ -74,8 +132,7 @@ def _through_bitcasts(program, name: str) -> str:
 def _in_place_updates(program, body: str) -> set:
   """The dynamic-update-slices of a fused computation that write into one of its parameters in
   place: at its root (or an element of a root tuple), through bitcasts."""
-  root = _through_bitcasts(program, next(
-      name for name in program.bodies[body] if program.instructions[name].root))
+  root = _through_bitcasts(program, _root(program, body))
   outputs = (program.instructions[root].operands if program.instructions[root].opcode == 'tuple'
              else [root])
   updates = set()
@@ -134,8 +191,7 @@ def _fusion_bytes(program, instruction, operand_bytes: list) -> int:
     touched = (_touched(program, users, in_place, parameters[number]) if number in parameters
                else None)
     read += size if touched is None else touched
-  root = next(name for name in program.bodies[body] if program.instructions[name].root)
-  return read + _written(program, in_place, root)
+  return read + _written(program, in_place, _root(program, body))
 
 
 def op_bytes(program: profiling.Program, name: str) -> int:

@@ -33,7 +33,7 @@ V5E_2X2 = 'v5e:2x2'
 def test_mini_presets_compile_for_a_v5e_slice_and_report_memory(model):
   config = paper.get_config(f'model={model},gate=g1_elementwise,scale=mini')
   config.mesh.update(data=1, fsdp=4)
-  report = aot.compile_report(config, aot.topology_devices(V5E_2X2))
+  report = aot.compile_report(config, aot.topology_devices(V5E_2X2), traffic_top=3)
   assert (report['devices'], report['device_kind']) == (4, 'TPU v5 lite')
   assert report['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 1}
   assert report['device_memory_bytes'] == 16 * aot.GIB and report['fits'] is True
@@ -48,6 +48,11 @@ def test_mini_presets_compile_for_a_v5e_slice_and_report_memory(model):
   # dropless MoE, every expert's empty slots: it may exceed the model FLOPs, never fall short.
   ratio = report['compiled_flops_per_device'] / report['model_flops_per_device']
   assert 0.8 < ratio < (2.0 if config.model.moe.num_experts == 0 else 10.0)
+  # libtpu gives no loop its trip count: each (layers, microbatches, loss chunks) is read from
+  # its condition. The step reads its state and writes it anew, at least.
+  traffic = report['traffic']
+  assert traffic['loops_without_trip_count'] == 0 and report['memory_bandwidth'] == 819 * 10**9
+  assert traffic['bytes'] >= 2 * (report['parameter_bytes'] + report['optimizer_state_bytes'])
 
 
 def _compile_only(*args, path=()):

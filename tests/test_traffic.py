@@ -140,11 +140,21 @@ def test_text_that_is_not_a_whole_program_is_refused_naming_what_is_missing():
     traffic.memory_traffic(PROGRAM.replace('calls=%fused_add', 'calls=%fused_gone'))
 
 
-def test_a_loop_without_a_known_trip_count_is_counted_once_and_said():
-  result = traffic.memory_traffic(PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}',
-                                                  ''))
-  assert result['loops_without_trip_count'] == 1
-  assert {op['executions'] for op in result['top_ops']} == {1}
+def test_a_loop_without_the_compilers_count_is_counted_from_its_condition_or_else_once():
+  """XLA:TPU gives no trip count: `i < 4` from 0 by 1 is read from the loop itself; a loop
+  whose condition is not of that form counts once, and the result says how many did."""
+  no_count = PROGRAM.replace(', backend_config={"known_trip_count":{"n":"4"}}', '')
+  read = traffic.memory_traffic(no_count, top=10)
+  assert read['loops_without_trip_count'] == 0
+  assert {op['name']: op['executions'] for op in read['top_ops']}['slice_fusion'] == 4
+  assert read['bytes'] == traffic.memory_traffic(PROGRAM, top=10)['bytes']
+  # From 1 by 2 below 4: i = 1, 3.
+  odd = (no_count.replace('%zero = s32[] constant(0)', '%zero = s32[] constant(1)')
+         .replace('%one = s32[] constant(1)', '%one = s32[] constant(2)'))
+  assert {op['executions'] for op in traffic.memory_traffic(odd)['top_ops']} >= {2}
+  unknown = traffic.memory_traffic(no_count.replace('direction=LT', 'direction=NE'))
+  assert unknown['loops_without_trip_count'] == 1
+  assert {op['executions'] for op in unknown['top_ops']} == {1}
 
 
 def test_an_elementwise_program_reads_its_operands_and_writes_its_result_once():
