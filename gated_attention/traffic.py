@@ -12,7 +12,9 @@ An op moves its operands and its result as compiled, except what it does not tou
   loss chunks), once where the compiler knows none;
 - a conditional's branches each count as if taken;
 - an async op (a collective, a copy) moves its operands and its result once, counted at its end.
-Parameters, constants, tuples, bitcasts and the loops themselves move nothing. A scatter is
+Arrays a TPU keeps in its on-chip memory (memory space S(1) in their layouts) are not counted:
+the count is of device memory (HBM). Parameters, constants, tuples, bitcasts and the loops
+themselves move nothing. A scatter is
 counted as reading and writing its whole buffer, and a custom call's result as written whole,
 its scratch workspace included. Caches, reads that a
 fused kernel repeats, and overlap are not modelled: the count is of traffic, and a bound on time
@@ -23,7 +25,8 @@ import re
 
 from gated_attention import profiling
 
-_ARRAY = re.compile(r'\b(pred|bf16|[fsu]\d+|f8e\w+|c64|c128)\[([\d,]*)\]')
+# An array of a shape, with its layout where the text gives one.
+_ARRAY = re.compile(r'\b(pred|bf16|[fsu]\d+|f8e\w+|c64|c128)\[([\d,]*)\](\{[^}]*\})?')
 _BITS = {'pred': 8, 'c64': 64, 'c128': 128}
 # Ops that move no data of their own.
 _BOOKKEEPING = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'while', 'call',
@@ -36,12 +39,20 @@ _TAKING = ('dynamic-slice', 'slice', 'gather')
 
 
 def shape_bytes(shape: str) -> int:
-  """Bytes of an HLO shape ('bf16[8,128]', or a tuple of them)."""
+  """Bytes in device memory of an HLO shape ('bf16[8,128]{1,0}', or a tuple of them): arrays
+  that a TPU keeps in its on-chip memory (memory space S(1) in their layout) count nothing."""
   total = 0
-  for dtype, dims in _ARRAY.findall(shape):
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if re.search(r'S\([1-9]', layout):
+      continue
     bits = _BITS.get(dtype) or int(re.search(r'\d+', dtype).group())
     total += math.prod(int(dim) for dim in dims.split(',') if dim) * bits // 8
   return total
+
+
+def _bytes(instruction: profiling.Instruction) -> int:
+  """shape_bytes of an instruction's result, read with its layout."""
+  return shape_bytes(instruction.text.split(f' {instruction.opcode}(', 1)[0])
 
 
 def _executions(program: profiling.Program) -> tuple[dict[str, int], int]:
@@ -158,7 +169,7 @@ def _touched(program, users: dict, in_place: set, name: str) -> int | None:
         return None
       total += through
     elif instruction.opcode in _TAKING and instruction.operands[0] == name:
-      total += shape_bytes(instruction.shape)
+      total += _bytes(instruction)
     elif not (user in in_place and instruction.operands[0] == name):
       return None
   return total
@@ -171,10 +182,10 @@ def _written(program, in_place: set, name: str) -> int:
   if instruction.opcode == 'bitcast':
     return _written(program, in_place, instruction.operands[0])
   if name in in_place:
-    return shape_bytes(program.instructions[instruction.operands[1]].shape)
+    return _bytes(program.instructions[instruction.operands[1]])
   if instruction.opcode == 'tuple':
     return sum(_written(program, in_place, operand) for operand in instruction.operands)
-  return shape_bytes(instruction.shape)
+  return _bytes(instruction)
 
 
 def _fusion_bytes(program, instruction, operand_bytes: list) -> int:
@@ -190,7 +201,7 @@ def _fusion_bytes(program, instruction, operand_bytes: list) -> int:
   for number, size in enumerate(operand_bytes):
     touched = (_touched(program, users, in_place, parameters[number]) if number in parameters
                else None)
-    read += size if touched is None else touched
+    read += size if touched is None else min(size, touched)  # An operand on chip: nothing.
   return read + _written(program, in_place, _root(program, body))
 
 
@@ -202,17 +213,17 @@ def op_bytes(program: profiling.Program, name: str) -> int:
     return 0
   if opcode.endswith('-done'):  # What its start read, and what it gives.
     start = program.instructions[instruction.operands[0]]
-    return (sum(shape_bytes(program.instructions[operand].shape) for operand in start.operands)
-            + shape_bytes(instruction.shape))
-  operand_bytes = [shape_bytes(program.instructions[operand].shape)
+    return (sum(_bytes(program.instructions[operand]) for operand in start.operands)
+            + _bytes(instruction))
+  operand_bytes = [_bytes(program.instructions[operand])
                    for operand in instruction.operands]
   if opcode == 'dynamic-update-slice':
     return 2 * operand_bytes[1]
   if opcode in _TAKING:  # What it takes, read and written, and its indices.
-    return 2 * shape_bytes(instruction.shape) + sum(operand_bytes[1:])
+    return 2 * _bytes(instruction) + sum(operand_bytes[1:])
   if opcode == 'fusion':
     return _fusion_bytes(program, instruction, operand_bytes)
-  return sum(operand_bytes) + shape_bytes(instruction.shape)
+  return sum(operand_bytes) + _bytes(instruction)
 
 
 def _check(program: profiling.Program) -> None:

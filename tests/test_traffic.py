@@ -87,8 +87,8 @@ def test_a_written_program_counts_what_each_op_touches():
   assert len(moved) == 6  # Parameters, constants, tuples and the loop move nothing.
 
 
-# An update into a buffer the fusion makes itself (written whole), an async all-gather, and a
-# fusion that gathers 8 rows of a table.
+# An update into a buffer the fusion makes itself (written whole), an async all-gather, a fusion
+# that gathers 8 rows of a table, and a TPU's prefetch of an array into its on-chip memory.
 FRESH_AND_ASYNC = """HloModule jit_gather, entry_computation_layout={()->()}
 
 %fused_fresh (param_0.4: bf16[256,128], param_1.4: s32[]) -> bf16[4,256,128] {
@@ -117,17 +117,20 @@ ENTRY %main (p: bf16[256,128], i: s32[], table: f32[1024,128], ids: s32[8,1]) ->
   %take = f32[8,128]{1,0} fusion(%table, %ids), kind=kLoop, calls=%fused_take
   %ag-start = (bf16[256,128]{1,0}, bf16[1024,128]{1,0}) all-gather-start(%p), dimensions={0}, replica_groups={{0,1,2,3}}
   %ag-done = bf16[1024,128]{1,0} all-gather-done(%ag-start)
-  ROOT %out = (bf16[4,256,128]{2,1,0}, bf16[1024,128]{1,0}, f32[8,128]{1,0}) tuple(%fresh, %ag-done, %take)
+  %prefetch-start = (bf16[256,128]{1,0}, bf16[256,128]{1,0:T(8,128)(2,1)S(1)}, u32[]) copy-start(%p)
+  %prefetch-done = bf16[256,128]{1,0:T(8,128)(2,1)S(1)} copy-done(%prefetch-start)
+  ROOT %out = (bf16[4,256,128]{2,1,0}, bf16[1024,128]{1,0}, f32[8,128]{1,0}, bf16[256,128]{1,0:T(8,128)(2,1)S(1)}) tuple(%fresh, %ag-done, %take, %prefetch-done)
 }
 """
 
 
-def test_a_new_buffer_is_written_whole_an_async_op_counts_once_a_gather_reads_its_rows():
+def test_new_buffers_async_ops_gathers_and_on_chip_memory():
   result = traffic.memory_traffic(FRESH_AND_ASYNC)
   moved = {op['name']: op['bytes'] for op in result['top_ops']}
   assert moved == {'fresh': 256 * 128 * 2 + 4 + 4 * 256 * 128 * 2,
                    'ag-done': 256 * 128 * 2 + 1024 * 128 * 2,
-                   'take': 8 * 128 * 4 + 8 * 4 + 8 * 128 * 4}  # The rows it takes, not the table.
+                   'take': 8 * 128 * 4 + 8 * 4 + 8 * 128 * 4,  # The rows it takes, not the table.
+                   'prefetch-done': 256 * 128 * 2}  # Read from HBM into on-chip memory (S(1)).
   assert result['categories_bytes']['collective'] == moved['ag-done']
 
 
