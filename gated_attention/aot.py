@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from gated_attention import attention as attention_lib
 from gated_attention import config as config_lib
 from gated_attention import distributed
+from gated_attention import flops as flops_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import traffic
 from gated_attention.evaluate import make_eval_step
@@ -71,11 +72,11 @@ class CompileError(RuntimeError):
 
 
 def device_memory(device_kind: str) -> int | None:
-  return next((size for name, size in MEMORY_BY_DEVICE_KIND if name in device_kind), None)
+  return flops_lib.by_device_kind(MEMORY_BY_DEVICE_KIND, device_kind)
 
 
 def device_bandwidth(device_kind: str) -> int | None:
-  return next((rate for name, rate in BANDWIDTH_BY_DEVICE_KIND if name in device_kind), None)
+  return flops_lib.by_device_kind(BANDWIDTH_BY_DEVICE_KIND, device_kind)
 
 
 def memory_per_device(device) -> tuple[int | None, str]:

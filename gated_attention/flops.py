@@ -31,12 +31,13 @@ _MATMUL_PARAM_NAMES = ('wq', 'wk', 'wv', 'wo', 'wi', 'kernel', 'lm_head', 'route
 
 def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
   """Peak FLOP/s of one chip, the override if positive, or None for an unknown kind (CPU)."""
-  if override > 0:
-    return override
-  for name, flops in PEAK_FLOPS_BY_DEVICE_KIND:
-    if name in device_kind:
-      return flops
-  return None
+  return override if override > 0 else by_device_kind(PEAK_FLOPS_BY_DEVICE_KIND, device_kind)
+
+
+def by_device_kind(table, device_kind: str):
+  """The value of the first (name, value) of `table` whose name is in `device_kind` (a variant
+  of a chip comes before the name it contains), else None."""
+  return next((value for name, value in table if name in device_kind), None)
 
 
 def active_fraction(model_config, path) -> float:

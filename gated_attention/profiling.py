@@ -53,7 +53,6 @@ _CALLED = re.compile(r'\b(?:calls|to_apply|body|condition|true_computation|false
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _SOURCE = re.compile(r'op_name="([^"]*)"')
 _OPERAND = re.compile(r'%([\w.\-]+)')
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
 class Op(NamedTuple):
@@ -72,17 +71,14 @@ def _base_opcode(opcode: str) -> str:
 class Instruction(NamedTuple):
   """One instruction of a compiled program's text: its opcode, custom call's target and name
   (or ''), called computations, result shape without layouts, source (the JAX operation, from
-  metadata), operands' names, a loop's known trip count (or None), whether it is its
-  computation's root, a parameter's number (or None), and its whole text."""
+  metadata), operands' names, whether it is its computation's root, and its whole text."""
   opcode: str
   target: str
   called: list
   shape: str
   source: str
   operands: list
-  trip_count: int | None
   root: bool
-  parameter: int | None  # A parameter's number.
   text: str  # All of it after `name = `: attributes the fields above leave out.
 
 
@@ -119,15 +115,12 @@ def parse_program(hlo_text: str) -> Program:
     opcode, target, source = (_OPCODE.search(rest), _TARGET.search(rest), _SOURCE.search(rest))
     called = [callee.strip().lstrip('%') for one, several in _CALLED.findall(rest)
               for callee in (one or several).split(',') if callee.strip()]
-    trips = _TRIP_COUNT.search(rest)
     code, arguments = (opcode.group(1), rest[opcode.end():]) if opcode else ('', '')
     instructions[name] = Instruction(
         opcode=code, target=f'{target.group(1)} {name}' if target else '', called=called,
         shape=re.sub(r'\{[^}]*\}', '', rest[:opcode.start()].strip() if opcode else ''),
         source=source.group(1).split('/', 1)[-1] if source else '',
-        operands=_operands(arguments), trip_count=int(trips.group(1)) if trips else None,
-        root=line.lstrip().startswith('ROOT '),
-        parameter=int(arguments.split(')', 1)[0]) if code == 'parameter' else None, text=rest)
+        operands=_operands(arguments), root=line.lstrip().startswith('ROOT '), text=rest)
     bodies[computation].append(name)
   return Program(instructions, dict(bodies), entry)
 

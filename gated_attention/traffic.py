@@ -32,8 +32,6 @@ _BITS = {'pred': 8, 'c64': 64, 'c128': 128}
 _BOOKKEEPING = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'while', 'call',
                 'conditional', 'after-all', 'partition-id', 'replica-id', 'opt-barrier',
                 'add-dependency'}
-
-
 # Ops that read only what they take of their first operand.
 _TAKING = ('dynamic-slice', 'slice', 'gather')
 
@@ -77,11 +75,16 @@ def _executions(program: profiling.Program) -> tuple[dict[str, int], int]:
   return runs, unknown
 
 
+def _origin(program, name: str, through=('bitcast',)) -> str:
+  """The instruction whose value `name` is, through ops that only pass it on (`through`)."""
+  while program.instructions[name].opcode in through:
+    name = program.instructions[name].operands[0]
+  return name
+
+
 def _source(program, name: str) -> profiling.Instruction:
   """The instruction whose value `name` is, through copies and bitcasts."""
-  while program.instructions[name].opcode in ('copy', 'bitcast'):
-    name = program.instructions[name].operands[0]
-  return program.instructions[name]
+  return program.instructions[_origin(program, name, ('copy', 'bitcast'))]
 
 
 def _constant(program, name: str) -> int | None:
@@ -107,8 +110,8 @@ def trip_count(program: profiling.Program, loop: profiling.Instruction) -> int |
   the loop when it counts an element of its tuple from a constant, by a constant step, while
   below a constant (`i < n`, as XLA:TPU writes a scan without giving its count; copies looked
   through), else None."""
-  if loop.trip_count is not None:
-    return loop.trip_count
+  if known := re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.text):
+    return int(known.group(1))
   condition, body = (re.search(rf'\b{key}=%?([\w.\-]+)', loop.text) for key in ('condition',
                                                                               'body'))
   if not (condition and body and condition.group(1) in program.bodies
@@ -134,24 +137,18 @@ def trip_count(program: profiling.Program, loop: profiling.Instruction) -> int |
   return max(0, -(-(bound - start) // steps[0]))
 
 
-def _through_bitcasts(program, name: str) -> str:
-  while program.instructions[name].opcode == 'bitcast':
-    name = program.instructions[name].operands[0]
-  return name
-
-
 def _in_place_updates(program, body: str) -> set:
   """The dynamic-update-slices of a fused computation that write into one of its parameters in
   place: at its root (or an element of a root tuple), through bitcasts."""
-  root = _through_bitcasts(program, _root(program, body))
+  root = _origin(program, _root(program, body))
   outputs = (program.instructions[root].operands if program.instructions[root].opcode == 'tuple'
              else [root])
   updates = set()
   for output in outputs:
-    output = _through_bitcasts(program, output)
+    output = _origin(program, output)
     instruction = program.instructions[output]
     if (instruction.opcode == 'dynamic-update-slice' and program.instructions[
-        _through_bitcasts(program, instruction.operands[0])].opcode == 'parameter'):
+        _origin(program, instruction.operands[0])].opcode == 'parameter'):
       updates.add(output)
   return updates
 
@@ -195,7 +192,8 @@ def _fusion_bytes(program, instruction, operand_bytes: list) -> int:
     for operand in program.instructions[name].operands:
       users.setdefault(operand, []).append(name)
   in_place = _in_place_updates(program, body)
-  parameters = {program.instructions[name].parameter: name for name in program.bodies[body]
+  parameters = {int(program.instructions[name].text.split('parameter(', 1)[1].split(')')[0]): name
+                for name in program.bodies[body]
                 if program.instructions[name].opcode == 'parameter'}
   read = 0
   for number, size in enumerate(operand_bytes):
