@@ -35,6 +35,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from gated_attention import cpu_kernel
 from gated_attention.config import CUDNN_DTYPES, SPLASH_BLOCK, ConfigError
@@ -48,6 +49,19 @@ AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'cpu_flash'}
 # with 128; from 1,024 tokens on 128 is as fast or faster).
 CHUNK, SHORT_CPU_CHUNK = 128, 64
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # Finite: exp(masked - max) is exactly 0.
+# What a fused implementation keeps for its backward pass (its output and the softmax's
+# log-sum-exp) comes from its forward kernel; a remat policy that saves it (model.remat=save_dots)
+# spares the backward pass a second run of that kernel, for about one more activation per layer.
+# The kernels of `chunked` and `cpu_flash` name it RESIDUALS; cuDNN's and splash's are
+# primitives of jax.
+RESIDUALS = 'attention_residuals'
+_KERNEL_PRIMITIVES = ('dot_product_attention_fwd_wrapper', 'pallas_call')
+
+
+def kernel_outputs_saveable(primitive, *_, **__) -> bool:
+  """A remat policy: keep the outputs of cuDNN's forward attention and of Pallas kernels
+  (splash; the MoE's megablox products on TPU, whose outputs save_dots keeps anyway)."""
+  return primitive.name in _KERNEL_PRIMITIVES
 
 
 def resolve(impl: str, cached: bool = False, platform: str | None = None,
@@ -241,7 +255,7 @@ def _chunked_core(q, k, v, q_pos, chunks):
 
 
 def _chunked_core_fwd(q, k, v, q_pos, chunks):
-  out, lse = _chunked_forward(q, k, v, q_pos, chunks)
+  out, lse = (checkpoint_name(x, RESIDUALS) for x in _chunked_forward(q, k, v, q_pos, chunks))
   return out, (q, k, v, q_pos, out, lse)
 
 
@@ -338,6 +352,7 @@ def _cpu_flash_fwd(q, k, v):
       jax.ShapeDtypeStruct(q.shape, jnp.float32),
       jax.ShapeDtypeStruct((batch, heads, length), jnp.float32)), vmap_method='sequential')(
           q, k, v)
+  out, lse = checkpoint_name(out, RESIDUALS), checkpoint_name(lse, RESIDUALS)
   return out, (q, k, v, out, lse)
 
 

@@ -135,7 +135,8 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
       param_dtype='float32',
       init_std=0.02,
       # What a block keeps for the backward pass: everything ('none'), only its input
-      # ('full'), or its weight matmuls' outputs ('save_dots'); see gated_attention.model.
+      # ('full'), or its weight matmuls' and fused attention kernel's outputs ('save_dots'); see
+      # gated_attention.model.
       remat='none',
       scan_layers=False,  # Stack the layers' parameters and run one block under lax.scan.
       # The query, key and value projections (and a gate's W_theta they carry) as one matrix

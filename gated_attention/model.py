@@ -32,13 +32,17 @@ GATE_HISTOGRAM_BINS = 40
 ATTENTION_MAP_SIZE = 64  # analysis: attention maps of the first positions, as the paper's Fig. 2.
 ACTIVATION_AXES = ('batch', 'length', 'embed')
 # What each block keeps for the backward pass (model.remat): everything, only its input
-# (recompute the rest), or the outputs of its weight matmuls (recompute the cheap rest).
+# (recompute the rest), or the outputs of its weight matmuls and of its fused attention kernel
+# (recompute the cheap rest: norms, rotary, gate, SwiGLU).
+_policies = jax.checkpoint_policies
 REMAT_POLICIES = {
     'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'save_dots': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(EXPERT_MATMUL)),
+    'full': _policies.nothing_saveable,
+    'save_dots': _policies.save_from_both_policies(
+        _policies.save_from_both_policies(
+            _policies.dots_with_no_batch_dims_saveable,
+            _policies.save_only_these_names(EXPERT_MATMUL, attention_lib.RESIDUALS)),
+        attention_lib.kernel_outputs_saveable),
 }
 
 

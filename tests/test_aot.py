@@ -227,6 +227,20 @@ def test_cudnn_attention_leaves_out_the_scores_that_xla_attention_keeps():
   assert saved >= 4 * one_layer
 
 
+@needs_cuda_plugin
+def test_save_dots_keeps_cudnns_attention_output_and_full_runs_its_forward_again():
+  """remat=save_dots keeps what cuDNN's forward kernel returns for the backward pass, so the
+  train step runs that kernel once per layer; `full` runs it again in the backward pass."""
+  layers = 4  # configs/lm.py:size=tiny
+  for remat, runs in (('save_dots', 1), ('full', 2)):
+    report = _gpu_report('h200:1', '--config.model.attention_impl=cudnn',
+                         f'--config.model.remat={remat}', '--traffic=100000')
+    forwards = [op for op in report['traffic']['top_ops']
+                if op['source'].endswith('dot_product_attention_fwd')]
+    assert forwards and {op['category'] for op in forwards} == {'attention'}, remat
+    assert sum(op['executions'] for op in forwards) == runs * layers, remat
+
+
 @pytest.mark.skipif(aot.cuda_plugin_installed(), reason='a CUDA plugin is on this path')
 def test_gpu_topologies_without_the_plugin_name_what_to_install():
   with pytest.raises(aot.CompileError, match=r"--topology='h200:8'.*--target \.gpu-aot -r "

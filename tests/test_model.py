@@ -134,19 +134,38 @@ def _loss_and_grads(model_cfg, params=None, tokens=None):
   return jax.value_and_grad(loss)(params)
 
 
-def test_remat_policies_and_scanned_layers_give_the_same_loss_and_gradients():
+@pytest.mark.parametrize('impl', ['xla', 'chunked'])
+def test_remat_policies_and_scanned_layers_give_the_same_loss_and_gradients(impl):
   """Every (remat, scan_layers) pair: the same function of the same weights (the unrolled
-  model's, converted to the scanned layout where needed)."""
+  model's, converted to the scanned layout where needed), with attention computed whole or by
+  a kernel whose output save_dots keeps."""
   unrolled = nnx.to_pure_dict(nnx.state(helpers.transformer(helpers.model_config(
       'g1_elementwise'))))
   expected_loss, expected_grads = _loss_and_grads(helpers.model_config('g1_elementwise'))
   for remat in ('full', 'save_dots', 'none'):
     for scan in (False, True):
-      cfg = helpers.model_config('g1_elementwise', remat=remat, scan_layers=scan)
+      cfg = helpers.model_config('g1_elementwise', remat=remat, scan_layers=scan,
+                                 attention_impl=impl)
       loss, grads = _loss_and_grads(cfg, state_lib.convert_layers(unrolled, scan))
       np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                    state_lib.convert_layers(grads, False), expected_grads)
+
+
+@pytest.mark.parametrize('impl, kernel', [('chunked', 'while['), ('splash', 'pallas_call['),
+                                           ('cpu_flash', 'ffi_call[')])
+def test_save_dots_keeps_the_attention_kernels_output_so_its_forward_runs_once(impl, kernel):
+  """The gradient under remat=save_dots runs each attention kernel as often as without remat
+  (its output and log-sum-exp are kept); under `full` the forward kernel runs once more."""
+  runs = {}
+  for remat in ('none', 'save_dots', 'full'):
+    cfg = helpers.model_config('g1_elementwise', remat=remat, attention_impl=impl, num_layers=1)
+    graphdef, state = nnx.split(helpers.transformer(cfg))
+    loss = lambda params: jnp.mean(nnx.merge(graphdef, params)(
+        helpers.random_tokens(6, length=128)).logits ** 2)  # Splash's blocks are 128 long.
+    runs[remat] = str(jax.make_jaxpr(jax.grad(loss))(nnx.to_pure_dict(state))).count(kernel)
+  assert runs['none'] >= 2 and runs == {'none': runs['none'], 'save_dots': runs['none'],
+                                        'full': runs['none'] + 1}
 
 
 @pytest.mark.parametrize('variant, overrides', [
