@@ -176,6 +176,9 @@ class Checkpointer:
       raise self._save_failed(error) from None
 
   def _save_failed(self, error: Exception) -> CheckpointError:
+    # Orbax takes the steps a save would retire off its list when the save starts; after a
+    # failure only the directory tells which steps are whole.
+    self.manager.reload()
     kept = self.latest_step()
     kept = (f'the last complete checkpoint is step {kept}' if kept is not None
             else 'no checkpoint is complete')

@@ -20,6 +20,7 @@ is BOS followed by one chunk, so the model's first token is always BOS (see
 import functools
 import glob
 import hashlib
+import os
 import pathlib
 import sysconfig
 
@@ -53,10 +54,15 @@ def embedded_documents() -> tuple[tuple[str, bytes], ...]:
   return tuple((str(p.relative_to(root)), p.read_bytes()) for p in paths)
 
 
+def _files(pattern: str) -> list[str]:
+  """The files (not directories) a glob matches, sorted; `**` spans directories."""
+  return sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
+
+
 def text_file_documents(pattern: str, key: str = 'data.path') -> list[tuple[str, bytes]]:
   """Files matching the glob `pattern` (recursive ** allowed; `key` names it in errors), sorted
   by path."""
-  paths = sorted(p for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
+  paths = _files(pattern)
   if not paths:
     raise DataError(f'{key}={pattern!r} matches no files' + _directory_hint(pattern))
   documents = []
@@ -126,8 +132,7 @@ class ArrayRecordExamples:
   seq_len + 1 token ids in [0, vocab_size), or names its file and record."""
 
   def __init__(self, pattern: str, seq_len: int, vocab_size: int, key: str):
-    self.paths = sorted(p for p in glob.glob(pattern, recursive=True)
-                        if pathlib.Path(p).is_file())
+    self.paths = _files(pattern)
     if not self.paths:
       raise DataError(f'{key}={pattern!r} matches no files' + _directory_hint(pattern))
     try:
@@ -180,13 +185,18 @@ def load_split(data_config, split: str, vocab_size: int):
   The held-out documents depend on the corpus alone (a fixed seed), never on train.seed, so runs
   with different seeds are evaluated on the same text."""
   if data_config.source == 'array_record':
-    if split == 'train':
-      return ArrayRecordExamples(data_config.path, data_config.seq_len, vocab_size,
-                                 'data.path')
-    if not data_config.eval_path:
+    if split == 'heldout' and not data_config.eval_path:
       raise DataError('data.eval_path is empty; data.source=array_record needs a held-out glob.')
-    return ArrayRecordExamples(data_config.eval_path, data_config.seq_len, vocab_size,
-                               'data.eval_path')
+    key = 'data.path' if split == 'train' else 'data.eval_path'
+    examples = ArrayRecordExamples(data_config[key[5:]], data_config.seq_len, vocab_size, key)
+    real = lambda pattern: {os.path.realpath(path) for path in _files(pattern)}
+    both = real(data_config.path) & real(data_config.eval_path) if data_config.eval_path else ()
+    if both:
+      raise DataError(f'data.path={data_config.path!r} and data.eval_path='
+                      f'{data_config.eval_path!r} both match {sorted(both)[:3]}'
+                      f'{" and more" if len(both) > 3 else ""}: held-out examples would be '
+                      'trained on. Give each split files of its own.')
+    return examples
   if data_config.source == 'bigram_backcopy':
     from gated_attention import bigram_backcopy  # It builds on this module.
     return bigram_backcopy.load_split(data_config, split, vocab_size)

@@ -520,6 +520,11 @@ def train(config, workdir, allow_data_change: bool = False) -> dict:
         'model.dtype=float16 does not train here: this trainer does no loss scaling, and float16 '
         'gradients underflow without it (7% off at 16 x 2,048 tokens per step). Train in '
         'bfloat16 or float32; float16 serves evaluation and generation.')
+  if config.model.param_dtype == 'float16':
+    raise config_lib.ConfigError(
+        'model.param_dtype=float16 does not train here: the optimizer state would be float16 '
+        "too, where Adam's epsilon (1e-8) is 0, so a parameter whose gradient is 0 becomes NaN. "
+        'Keep parameters in float32 or bfloat16; float16 serves evaluation and generation.')
   with workdir_lib.hold(workdir):
     return _train(config, pathlib.Path(workdir), allow_data_change)
 

@@ -188,6 +188,23 @@ def test_array_record_files_of_another_seq_len_are_named_at_start_up(tmp_path):
     data.load_split(records, 'train', 384)
 
 
+def test_array_record_splits_that_share_a_file_are_refused(tmp_path):
+  """data.path='DIR/*.ar' also matches the held-out file (by its real path, through a link)."""
+  for name in ('train.ar', 'heldout.ar'):
+    data.write_array_record(np.zeros((3, 9), np.int32), tmp_path / name)
+  (tmp_path / 'link').symlink_to(tmp_path)
+  records = config_lib.base_config('tiny').data
+  records.update(source='array_record', path=str(tmp_path / '*.ar'), seq_len=8,
+                 eval_path=str(tmp_path / 'link' / 'heldout.ar'))
+  for split in ('train', 'heldout'):
+    with pytest.raises(data.DataError, match=r"data.path='.*\*.ar' and data.eval_path='.*link/"
+                                             r"heldout.ar' both match \['.*/heldout.ar'\]: "
+                                             'held-out examples would be trained on'):
+      data.load_split(records, split, 384)
+  records.path = str(tmp_path / 'train.ar')
+  assert len(data.load_split(records, 'train', 384)) == 3
+
+
 def test_array_record_ids_outside_the_vocabulary_name_file_and_record(tmp_path):
   examples = np.tile(np.arange(9, dtype=np.int32), (10, 1))
   examples[3, 4], examples[8, 0] = 384, -1

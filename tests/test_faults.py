@@ -424,6 +424,26 @@ def test_a_full_disk_stops_the_run_at_once_and_loses_nothing(trained_run, small_
       'printed above.')
 
 
+def test_a_failed_save_names_the_checkpoint_that_survives_when_one_is_kept(trained_run,
+                                                                           small_disk):
+  """keep_checkpoints=1 and room for one and a half checkpoints: the save of step 4 fails while
+  step 2 is still on disk (it is retired only once step 4 is whole), and the line names it."""
+  mount, _ = small_disk
+  checkpoint_bytes = sum(p.stat().st_blocks * 512
+                         for p in (trained_run / 'checkpoints' / '4').rglob('*'))
+  workdir = mount(checkpoint_bytes + checkpoint_bytes // 2) / 'run'
+  line = _error_line(helpers.run(helpers.command(TRAIN, workdir, 8, 2,
+                                                 **{'train.keep_checkpoints': 1})))
+  checkpoints = workdir / 'checkpoints'
+  if line.startswith('error: Cannot write the logs'):
+    assert line.endswith(f'stopping: the last checkpoint, step 2, is intact in {checkpoints}.')
+  else:
+    assert line.startswith(f'error: Saving checkpoint step 4 to {checkpoints} failed')
+    assert 'stopping: the last complete checkpoint is step 2.' in line
+  assert Checkpointer(workdir, read_only=True).latest_step() == 2
+  helpers.run_params(workdir, 2)
+
+
 # --- Bad command lines -----------------------------------------------------------------------
 
 def test_generate_takes_a_non_utf8_prompts_file_and_refuses_a_bad_mesh_in_one_line(trained_run,

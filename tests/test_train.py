@@ -92,11 +92,12 @@ def test_a_resume_that_cannot_continue_the_run_is_refused(tmp_path):
     train(helpers.run_config(steps=1, warmup_steps=0), tmp_path)
 
 
-def test_float16_training_is_refused_before_anything_runs(tmp_path):
+@pytest.mark.parametrize('key, reason', [('dtype', 'this trainer does no loss scaling'),
+                                         ('param_dtype', 'the optimizer state would be float16')])
+def test_float16_training_is_refused_before_anything_runs(tmp_path, key, reason):
   config = helpers.run_config(steps=2)
-  config.model.dtype = 'float16'
-  with pytest.raises(ConfigError, match='model.dtype=float16 does not train here: this trainer '
-                                        'does no loss scaling'):
+  config.model[key] = 'float16'
+  with pytest.raises(ConfigError, match=f'model.{key}=float16 does not train here: {reason}'):
     train(config, tmp_path)
   assert not any(tmp_path.iterdir())
 
