@@ -444,11 +444,11 @@ class StepProfile:
 
 def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, checkpointer,
                           iterator, allow_data_change: bool, data_fingerprint: str):
-  """(start step, train state, saved loop state or None). From the latest complete checkpoint
-  when there is one: its config and training data's fingerprint checked against `config` and
-  data_fingerprint (`resume.check_resume`), the data iterator moved to its position (translated
-  when the data order changed); else a fresh state at step 0, of train.init_from's parameters
-  when it names a source. Then records this start in WORKDIR/history.jsonl and config.json."""
+  """(start step, train state, saved loop state or None, what `record_start` writes). From the
+  latest complete checkpoint when there is one: its config and training data's fingerprint
+  checked against `config` and data_fingerprint (`resume.check_resume`), the data iterator moved
+  to its position (translated when the data order changed); else a fresh state at step 0, of
+  train.init_from's parameters when it names a source."""
   step = checkpointer.latest_step()
   loop_state, changes, position, source = None, {}, None, None
   if step is None and config.train.init_from:
@@ -480,10 +480,15 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
     else:
       state, loop_state, position = _resume(config, setup, checkpointer, iterator, step,
                                             saved_config, changes)
+  return step or 0, state, loop_state, (changes, position, source)
+
+
+def record_start(workdir: pathlib.Path, config, step: int, start: tuple) -> None:
+  """Records a start that will train (its step compiled and fitting) in WORKDIR/history.jsonl
+  and config.json; start: (changes, data position, init_from source) of restore_or_initialize."""
   if jax.process_index() == 0:
     checkpoint_lib.save_config(workdir, config)
-    resume_lib.append_history(workdir, step or 0, changes, position, source)
-  return step or 0, state, loop_state
+    resume_lib.append_history(workdir, step, *start)
 
 
 def _resume(config, setup: TrainSetup, checkpointer, iterator, step: int, saved_config: dict,
@@ -557,9 +562,8 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   # Phase 4: init or restore.
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_config.keep_checkpoints)
   iterator = iter(dataset)
-  start_step, state, loop_state = restore_or_initialize(config, setup, workdir, checkpointer,
-                                                        iterator, allow_data_change,
-                                                        data_fingerprint)
+  start_step, state, loop_state, start = restore_or_initialize(
+      config, setup, workdir, checkpointer, iterator, allow_data_change, data_fingerprint)
 
   # Phase 5: compile.
   with CompileTimer() as compile_timer:
@@ -567,6 +571,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   log(f'{setup.num_params:,} parameters; train step {compile_timer}; '
       f'{describe_memory(compiled)}')
   check_memory(compiled)
+  record_start(workdir, config, start_step, start)
 
   # Phase 6: loop. Metrics of step n are read after step n + 1 is dispatched, so the host
   # never stalls the device; a step is read before any checkpoint that would include it.

@@ -110,7 +110,9 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_step_1(tmp_path):
   with pytest.raises(CompileError, match=r'the train step needs [\d,.]+ GiB per device .* more '
                                          r'than the [\d,.]+ GiB of .* Lower data\.seq_len'):
     train(config, tmp_path)
-  assert not (tmp_path / 'metrics.jsonl').exists()
+  # A start that never trained is not in the run's history.
+  assert not any((tmp_path / name).exists()
+                 for name in ('metrics.jsonl', 'history.jsonl', 'config.json'))
 
 
 def test_an_eval_batch_the_held_out_split_cannot_fill_is_refused_at_start_up(tmp_path):
