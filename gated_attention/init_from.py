@@ -8,8 +8,9 @@ unrolled layer layout, so either model.scan_layers reads either:
 
   loaded        present in both with the same shape (cast to this run's param_dtype);
   gate columns  a projection that carries a fused gate (gate.py: [head tensor | head gate] per
-                head on the last axis) on one side only, or gates of different widths: the
-                head_dim columns shared by both are loaded, this run's gate columns keep their
+                head on the last axis) on one side only, gates of different widths, or gates
+                at different positions (G1 and G4 both in wq): the head_dim columns shared by
+                both are loaded, this run's gate columns keep their
                 fresh initialisation, the source's are dropped (a gate removed: the projection
                 is loaded, its source's gate columns dropped);
   initialised   only in this run (a G5 gate kernel, an input-independent gate's score);
@@ -33,7 +34,7 @@ from flax import nnx
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import resume as resume_lib
 from gated_attention import state as state_lib
-from gated_attention.config import ConfigError
+from gated_attention.config import ConfigError, canonical_gate_position
 
 # The projections whose kernel may carry a fused gate on its last axis (gate.Gate.fused_into).
 FUSED_KERNELS = ('wq', 'wk', 'wv')
@@ -131,12 +132,17 @@ def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -
         'layers are loaded one for one; keep the source\'s depth.')
   source, target = _unrolled_shapes(source_model), _unrolled_shapes(config.model)
   head_dim = config.model.head_dim
+  # A gate that moved (G1 to G4 both live in wq's columns) gates another tensor: its columns are
+  # not carried over even where the shapes agree.
+  gate_moved = (canonical_gate_position(source_model.gate.position)
+                != canonical_gate_position(config.model.gate.position))
   plan = Plan(directory, step, source_config, [], [], [],
               [path for path in source if path not in target])
   for path, shape in target.items():
     if path not in source:
       plan.initialised.append(path)
-    elif source[path] == shape:
+    elif source[path] == shape and not (gate_moved and path[-1] in FUSED_KERNELS
+                                        and shape[-1] > head_dim):
       plan.loaded.append(path)
     elif (path[-1] in FUSED_KERNELS and source[path][:-1] == shape[:-1]
           and source_model.head_dim == head_dim and min(source[path][-1], shape[-1]) >= head_dim):

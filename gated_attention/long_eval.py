@@ -84,13 +84,24 @@ def make_token_losses(graphdef, mesh):
   return jax.jit(token_losses, out_shardings=sharding_lib.replicated(mesh))
 
 
+TEXT_SOURCES = ('embedded', 'text_files')
+
+
+def check_text_source(data_config) -> None:
+  """DataError unless the run's data is text, which long_eval cuts at each length and takes its
+  haystacks from."""
+  if data_config.source not in TEXT_SOURCES:
+    held = {'array_record': 'pre-tokenized examples of one fixed length',
+            'bigram_backcopy': 'synthetic token sequences, not text'}[data_config.source]
+    raise data_lib.DataError(
+        f'long_eval cuts held-out text at each length and hides needles in it; the run\'s '
+        f'data.source={data_config.source} holds {held}. It evaluates runs trained on '
+        f'data.source {" or ".join(TEXT_SOURCES)}.')
+
+
 def heldout_examples(data_config, vocab_size: int, length: int, count: int) -> np.ndarray:
   """The first `count` held-out examples re-chunked at `length` tokens: int32 [count, length + 1]
-  (fewer rows if the split is short). DataError for pre-tokenized data, whose records have a
-  fixed length."""
-  if data_config.source == 'array_record':
-    raise data_lib.DataError('long_eval re-chunks the held-out text at each length; '
-                             'data.source=array_record holds examples of one fixed length.')
+  (fewer rows if the split is short) of a text source (`check_text_source`)."""
   data_config = ml_collections.ConfigDict(data_config.to_dict())
   data_config.seq_len = length
   try:
@@ -275,6 +286,7 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
   if mesh_config is not None:
     config.mesh = mesh_config
   config_lib.validate(config)
+  check_text_source(config.data)
   tokenizer = load_tokenizer(config.data.tokenizer)
   if tokenizer is None:
     raise config_lib.ConfigError("data.tokenizer='none': long_eval builds prompts from text "

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import long_eval
 from gated_attention import state as state_lib
@@ -149,6 +150,22 @@ def test_a_length_past_the_held_out_split_names_the_lengths_asked(tmp_path):
       'the held-out split has 301 tokens, fewer than the longest length asked (512): ask for '
       'lengths up to 301')):
     long_eval.heldout_examples(data, 384, 512, 2)
+
+
+@pytest.mark.parametrize('source, held', [
+    ('array_record', 'pre-tokenized examples of one fixed length'),
+    ('bigram_backcopy', 'synthetic token sequences, not text')])
+def test_a_run_trained_on_other_than_text_is_refused_before_its_checkpoint_loads(
+    tmp_path, source, held):
+  config = config_lib.base_config('tiny')
+  config.data.source = source
+  if source == 'array_record':
+    config.data.update(path=str(tmp_path / 'train*.ar'), eval_path=str(tmp_path / 'held*.ar'))
+  checkpoint_lib.save_config(tmp_path, config)  # The workdir has no checkpoint at all.
+  with pytest.raises(DataError, match=f'the run\'s data.source={source} holds {held}. It '
+                                      'evaluates runs trained on data.source embedded or '
+                                      'text_files'):
+    long_eval.long_eval(tmp_path, [256])
 
 
 def test_comparison_tables_average_the_seeds_of_each_row():

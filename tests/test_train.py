@@ -432,6 +432,21 @@ def test_init_from_plans_a_removed_gate_and_refuses_another_depth():
     init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
 
 
+def test_init_from_a_gate_at_another_position_in_the_same_projection_starts_it_fresh():
+  """G1 and G4 both carry W_theta in wq's columns, of equal shape: G1's gate columns are not
+  loaded as G4's (they gated the SDPA output, G4's gate the queries); the query columns are."""
+  source = resume_lib.plain(helpers.run_config(steps=2, gate='g1_elementwise'))
+  config = helpers.run_config(steps=2, gate='g4_elementwise', init_from='SRC')
+  plan = init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
+  head_dim, width = config.model.head_dim, 2 * config.model.head_dim
+  assert [entry[1:] for entry in plan.gate_columns] == [(head_dim, width, width)] * 2
+  assert plan.describe().endswith('gate columns initialised: blocks/*/attention/wq; source gate '
+                                  'columns dropped: blocks/*/attention/wq')
+  # At G1 again (by its alias), with another activation: the gate is loaded whole.
+  config.model.gate.update(position='g1', activation='silu')
+  assert init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source).whole
+
+
 def test_init_from_refuses_another_norm_scale_convention(baseline_run, tmp_path):
   """Norm scales have the same shape under model.norm_plus_one (scale 1 + w) as without (w),
   but not the same meaning."""
