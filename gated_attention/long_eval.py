@@ -12,7 +12,7 @@ For each context length L (`lengths`):
   retrieval          RULER-style tasks (Hsieh et al. 2024) built from the held-out text as the
                      haystack, scored by greedy generation with the KV cache (`Generator`): an
                      example is correct when the generated text starts with the answer.
-    passkey            one needle line `PASSKEY = 48213` at a depth of 5%..95% of the prompt,
+    passkey            one needle line `PASSKEY = 48213` at a depth of 5%..95% of the haystack,
                        evenly over the examples; the prompt ends with `PASSKEY = `.
     multikey           four needles `KEY_XXXX = digits` at random depths, distinct names and
                        values; the prompt asks for one of them.
