@@ -10,9 +10,9 @@ unrolled layer layout, so either model.scan_layers reads either:
   gate columns  a projection that carries a fused gate (gate.py: [head tensor | head gate] per
                 head on the last axis) on one side only, gates of different widths, or gates
                 at different positions (G1 and G4 both in wq): the head_dim columns shared by
-                both are loaded, this run's gate columns keep their
-                fresh initialisation, the source's are dropped (a gate removed: the projection
-                is loaded, its source's gate columns dropped);
+                both are loaded, this run's gate columns keep their fresh initialisation, the
+                source's are dropped (a gate removed: the projection is loaded, its source's
+                gate columns dropped);
   initialised   only in this run (a G5 gate kernel, an input-independent gate's score);
   dropped       only in the source.
 Any other shape change (d_model, head_dim, vocabulary, MLP width) is one ConfigError naming the
