@@ -58,8 +58,9 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
       the queries of each kind in QUERY_KINDS (`all`: queries 1..; query 0 can attend to nothing
       but the first token; given `triggers` (token ids), `trigger`: those whose input token is
       one, `non_trigger`: the others), and query_count {kind: scalar};
-    value_norm_first_token, value_norm_others [layers, kv_heads]: mean |v| of position 0 and of
-      positions 1..;
+    value_norm_first_token [layers, kv_heads]: mean |v| of position 0; value_norm_others_sum
+      [layers, kv_heads] and value_norm_count: |v| summed over the real positions 1.., and
+      their count;
     attention_map [layers, heads, m, m]: mean over the batch;
     max_activation, gate scores (see ModelOutput)."""
   def eval_step(params, tokens):
@@ -81,9 +82,9 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
       stats['query_count'] = {kind: jnp.sum(mask) for kind, mask in masks.items()}
       value_norm = stats.pop('value_norm')  # [layers, batch, length, kv_heads]
       stats['value_norm_first_token'] = jnp.mean(value_norm[:, :, 0], axis=1)
-      stats['value_norm_others'] = jnp.einsum(
-          'lbtk,bt->lk', value_norm[:, :, 1:], real[:, 1:].astype(value_norm.dtype)
-      ) / jnp.maximum(jnp.sum(real[:, 1:]), 1)
+      stats['value_norm_others_sum'] = jnp.einsum(
+          'lbtk,bt->lk', value_norm[:, :, 1:], real[:, 1:].astype(value_norm.dtype))
+      stats['value_norm_count'] = jnp.sum(real[:, 1:])
     return {'loss_sum': output.loss_sum, 'tokens': output.num_tokens, **stats}
   return eval_step
 
@@ -113,7 +114,8 @@ def summarize_measurements(per_batch: list[dict], activation: str | None) -> dic
                                 **{kind: values.tolist() for kind, values in by_kind.items()}},
       'value_norm': {
           'first_token': np.mean([b['value_norm_first_token'] for b in per_batch], 0).tolist(),
-          'others': np.mean([b['value_norm_others'] for b in per_batch], 0).tolist()},
+          'others': (np.sum([b['value_norm_others_sum'] for b in per_batch], 0)
+                     / max(sum(b['value_norm_count'] for b in per_batch), 1)).tolist()},
       'max_activation': {'mean_of_layer_max': float(layer_max.mean()),
                          'per_layer': layer_max.tolist()},
       'gate_score': None,

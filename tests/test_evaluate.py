@@ -134,14 +134,17 @@ def test_padding_is_not_measured(variant):
 
 
 def test_measurements_combine_batches():
-  """Query types combine by query counts across batches, not by batch means."""
+  """Query types and value norms combine by counts across batches, not by batch means."""
   def batch(fta, trigger_queries, act):
     return {'first_token_attention_sum': {'all': np.full((2, 3), fta * 10),
                                           'trigger': np.full((2, 3), fta * trigger_queries),
                                           'non_trigger': np.full((2, 3), 0.0)},
             'query_count': {'all': 10, 'trigger': trigger_queries,
                             'non_trigger': 10 - trigger_queries},
-            'value_norm_first_token': np.ones((2, 1)), 'value_norm_others': np.ones((2, 1)),
+            'value_norm_first_token': np.ones((2, 1)),
+            # |v| of norm act at each of a batch's 10 - trigger_queries real positions.
+            'value_norm_others_sum': np.full((2, 1), act * (10 - trigger_queries)),
+            'value_norm_count': 10 - trigger_queries,
             'max_activation': np.array([act, 2 * act]),
             # Two layers; gate scores summed over the batch's measured positions, and counted.
             'gate_score_sum': np.array([act, 0.0]),
@@ -152,6 +155,8 @@ def test_measurements_combine_batches():
   np.testing.assert_allclose(combined['first_token_attention']['non_trigger'], 0.0)
   assert combined['max_activation']['per_layer'] == [5.0, 10.0]
   assert combined['max_activation']['mean_of_layer_max'] == 7.5
+  # (1 * 9 + 5 * 7) / 16 positions, not the batch means' (1 + 5) / 2.
+  np.testing.assert_allclose(combined['value_norm']['others'], np.full((2, 1), 44 / 16))
   # Gate scores combine by their counts: layer 0 has (1 + 5) / (1 + 3), not the batch means' mean.
   np.testing.assert_allclose(combined['gate_score']['per_layer'], [1.5, 0.0])
   assert combined['gate_score']['histogram']['counts'] == [4, 4]
