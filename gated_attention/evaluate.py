@@ -61,7 +61,8 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
     value_norm_first_token [layers, kv_heads]: mean |v| of position 0; value_norm_others_sum
       [layers, kv_heads] and value_norm_count: |v| summed over the real positions 1.., and
       their count;
-    attention_map [layers, heads, m, m]: mean over the batch;
+    attention_map [layers, heads, m, m]: mean over the batch's measured queries of each row,
+      attention_map_queries [m] their count;
     max_activation, gate scores (see ModelOutput)."""
   def eval_step(params, tokens):
     output = apply(graphdef, params, tokens[:, :-1], analysis=analysis, targets=tokens[:, 1:],
@@ -85,6 +86,8 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
       stats['value_norm_others_sum'] = jnp.einsum(
           'lbtk,bt->lk', value_norm[:, :, 1:], real[:, 1:].astype(value_norm.dtype))
       stats['value_norm_count'] = jnp.sum(real[:, 1:])
+      m = stats['attention_map'].shape[-1]
+      stats['attention_map_queries'] = jnp.sum(real[:, :m], axis=0)  # Each map row's queries.
     return {'loss_sum': output.loss_sum, 'tokens': output.num_tokens, **stats}
   return eval_step
 
@@ -211,7 +214,16 @@ class _Evaluator:
     return {'step': step, 'loss': loss, 'perplexity': float(np.exp(loss)), 'tokens': num_tokens,
             'analysis_sequences': len(measured) * config.eval.batch_size,
             **summarize_measurements(measured, config.model.gate.activation if gated else None),
-            'attention_map': np.mean([b['attention_map'] for b in measured], axis=0)}
+            'attention_map': combine_attention_maps(measured)}
+
+
+def combine_attention_maps(per_batch: list[dict]) -> np.ndarray:
+  """[layers, heads, m, m]: each row of the batches' attention maps averaged over all their
+  measured queries (a batch's row weighs by its queries; one with none, all padding, not at
+  all)."""
+  queries = np.stack([b['attention_map_queries'] for b in per_batch]).astype(np.float64)
+  weighted = sum(b['attention_map'] * count[:, None] for b, count in zip(per_batch, queries))
+  return (weighted / np.maximum(queries.sum(axis=0), 1)[:, None]).astype(np.float32)
 
 
 def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | None = None,

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from gated_attention.checkpoint import Checkpointer
-from gated_attention.evaluate import evaluate, make_eval_step, summarize_measurements
+from gated_attention.evaluate import (combine_attention_maps, evaluate, make_eval_step,
+                                      summarize_measurements)
 from gated_attention.tokenizer import ByteTokenizer
 from gated_attention.train import train
 from tests import helpers
@@ -160,6 +161,17 @@ def test_measurements_combine_batches():
   # Gate scores combine by their counts: layer 0 has (1 + 5) / (1 + 3), not the batch means' mean.
   np.testing.assert_allclose(combined['gate_score']['per_layer'], [1.5, 0.0])
   assert combined['gate_score']['histogram']['counts'] == [4, 4]
+
+
+def test_attention_maps_combine_batches_by_each_rows_queries():
+  """Row 1 of the second batch is all padding (no query measured, a zero row): the combined
+  row is the first batch's; row 0 weighs 3 queries against 1."""
+  first = np.array([[0.6, 0.4], [0.5, 0.5]])[None, None]  # [layers, heads, m, m]
+  second = np.array([[1.0, 0.0], [0.0, 0.0]])[None, None]
+  combined = combine_attention_maps([
+      {'attention_map': first, 'attention_map_queries': np.array([3, 2])},
+      {'attention_map': second, 'attention_map_queries': np.array([1, 0])}])
+  np.testing.assert_allclose(combined[0, 0], [[0.7, 0.3], [0.5, 0.5]], rtol=1e-6)
 
 
 def test_eval_command_writes_json_and_figures(tmp_path):
