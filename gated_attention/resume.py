@@ -10,7 +10,9 @@
 Configs are compared as plain dicts, key by key; a key the saved config lacks (added to the code
 later) counts as its `base_config()` default. The training data itself is compared too, by its
 fingerprint (`data.contents`, a DATA_ORDER change): the same config can read other text (files
-edited, another Python's standard library). Every start and resume appends one line to
+edited, another Python's standard library). So is the held-out split's
+(`data.heldout_contents`, allowed and recorded: held-out losses before and after it are not
+comparable, and with text sources documents may have moved between the splits). Every start and resume appends one line to
 WORKDIR/history.jsonl: when, where, which command, from which step, what changed, and any data
 translation.
 """
@@ -24,6 +26,7 @@ from gated_attention.checkpoint import CheckpointError
 
 MODEL, DATA_ORDER, ALLOWED = 'model', 'data order', 'allowed'
 DATA_CONTENTS = 'data.contents'  # Not a config key: the training data's fingerprint.
+HELDOUT_CONTENTS = 'data.heldout_contents'  # Nor this: the held-out split's.
 
 RESUME_POLICY = {
     'model': MODEL,
@@ -33,6 +36,7 @@ RESUME_POLICY = {
     'model.moe.impl': ALLOWED,
     'data': DATA_ORDER,
     'data.eval_path': ALLOWED,  # The held-out split only.
+    HELDOUT_CONTENTS: ALLOWED,
     'train.seed': DATA_ORDER,  # On resume it seeds only the shuffle: parameters are restored.
 }
 
@@ -75,13 +79,16 @@ def describe(changes: dict) -> str:
 
 
 def check_resume(saved: dict, config, checkpoint: pathlib.Path, allow_data_change: bool,
-                 data_contents: tuple = (None, None)) -> dict[str, tuple]:
+                 data_contents: tuple = (None, None),
+                 heldout_contents: tuple = (None, None)) -> dict[str, tuple]:
   """The differences between the saved config and `config`, and between the training data's
-  fingerprints (saved, current: `data.fingerprint`; None where unknown) as `data.contents`;
-  raises CheckpointError naming every refused one, grouped by why."""
+  and the held-out split's fingerprints (saved, current: `data.fingerprint`; None where
+  unknown) as `data.contents` and `data.heldout_contents`; raises CheckpointError naming every
+  refused one, grouped by why."""
   changes = differences(saved, plain(config))
-  if None not in data_contents and data_contents[0] != data_contents[1]:
-    changes[DATA_CONTENTS] = tuple(data_contents)
+  for key, (old, new) in ((DATA_CONTENTS, data_contents), (HELDOUT_CONTENTS, heldout_contents)):
+    if None not in (old, new) and old != new:
+      changes[key] = (old, new)
   model = {k: v for k, v in changes.items() if policy(k) == MODEL}
   data = {k: v for k, v in changes.items() if policy(k) == DATA_ORDER and not allow_data_change}
   reasons = ([f'its model differs ({describe(model)})'] if model else []) + (

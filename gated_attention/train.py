@@ -443,10 +443,10 @@ class StepProfile:
 
 
 def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, checkpointer,
-                          iterator, allow_data_change: bool, data_fingerprint: str):
+                          iterator, allow_data_change: bool, fingerprints: dict):
   """(start step, train state, saved loop state or None, what `record_start` writes). From the
-  latest complete checkpoint when there is one: its config and training data's fingerprint
-  checked against `config` and data_fingerprint (`resume.check_resume`), the data iterator moved
+  latest complete checkpoint when there is one: its config and data's fingerprints checked
+  against `config` and `fingerprints` (`resume.check_resume`), the data iterator moved
   to its position (translated when the data order changed); else a fresh state at step 0, of
   train.init_from's parameters when it names a source."""
   step = checkpointer.latest_step()
@@ -469,7 +469,8 @@ def restore_or_initialize(config, setup: TrainSetup, workdir: pathlib.Path, chec
     params_only = bool(host_state.get('params_only'))  # An imported model: no data position.
     changes = resume_lib.check_resume(
         saved_config, config, checkpointer.directory / str(step), allow_data_change or params_only,
-        (host_state.get('data_fingerprint'), data_fingerprint))  # None before fingerprints.
+        *((host_state.get(key), fingerprints[key])  # None in checkpoints from before them.
+          for key in ('data_fingerprint', 'heldout_fingerprint')))
     if params_only:  # A fresh optimizer; either layer layout continues in either.
       reader = checkpoint_lib.Checkpointer(workdir, read_only=True)  # Restores, never saves.
       state = initialize_train_state(config, setup, state_lib.restore_params(
@@ -548,13 +549,16 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   part = sharding_lib.batch_part(sharding_lib.batch_sharding(mesh),
                                  config.data.batch_size)
   train_source = data_lib.load_split(config.data, 'train', vocab_size)
-  data_fingerprint = data_lib.fingerprint(train_source)  # Saved with every checkpoint.
-  log(f'training data: {data_fingerprint}')
+  heldout_source = data_lib.load_split(config.data, 'heldout', vocab_size)
+  # Saved with every checkpoint and compared on resume.
+  fingerprints = {'data_fingerprint': data_lib.fingerprint(train_source),
+                  'heldout_fingerprint': data_lib.fingerprint(heldout_source)}
+  log(f'training data: {fingerprints["data_fingerprint"]}; held out: '
+      f'{fingerprints["heldout_fingerprint"]}')
   dataset = data_lib.train_dataset(train_source, config.data.batch_size, train_config.seed,
                                    *part)
   # Fails now, not after training, if the held-out split cannot fill one eval batch.
-  data_lib.heldout_batches(data_lib.load_split(config.data, 'heldout', vocab_size),
-                           config.eval.batch_size, config.eval.batches, 0, 1)
+  data_lib.heldout_batches(heldout_source, config.eval.batch_size, config.eval.batches, 0, 1)
 
   # Phase 3: abstract state and shardings.
   setup = setup_train_state(config, mesh)
@@ -563,7 +567,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=train_config.keep_checkpoints)
   iterator = iter(dataset)
   start_step, state, loop_state, start = restore_or_initialize(
-      config, setup, workdir, checkpointer, iterator, allow_data_change, data_fingerprint)
+      config, setup, workdir, checkpointer, iterator, allow_data_change, fingerprints)
 
   # Phase 5: compile.
   with CompileTimer() as compile_timer:
@@ -594,7 +598,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
         pending = None
         started = time.perf_counter()
         checkpointer.save(step, state, {'iterator': iterator.get_state(),
-                                        'data_fingerprint': data_fingerprint,
+                                        **fingerprints,
                                         'loop': step_log.state()}, config)
         saving = time.perf_counter() - started
         step_log.exclude(saving)

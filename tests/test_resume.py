@@ -92,3 +92,6 @@ def test_other_training_data_under_the_same_config_is_a_data_order_change():
       'data.contents': contents}
   for same in ((None, contents[1]), (contents[0], contents[0])):
     assert resume.check_resume(_saved(), current, CHECKPOINT, False, same) == {}
+  # The held-out split's: allowed (its losses are only not comparable), and recorded.
+  assert resume.check_resume(_saved(), current, CHECKPOINT, False, (None, None), contents) == {
+      'data.heldout_contents': contents}
