@@ -10,9 +10,9 @@
 Configs are compared as plain dicts, key by key; a key the saved config lacks (added to the code
 later) counts as its `base_config()` default. The training data itself is compared too, by its
 fingerprint (`data.contents`, a DATA_ORDER change): the same config can read other text (files
-edited, another Python's standard library). So is the held-out split's
-(`data.heldout_contents`, allowed and recorded: held-out losses before and after it are not
-comparable, and with text sources documents may have moved between the splits). Every start and resume appends one line to
+edited, another Python's standard library). So is the held-out split's (`data.heldout_contents`,
+allowed and recorded: held-out losses before and after it are not comparable, and with text sources
+documents may have moved between the splits). Every start and resume appends one line to
 WORKDIR/history.jsonl: when, where, which command, from which step, what changed, and any data
 translation.
 """

@@ -385,13 +385,17 @@ def small_disk(tmp_path):
   subprocess.run(['umount', str(mount_point)], capture_output=True)
 
 
+def _disk_bytes(directory: pathlib.Path) -> int:
+  """The disk space the files under `directory` take."""
+  return sum(p.stat().st_blocks * 512 for p in directory.rglob('*'))
+
+
 def test_a_full_disk_stops_the_run_at_once_and_loses_nothing(trained_run, small_disk, tmp_path):
   """Room for two checkpoints, not a third: the failed write ends the run in one line naming the
   last complete step, which restores. Read-only, the workdir is refused before anything is
   compiled; eval prints its result, then says it cannot write it."""
   mount, remount_read_only = small_disk
-  checkpoint_bytes = sum(p.stat().st_blocks * 512
-                         for p in (trained_run / 'checkpoints' / '4').rglob('*'))
+  checkpoint_bytes = _disk_bytes(trained_run / 'checkpoints' / '4')
   disk = mount(2 * checkpoint_bytes + checkpoint_bytes // 2)
   workdir = disk / 'run'
   line = _error_line(helpers.run(helpers.command(TRAIN, workdir, 12, 2)))
@@ -432,8 +436,7 @@ def test_a_failed_save_names_the_checkpoint_that_survives_when_one_is_kept(train
   """keep_checkpoints=1 and room for one and a half checkpoints: the save of step 4 fails while
   step 2 is still on disk (it is retired only once step 4 is whole), and the line names it."""
   mount, _ = small_disk
-  checkpoint_bytes = sum(p.stat().st_blocks * 512
-                         for p in (trained_run / 'checkpoints' / '4').rglob('*'))
+  checkpoint_bytes = _disk_bytes(trained_run / 'checkpoints' / '4')
   workdir = mount(checkpoint_bytes + checkpoint_bytes // 2) / 'run'
   line = _error_line(helpers.run(helpers.command(TRAIN, workdir, 8, 2,
                                                  **{'train.keep_checkpoints': 1})))
