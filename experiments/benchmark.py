@@ -160,7 +160,8 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
     print(f'{name:28} {"sdpa":>10} {"":>5} {"":>9} {r["params"]:>11,} '
           f'{r["step_time_s"] * 1e3:>9.1f} {spread:>13} {r["tokens_per_sec"]:>9,.0f}')
   print('(range: every trial of every round; PyTorch: its rounds. "vs" columns: the median over '
-        'rounds of the ratio within a round.)')
+        'rounds of the ratio within a round. mfu: against the chip\'s dense bf16 peak, whatever '
+        'the dtype.)')
   if _INTERLEAVE.value:
     print(f'(interleaved: against the ungated row, the median of {_INTERLEAVE.value} pairs of '
           'steps taken in alternation in one process, and the quartiles of those ratios)')

@@ -138,7 +138,7 @@ def report(results: dict, config) -> str:
       f'({config.data.source} corpus), seed {config.train.seed}',
       '',
       '| run | added params | LR | held-out loss | PPL | first-token attn | max act (mean) '
-      '| gate score | loss spikes |',
+      '| gate score | loss-spike steps |',
       '|---|---|---|---|---|---|---|---|---|']
   for name, row in results.items():
     added = row.get('added_params')

@@ -63,8 +63,18 @@ GPU_TARGET_CUDNN = (9, 8, 0)
 _GPU_TOPOLOGY = re.compile(r'^(?P<target>[^:]+):(?:(?P<hosts>\d+)x)?(?P<gpus>\d+)$')
 
 
-# Attention implementations whose work XLA's cost analysis leaves out (compiled_flops).
-UNCOUNTED_ATTENTION = ('splash', 'chunked', 'cpu_flash')
+# What XLA's cost analysis counts of each attention implementation's work (compiled_flops),
+# where the model formula counts causal attention at half the [L, L] square. Kernels it cannot
+# see into count as nothing (on GPUs only cuBLAS and cuDNN convolutions carry a count).
+ATTENTION_IN_COMPILED_FLOPS = {
+    'xla': 'attention over the full square, twice the formula\'s causal half',
+    'dot_product': 'attention over the full square, twice the formula\'s causal half, where '
+                   'XLA runs it (cuDNN\'s kernel, on GPUs: nothing)',
+    'cudnn': 'attention (cudnn) left out',
+    'splash': 'attention (splash) left out',
+    'cpu_flash': 'attention (cpu_flash) left out',
+    'chunked': 'attention (chunked) left out but for its block loops\' bodies, counted once',
+}
 
 
 class CompileError(RuntimeError):
@@ -223,9 +233,8 @@ def compiled_flops(config, mesh) -> float | None:
   whole (a chunked loss recomputes nothing, so its FLOPs are the same), on one and on two
   sequences per batch shard. Each depth's count is a per-step part (the optimizer update) plus
   a per-sequence part, and both grow linearly with depth. Left out: the microbatch loop's
-  gradient additions (one per parameter per microbatch), and attention where it runs as
-  `splash` or `cpu_flash` (kernels XLA cannot see into: nothing counted) or `chunked` (its block
-  loops counted once: a few percent of its work); `UNCOUNTED_ATTENTION`."""
+  gradient additions (one per parameter per microbatch). Attention is counted as
+  `ATTENTION_IN_COMPILED_FLOPS` says."""
   shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
   per_step, per_unit = [], []  # By depth 1, 2; a unit is one sequence per batch shard.
   for layers in (1, 2):
@@ -286,6 +295,7 @@ def compile_report(config, devices, traffic_top: int = 0) -> dict:
       'attention_impl': attention_lib.resolve(
           config.model.attention_impl, platform=devices[0].platform, length=config.data.seq_len,
           dtype=config.model.dtype),
+      'remat': config.model.remat,
       'compile_seconds': train_seconds, 'compile_cpu_seconds': train_cpu_seconds,
       'host_cores': len(os.sched_getaffinity(0)),
       'train_step': compiled_memory(train_step), 'eval_step': compiled_memory(eval_step),
@@ -330,10 +340,11 @@ def format_report(report: dict) -> str:
   lines.append(f'of which parameters {gib(report["parameter_bytes"])}, optimizer state '
                f'{gib(report["optimizer_state_bytes"])}, activations and temporaries '
                f'{gib(report.get("activation_bytes"))}: {report.get("dominant", "–")} dominate')
-  compiled, impl = report['compiled_flops_per_device'], report['attention_impl']
-  left_out = (f', attention ({impl}) left out' if impl in UNCOUNTED_ATTENTION else '')
-  lines.append(f'FLOPs per step per device: compiled {compiled:.4g} (recomputation included'
-               f'{left_out}), model formula {report["model_flops_per_device"]:.4g}' if compiled
+  compiled, remat = report['compiled_flops_per_device'], report['remat']
+  counted = ([] if remat == 'none' else [f'remat={remat}\'s recomputation included']) + [
+      ATTENTION_IN_COMPILED_FLOPS[report['attention_impl']]]
+  lines.append(f'FLOPs per step per device: compiled {compiled:.4g} ({"; ".join(counted)}), '
+               f'model formula {report["model_flops_per_device"]:.4g}' if compiled
                else f'FLOPs per step per device: model formula '
                f'{report["model_flops_per_device"]:.4g}')
   if 'traffic' in report:

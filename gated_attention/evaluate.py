@@ -12,7 +12,9 @@
                           step_<N>_attention_maps.npy [layers, heads, m, m] (and drawn, mean over
                           heads and the most sink-like head, in step_<N>_attention_maps.png);
   max_activation          per layer, the maximum |hidden state| of the residual stream after it;
-  gate_score              mean gate score per layer and a histogram (gated models only).
+  gate_score              mean gate score per layer and a histogram (gated models only), both
+                          over the gated elements: a headwise or head-shared score counts once
+                          for each element it gates.
 The measurements use the `xla` attention path on the first eval.analysis_batches batches; the
 training path is untouched.
 """

@@ -86,8 +86,9 @@ class ModelOutput(NamedTuple):
       positions, mean over the batch;
     value_norm [layers, batch, length, kv_heads]: |v| of each position's value state;
     max_activation [layers]: max |hidden state| of the residual stream after each layer;
-    gate_score_sum [layers], gate_score_histogram [layers, bins]: the gate scores' sum and
-      their counts by value (total: how many were summed) (gated models only).
+    gate_score_sum [layers], gate_score_histogram [layers, bins]: the sum of the gate score
+      applied to each gated element and their counts by value (total: how many were summed)
+      (gated models only).
   cache: the updated KVCache when one was given, else None.
   loss_sum, num_tokens: given targets, their summed cross-entropy and how many counted (targets
     equal to pad_id do not), else None."""

@@ -302,7 +302,7 @@ class StepLog:
     self.progress = tqdm(total=config.train.steps, initial=start_step, desc='train', unit='step',
                          disable=jax.process_index() != 0, file=sys.stdout, dynamic_ncols=True)
     # (time, step) an interval's step time is measured from; the first step of a process is
-    # left out of the next interval (its first run of the program is slower).
+    # left out of every interval, and logged without a time if it is logged.
     self.clock = (time.perf_counter(), start_step)
     self.first_step = start_step + 1
     self.last_record: dict = {}
@@ -343,19 +343,22 @@ class StepLog:
                             train_config.loss_spike_margin)
       self.loss_spikes += spike
       self.recent_losses.append(loss)
-    if step % train_config.log_every and step != train_config.steps and not spike:
-      if step == self.first_step:
-        self.clock = (time.perf_counter(), step)
-      return
     now = time.perf_counter()
-    step_time = (now - self.clock[0]) / max(step - self.clock[1], 1)
-    self.clock = (now, step)
-    tokens_per_sec = self.config.data.batch_size * self.config.data.seq_len / step_time
+    if step == self.first_step:  # Not timed: its first run of the program is slower.
+      self.clock = (now, step)
+    if step % train_config.log_every and step != train_config.steps and not spike:
+      return
+    step_time = tokens_per_sec = mfu = None
+    if step > self.clock[1]:
+      step_time = (now - self.clock[0]) / (step - self.clock[1])
+      tokens_per_sec = self.config.data.batch_size * self.config.data.seq_len / step_time
+      mfu = self.mfu(tokens_per_sec)
+      self.clock = (now, step)
     self.last_record = {
         'step': step, 'loss': float(metrics['loss']),
         'learning_rate': float(metrics['learning_rate']), 'grad_norm': float(metrics['grad_norm']),
         'tokens_per_sec': tokens_per_sec, 'step_time_s': step_time,
-        'mfu': self.mfu(tokens_per_sec), 'loss_spike': bool(spike),
+        'mfu': mfu, 'loss_spike': bool(spike),
         'loss_spikes': self.loss_spikes, 'skipped_steps': self.skipped_steps,
         **{name: float(metrics[name]) for name in ('load_balance_loss', 'router_z_loss')
            if name in metrics}}
@@ -364,7 +367,7 @@ class StepLog:
     except OSError as error:
       raise self._logs_failed(error) from None
     self.progress.set_postfix(loss=f'{self.last_record["loss"]:.3f}',
-                              tok_s=f'{tokens_per_sec:,.0f}')
+                              tok_s=f'{tokens_per_sec:,.0f}' if step_time else '–')
     if jax.process_index() == 0:
       self.progress.write(format_record(self.last_record))
 

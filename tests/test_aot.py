@@ -148,6 +148,26 @@ def test_compiled_flops_multiply_out_the_scan_microbatch_and_loss_loops():
   assert extrapolated == pytest.approx(direct, rel=0.005)
 
 
+def test_compiled_flops_count_xla_attention_over_the_full_square():
+  """As compile_only says beside the count: XLA counts `xla` attention's masked half too, twice
+  the formula's causal 6 x layers x heads x head_dim x seq_len per token, and `cpu_flash` (a
+  kernel it cannot see into) not at all."""
+  config = config_lib.base_config('tiny')
+  config.model.update(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, remat='none')
+  config.data.update(batch_size=2, seq_len=256)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  counts = {}
+  for impl in ('xla', 'cpu_flash'):
+    config.model.attention_impl = impl
+    counts[impl] = aot.compiled_flops(config, mesh)
+  causal = 6 * 1 * 4 * 64 * 256 * (2 * 256)
+  assert (counts['xla'] - counts['cpu_flash']) / causal == pytest.approx(2, rel=0.1)
+
+
+def test_every_attention_implementation_says_how_compiled_flops_count_it():
+  assert set(aot.ATTENTION_IN_COMPILED_FLOPS) == set(config_lib.ATTENTION_IMPLS) - {'auto'}
+
+
 @needs_tpu_runtime
 def test_grouped_matmul_compiles_for_tpu_to_grouped_gemms_forward_and_backward():
   """On TPU the MoE's grouped matmuls run the megablox kernels: the product and both gradients

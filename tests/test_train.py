@@ -235,7 +235,7 @@ def test_a_microbatch_of_pad_alone_leaves_the_auxiliary_losses_as_the_rest_gives
 def test_step_times_leave_out_checkpoint_saves_and_the_first_steps_warm_up(tmp_path,
                                                                           monkeypatch):
   """A save (made 2 s slow) and the first run of the program (2 s slow) are not steps: the
-  logged step times stay those of the steps themselves."""
+  logged step times stay those of the steps themselves, and the first step logs none."""
   compile_step, save = train_lib.compile_train_step, checkpoint_lib.Checkpointer.save
 
   class SlowFirstCall:
@@ -258,10 +258,11 @@ def test_step_times_leave_out_checkpoint_saves_and_the_first_steps_warm_up(tmp_p
   monkeypatch.setattr(train_lib, 'compile_train_step',
                       lambda *args: SlowFirstCall(compile_step(*args)))
   monkeypatch.setattr(checkpoint_lib.Checkpointer, 'save', slow_save)
-  train(helpers.run_config(steps=4, log_every=2, checkpoint_every=3), tmp_path)
+  train(helpers.run_config(steps=4, log_every=1, checkpoint_every=3), tmp_path)
   records = read_metrics(tmp_path)
-  assert [r['step'] for r in records] == [2, 4]
-  assert all(r['step_time_s'] < 1.0 for r in records), records
+  assert [r['step'] for r in records] == [1, 2, 3, 4]
+  assert records[0]['step_time_s'] is None and records[0]['tokens_per_sec'] is None  # Untimed.
+  assert all(r['step_time_s'] < 1.0 for r in records[1:]), records
 
 
 def _profiled_steps(trace: pathlib.Path) -> list[int]:
