@@ -6,7 +6,8 @@ Arguments: size (tiny | small). Every variant trains on the same data with the s
 budget; then each is evaluated. `--config.variants=none,g1_elementwise` picks a subset,
 `--config.learning_rates=2e-3,8e-3` sweeps the learning rate (the paper's stability result),
 and `--config.train.*` / `--config.model.*` apply to every run except its gate; model keys for
-one run follow its name: `none+num_kv_heads=4` (config.set_variant).
+one run follow its name: `none+num_kv_heads=4` (config.set_variant). `matched_baselines` in
+the variants stands for the paper's parameter-matched baselines of the model as configured.
 
 Measured here (2-core CPU, defaults: tiny, 500 steps of 16 x 128 tokens, LR 2e-3, seed 0, the
 11 rows before G1 SiLU and the two SDPA rows were added; the sweep took about 35 minutes while
@@ -25,6 +26,7 @@ elementwise: held-out loss 1.304 / 1.288, mean max activation 51.2 / 24.6 (86 / 
 layer), first-token attention 0.012 / 0.010, gate score 0.33.
 """
 
+from gated_attention import ablation
 from gated_attention import config as config_lib
 
 PAPER_ROWS = ('none', 'g1_elementwise', 'g1_headwise', 'g2_elementwise', 'g3_elementwise',
@@ -32,23 +34,10 @@ PAPER_ROWS = ('none', 'g1_elementwise', 'g1_headwise', 'g2_elementwise', 'g3_ele
               'g1_ns_sigmoid', 'g1_input_independent', 'sdpa_rms_norm', 'sdpa_silu')
 
 
-def parameter_matched_baselines(model) -> list[str]:
-  """The paper's ungated baselines with more attention parameters: 1.5x the query heads (its
-  q = 48) and twice the KV heads (its k = 8), where the shape can hold them (KV heads must
-  divide query heads)."""
-  heads, kv_heads = model.num_heads, model.num_kv_heads
-  rows = []
-  if heads % 2 == 0 and (heads * 3 // 2) % kv_heads == 0:
-    rows.append(f'none+num_heads={heads * 3 // 2}')
-  if heads % (2 * kv_heads) == 0:
-    rows.append(f'none+num_kv_heads={2 * kv_heads}')
-  return rows
-
-
 def get_config(arg: str = ''):
   args = config_lib.parse_arg(arg, size='tiny')
   config = config_lib.base_config(size=args.size, gate='none')
   config.train.update(steps=500, warmup_steps=50, log_every=10, checkpoint_every=250)
-  config.variants = ','.join([*PAPER_ROWS, *parameter_matched_baselines(config.model)])
+  config.variants = ','.join([*PAPER_ROWS, ablation.MATCHED_BASELINES])
   config.learning_rates = ''  # Empty: train.learning_rate alone.
   return config

@@ -16,11 +16,8 @@ import pathlib
 from absl import flags
 
 from experiments import cli, common
-from gated_attention import checkpoint as checkpoint_lib
-from gated_attention import config as config_lib
-from gated_attention import sharding as sharding_lib
 from gated_attention.config import ConfigError
-from gated_attention.evaluate import load_params
+from gated_attention.evaluate import restore_run
 from gated_attention.generate import Generator, Sampling, prompt_ids
 from gated_attention.tokenizer import load_tokenizer
 
@@ -83,12 +80,10 @@ def main(argv):
 
   def run():
     _check_flags()
-    config = checkpoint_lib.load_config(_WORKDIR.value)
-    config_lib.validate(config)
+    config, mesh, graphdef, params, step = restore_run(_WORKDIR.value, _STEP.value,
+                                                       common.parse_mesh(_MESH.value))
     tokenizer = load_tokenizer(config.data.tokenizer)
     prompts = _prompts(tokenizer, config.model.vocab_size)
-    mesh = sharding_lib.make_mesh(common.parse_mesh(_MESH.value))
-    graphdef, params, step = load_params(_WORKDIR.value, config, mesh, _STEP.value)
     generator = Generator(graphdef, params, config.model, mesh)
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     eos_id = None if tokenizer is None else tokenizer.eos_id

@@ -2,7 +2,9 @@
 with the same budget and seed, evaluate each, and write a report.
 
 Per run, WORKDIR/runs/NAME holds an ordinary training workdir plus result.json once it is done.
-A rerun skips finished runs and resumes an interrupted one from its checkpoint. A run whose loss
+A rerun skips finished runs and resumes an interrupted one from its checkpoint; a finished run
+whose config has changed since (more steps, say) is resumed and evaluated again (training
+refuses a change it cannot resume across, such as another model). A run whose loss
 goes non-finite, or ends with a held-out loss above chance (ln model.vocab_size, a uniform
 guess), is reported as diverged (at which step) instead of stopping the sweep.
 """
@@ -14,6 +16,7 @@ import pathlib
 import jax
 
 from gated_attention import config as config_lib
+from gated_attention import resume
 from gated_attention import state as state_lib
 from gated_attention import tokenizer as tokenizer_lib
 from gated_attention import workdir as workdir_lib
@@ -37,10 +40,30 @@ def parse_list(text: str, key: str, kind=str, empty_ok: bool = False) -> list:
                                  ) from None
 
 
+# In config.variants: the paper's parameter-matched baselines for the model as configured.
+MATCHED_BASELINES = 'matched_baselines'
+
+
+def parameter_matched_baselines(model) -> list[str]:
+  """The paper's ungated baselines with more attention parameters: 1.5x the query heads (its
+  q = 48) and twice the KV heads (its k = 8), where the shape can hold them (KV heads must
+  divide query heads)."""
+  heads, kv_heads = model.num_heads, model.num_kv_heads
+  rows = []
+  if heads % 2 == 0 and (heads * 3 // 2) % kv_heads == 0:
+    rows.append(f'none+num_heads={heads * 3 // 2}')
+  if heads % (2 * kv_heads) == 0:
+    rows.append(f'none+num_kv_heads={2 * kv_heads}')
+  return rows
+
+
 def sweep(config) -> list[tuple[str, str, float]]:
   """[(run name, variant spec, learning rate)] in order; names carry the LR only when it varies.
-  Each run's gate is its variant's (config.set_variant), whatever config.model.gate holds."""
-  variants = parse_list(config.variants, 'variants')
+  Each run's gate is its variant's (config.set_variant), whatever config.model.gate holds;
+  MATCHED_BASELINES stands for parameter_matched_baselines(config.model)."""
+  variants = [expanded for variant in parse_list(config.variants, 'variants') for expanded in
+              (parameter_matched_baselines(config.model) if variant == MATCHED_BASELINES
+               else [variant])]
   rates = parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True) or [
       config.train.learning_rate]
   return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
@@ -56,7 +79,10 @@ def variant_config(config, variant: str, learning_rate: float):
   config_lib.set_variant(run.model, variant, '--config.variants')
   run.train.learning_rate = learning_rate
   run.train.min_learning_rate = min(run.train.min_learning_rate, learning_rate)
-  config_lib.validate(run)
+  try:
+    config_lib.validate(run)
+  except config_lib.ConfigError as error:
+    raise config_lib.ConfigError(f'--config.variants: the run {variant!r}: {error}') from None
   return run
 
 
@@ -70,7 +96,7 @@ def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
   except TrainingError as error:
     diverged, diverged_at_step = str(error), error.step
   records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
-  row = {'variant': run_config.model.gate.to_dict(),
+  row = {'config': resume.plain(run_config), 'variant': run_config.model.gate.to_dict(),
          'learning_rate': run_config.train.learning_rate,
          'params': state_lib.num_params(state_lib.abstract_model(run_config.model)[1]),
          'diverged': diverged, 'diverged_at_step': diverged_at_step,
@@ -101,9 +127,14 @@ def _run_sweep(config, runs, workdir: pathlib.Path) -> dict:
     run_dir = workdir / 'runs' / name
     done = run_dir / 'result.json'
     if done.exists():
-      log(f'[{index}/{len(runs)}] {name}: finished earlier, skipped')
-      results[name] = json.loads(done.read_text())
-      continue
+      finished = json.loads(done.read_text())
+      changes = resume.differences(finished.get('config', {}), resume.plain(run_config))
+      if not changes:
+        log(f'[{index}/{len(runs)}] {name}: finished earlier, skipped')
+        results[name] = finished
+        continue
+      log(f'[{index}/{len(runs)}] {name}: finished earlier with another config '
+          f'({resume.describe(changes)}): run again')
     log(f'[{index}/{len(runs)}] {name}: variant {variant}, learning_rate={rate:g}')
     row = run_variant(run_config, run_dir)
     if row is None:

@@ -71,7 +71,11 @@ def save_config(workdir, config: ml_collections.ConfigDict) -> None:
 def load_config(workdir) -> ml_collections.ConfigDict:
   path = config_path(workdir)
   try:
-    return ml_collections.ConfigDict(config_lib.upgrade(json.loads(path.read_text())))
+    saved = json.loads(path.read_text())
+    if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
+      raise CheckpointError(f'{path} is not a run\'s config (it has no "model" block): is '
+                            f'{workdir} a training workdir?')
+    return ml_collections.ConfigDict(config_lib.upgrade(saved))
   except FileNotFoundError:
     raise CheckpointError(f'{path} does not exist: is {workdir} a training workdir?') from None
   except json.JSONDecodeError as error:

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from gated_attention import attention as attention_lib
 from gated_attention import bigram_backcopy
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
@@ -157,9 +158,34 @@ def load_params(workdir, config, mesh, step: int | None = None):
   return graphdef, params, step
 
 
-def _read_config(checkpointer, step: int, mesh_config=None, batches: int | None = None,
-                 analysis_batches: int | None = None):
-  """(config, mesh): the config saved with checkpoint `step`, with the overrides given."""
+def restore_run(workdir, step: int | None = None, mesh_config=None, devices=None,
+                batches: int | None = None, check_eval_batch: bool = False, check=None):
+  """(config, mesh, graphdef, params, step): checkpoint `step` (default: the latest complete
+  one, even while its run trains on) of the run in workdir, with the config saved in that step
+  (mesh_config in place of its mesh, over `devices`, default all; `batches` in place of
+  eval.batches; with check_eval_batch, the eval batch checked against the mesh), its
+  parameters placed on that mesh. check(config), if given, runs before they are read (it
+  raises to refuse the run)."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+
+  def read(at: int):
+    config, mesh = _read_config(checkpointer, at, mesh_config, devices, batches,
+                                check_eval_batch=check_eval_batch)
+    if check is not None:
+      check(config)
+    return (config, mesh, *_restore_params(checkpointer, config, mesh, at), at)
+
+  try:
+    return checkpointer.read_latest(read) if step is None else read(step)
+  finally:
+    checkpointer.close()
+
+
+def _read_config(checkpointer, step: int, mesh_config=None, devices=None,
+                 batches: int | None = None, analysis_batches: int | None = None,
+                 check_eval_batch: bool = True):
+  """(config, mesh): the config saved with checkpoint `step`, with the overrides given and an
+  attention implementation that runs here."""
   config = ml_collections.ConfigDict(checkpointer.saved_config(step))
   if mesh_config is not None:
     config.mesh = mesh_config
@@ -168,9 +194,15 @@ def _read_config(checkpointer, step: int, mesh_config=None, batches: int | None 
     config.eval.analysis_batches = min(config.eval.analysis_batches, batches)
   if analysis_batches is not None:
     config.eval.analysis_batches = analysis_batches
+  impl = attention_lib.runnable_here(config.model.attention_impl)
+  if impl != config.model.attention_impl:
+    log(f'model.attention_impl={config.model.attention_impl} (as trained) does not run on '
+        f'{jax.default_backend()}; attention runs as {impl}, which computes the same.')
+    config.model.attention_impl = impl
   config_lib.validate(config)
-  mesh = sharding_lib.make_mesh(config.mesh)
-  check_batch(config, mesh, training=False)
+  mesh = sharding_lib.make_mesh(config.mesh, devices)
+  if check_eval_batch:
+    check_batch(config, mesh, training=False)
   return config, mesh
 
 
@@ -235,15 +267,8 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
   WORKDIR/eval/step_<N>.json, step_<N>_attention_maps.npy (and PNG figures) and returns the
   JSON's dict."""
   workdir = pathlib.Path(workdir)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-
-  def read(at: int):
-    config, mesh = _read_config(checkpointer, at, mesh_config, batches)
-    return (config, mesh, *_restore_params(checkpointer, config, mesh, at), at)
-
-  config, mesh, graphdef, params, step = (
-      checkpointer.read_latest(read) if step is None else read(step))
-  checkpointer.close()
+  config, mesh, graphdef, params, step = restore_run(workdir, step, mesh_config,
+                                                     batches=batches, check_eval_batch=True)
   result = _Evaluator(config, mesh, graphdef, params)(params, step)
   attention_map = result.pop('attention_map')
   first_token = result['first_token_attention']

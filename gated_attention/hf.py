@@ -666,13 +666,17 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
   version. Returns a summary; with several processes, each reads the checkpoint onto its own
   devices, process 0 writes and returns the summary, the others return None."""
   from safetensors.numpy import save_file  # Only where checkpoints are written.
-  from gated_attention.evaluate import load_params
-  config = checkpoint_lib.load_config(workdir)
-  config_lib.validate(config)
-  fmt = export_format(config.model, fmt)
+  from gated_attention.evaluate import restore_run
+  out_dir = pathlib.Path(out_dir)
+  if (out_dir / 'checkpoints').is_dir():
+    raise config_lib.ConfigError(f'--out={out_dir} holds a training run (checkpoints/), whose '
+                                 'config.json the export would overwrite: export to a '
+                                 'directory of its own.')
   # Each process reads the whole checkpoint onto its own devices; process 0 writes the files.
-  mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), jax.local_devices())
-  _, params, step = load_params(workdir, config, mesh, step)
+  config, _, _, params, step = restore_run(
+      workdir, step, dict(data=1, fsdp=-1, tensor=1, expert=1), jax.local_devices(),
+      check=lambda config: export_format(config.model, fmt))
+  fmt = export_format(config.model, fmt)
   if jax.process_index() != 0:
     return None
   by_leaf = _rows_by_leaf(tensor_table(config.model, fmt), config.model.scan_layers)
@@ -681,7 +685,6 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
   sizes = [math.prod(external_shape(row, _slice_shape(_leaf(params, path).shape, index)))
            * itemsize for path, row, index in order]
   files = _shard_files(sizes, max_shard_bytes)
-  out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   # An earlier export's weights would be read in place of these (as transformers' own
   # save_pretrained does, they go).

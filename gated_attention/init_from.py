@@ -34,6 +34,7 @@ from flax import nnx
 from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import resume as resume_lib
 from gated_attention import state as state_lib
+from gated_attention import tokenizer as tokenizer_lib
 from gated_attention.config import ConfigError, canonical_gate_position
 
 # The projections whose kernel may carry a fused gate on its last axis (gate.Gate.fused_into).
@@ -130,6 +131,14 @@ def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -
         f'train.init_from={config.train.init_from!r}: {directory} step {step} has '
         f'model.num_layers={source_model.num_layers}, this config {config.model.num_layers}: '
         'layers are loaded one for one; keep the source\'s depth.')
+  source_tokenizer = source_config['data']['tokenizer']
+  if source_tokenizer != tokenizer_lib.NONE and not tokenizer_lib.same_ids(
+      source_tokenizer, config.data.tokenizer):
+    raise ConfigError(
+        f'train.init_from={config.train.init_from!r}: {directory} step {step} was trained with '
+        f'data.tokenizer={source_tokenizer!r}, this config reads {config.data.tokenizer!r}: '
+        'its embedding rows would stand for other tokens. Keep the source\'s tokenizer (or '
+        'one with the same vocabulary).')
   source, target = _unrolled_shapes(source_model), _unrolled_shapes(config.model)
   head_dim = config.model.head_dim
   # A gate that moved (G1 to G4 both live in wq's columns) gates another tensor: its columns are

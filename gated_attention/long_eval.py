@@ -44,12 +44,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from gated_attention import checkpoint as checkpoint_lib
 from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
+from gated_attention import tokenizer as tokenizer_lib
 from gated_attention.distributed import log
-from gated_attention.evaluate import load_params
+from gated_attention.evaluate import restore_run
 from gated_attention.generate import Generator
 from gated_attention.model import apply
 from gated_attention.tokenizer import load_tokenizer
@@ -87,9 +87,10 @@ def make_token_losses(graphdef, mesh):
 TEXT_SOURCES = ('embedded', 'text_files')
 
 
-def check_text_source(data_config) -> None:
-  """DataError unless the run's data is text, which long_eval cuts at each length and takes its
-  haystacks from."""
+def check_text_run(config) -> None:
+  """Refuses a run whose data is not text with its tokenizer: long_eval cuts held-out text at
+  each length and takes its haystacks from it."""
+  data_config = config.data
   if data_config.source not in TEXT_SOURCES:
     held = {'array_record': 'pre-tokenized examples of one fixed length',
             'bigram_backcopy': 'synthetic token sequences, not text'}[data_config.source]
@@ -97,11 +98,14 @@ def check_text_source(data_config) -> None:
         f'long_eval cuts held-out text at each length and hides needles in it; the run\'s '
         f'data.source={data_config.source} holds {held}. It evaluates runs trained on '
         f'data.source {" or ".join(TEXT_SOURCES)}.')
+  if data_config.tokenizer == tokenizer_lib.NONE:
+    raise config_lib.ConfigError("data.tokenizer='none': long_eval builds prompts from text "
+                                 'and needs the tokenizer the model was trained with.')
 
 
 def heldout_examples(data_config, vocab_size: int, length: int, count: int) -> np.ndarray:
   """The first `count` held-out examples re-chunked at `length` tokens: int32 [count, length + 1]
-  (fewer rows if the split is short) of a text source (`check_text_source`)."""
+  (fewer rows if the split is short) of a text source (`check_text_run`)."""
   data_config = ml_collections.ConfigDict(data_config.to_dict())
   data_config.seq_len = length
   try:
@@ -282,17 +286,9 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
   if not lengths or min(lengths) < MIN_LENGTH:
     raise config_lib.ConfigError(f'--lengths={",".join(map(str, lengths))}: give lengths of at '
                                  f'least {MIN_LENGTH} tokens (room for the retrieval needles).')
-  config = checkpoint_lib.load_config(workdir)
-  if mesh_config is not None:
-    config.mesh = mesh_config
-  config_lib.validate(config)
-  check_text_source(config.data)
+  config, mesh, graphdef, params, step = restore_run(workdir, step, mesh_config,
+                                                     check=check_text_run)
   tokenizer = load_tokenizer(config.data.tokenizer)
-  if tokenizer is None:
-    raise config_lib.ConfigError("data.tokenizer='none': long_eval builds prompts from text "
-                                 'and needs the tokenizer the model was trained with.')
-  mesh = sharding_lib.make_mesh(config.mesh)
-  graphdef, params, step = load_params(workdir, config, mesh, step)
   generator = Generator(graphdef, params, config.model, mesh)
   token_losses = make_token_losses(graphdef, mesh)
   batch_ways = generator.batch_ways

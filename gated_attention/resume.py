@@ -21,6 +21,7 @@ import json
 import pathlib
 
 from gated_attention import config as config_lib
+from gated_attention import tokenizer as tokenizer_lib
 from gated_attention import workdir as workdir_lib
 from gated_attention.checkpoint import CheckpointError
 
@@ -35,6 +36,7 @@ RESUME_POLICY = {
     'model.scan_layers': ALLOWED,
     'model.moe.impl': ALLOWED,
     'data': DATA_ORDER,
+    'data.tokenizer': MODEL,  # Unless its vocabulary is the same (tokenizer.same_ids).
     'data.eval_path': ALLOWED,  # The held-out split only.
     HELDOUT_CONTENTS: ALLOWED,
     'train.seed': DATA_ORDER,  # On resume it seeds only the shuffle: parameters are restored.
@@ -89,7 +91,8 @@ def check_resume(saved: dict, config, checkpoint: pathlib.Path, allow_data_chang
   for key, (old, new) in ((DATA_CONTENTS, data_contents), (HELDOUT_CONTENTS, heldout_contents)):
     if None not in (old, new) and old != new:
       changes[key] = (old, new)
-  model = {k: v for k, v in changes.items() if policy(k) == MODEL}
+  model = {k: v for k, v in changes.items() if policy(k) == MODEL
+           and not (k == 'data.tokenizer' and tokenizer_lib.same_ids(*v))}
   data = {k: v for k, v in changes.items() if policy(k) == DATA_ORDER and not allow_data_change}
   reasons = ([f'its model differs ({describe(model)})'] if model else []) + (
       [f'its data order differs ({describe(data)}; pass --allow_data_change if that is intended)']

@@ -40,16 +40,18 @@ def seed_config(config, seed: int):
   return seeded
 
 
-def sink_curve(run_dir: pathlib.Path) -> list[list]:
+def sink_curve(run_dir: pathlib.Path, run_config: dict) -> list[list]:
   """[[step, sink score of the most sink-like head]] over the run's checkpoints; computed once
-  and kept in RUN_DIR/sink_curve.json."""
+  per run config (as its result row holds it) and kept in RUN_DIR/sink_curve.json."""
   path = run_dir / 'sink_curve.json'
   if path.exists():
-    return json.loads(path.read_text())
+    kept = json.loads(path.read_text())
+    if isinstance(kept, dict) and kept['config'] == run_config:
+      return kept['curve']
   curve = [[step, float(sink_scores(first_token).max())] for step, first_token in
            first_token_attention_by_step(run_dir, CURVE_BATCHES).items()]
   if jax.process_index() == 0:  # Every process computed it; one writes it.
-    write_whole(path, json.dumps(curve))
+    write_whole(path, json.dumps({'config': run_config, 'curve': curve}))
   return curve
 
 
@@ -105,7 +107,7 @@ def _run_seeds(config, workdir: pathlib.Path, seeds: list[int], num_runs: int) -
     for name, row in rows.items():
       log(f'seed {seed}, {name}: first-token attention at each checkpoint')
       results.setdefault(name, {})[f'seed_{seed}'] = sink_row(
-          row, sink_curve(seed_dir / 'runs' / name))
+          row, sink_curve(seed_dir / 'runs' / name, row['config']))
   if jax.process_index() == 0:  # Every process ran the runs; one writes what they found.
     write_whole(workdir / 'results.json', json.dumps(results, indent=2))
     write_whole(workdir / 'report.md', report(results, config, seeds))

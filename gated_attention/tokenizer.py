@@ -44,6 +44,11 @@ class ByteTokenizer:
     """Text of token ids; special ids are dropped."""
     return bytes(int(i) for i in ids if i < 256).decode('utf-8', errors='replace')
 
+  def vocabulary(self) -> dict[str, int]:
+    """{token: id}, as its tokenizer.json (save_byte_tokenizer) names them."""
+    return {**{char: i for i, char in enumerate(_gpt2_byte_chars())},
+            '<pad>': self.pad_id, '<s>': self.bos_id, '</s>': self.eos_id}
+
 
 class HuggingFaceTokenizer:
   """A tokenizer.json (and the tokenizer_config.json beside it, if any) read with `tokenizers`."""
@@ -77,6 +82,10 @@ class HuggingFaceTokenizer:
 
   def _token_id(self, token) -> int | None:
     return None if token is None else self._tokenizer.token_to_id(token)
+
+  def vocabulary(self) -> dict[str, int]:
+    """{token: id}, added tokens included."""
+    return self._tokenizer.get_vocab(with_added_tokens=True)
 
   def encode(self, text: str | bytes) -> np.ndarray:
     """Token ids (int32) of text (UTF-8 if bytes), no special ids added; special tokens'
@@ -132,6 +141,18 @@ def load_tokenizer(name: str) -> ByteTokenizer | HuggingFaceTokenizer | None:
     raise ConfigError(f'data.tokenizer={name!r} is not a file; give {BYTE!r}, {NONE!r} or the '
                       'path of a Hugging Face tokenizer.json.')
   return HuggingFaceTokenizer(name)
+
+
+def same_ids(name: str, other: str) -> bool:
+  """Whether two data.tokenizer values mean the same token by each id: the same name, or
+  vocabularies alike ('byte' and its tokenizer.json, say); False where one cannot be read."""
+  if name == other:
+    return True
+  try:
+    tokenizers = [load_tokenizer(name), load_tokenizer(other)]
+  except ConfigError:
+    return False
+  return None not in tokenizers and tokenizers[0].vocabulary() == tokenizers[1].vocabulary()
 
 
 def pad_id(name: str) -> int | None:

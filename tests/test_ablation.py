@@ -11,8 +11,8 @@ from gated_attention import state as state_lib
 from tests import helpers
 
 
-def _ablation_config(variants: str, learning_rates: str = ''):
-  config = helpers.run_config(steps=4, log_every=2)
+def _ablation_config(variants: str, learning_rates: str = '', steps: int = 4):
+  config = helpers.run_config(steps=steps, log_every=2)
   config.variants = variants
   config.learning_rates = learning_rates
   config.lock()  # As config_flags hands it over.
@@ -43,6 +43,11 @@ def test_sweep_writes_the_table_and_resumes(tmp_path):
   again = ablation.run_ablation(config, tmp_path)
   assert finished.stat().st_mtime_ns == before
   assert again['g1_headwise']['eval'] == results['g1_headwise']['eval']
+
+  # A finished run whose config has changed since (more steps) continues and is evaluated anew.
+  longer = ablation.run_ablation(_ablation_config('none', steps=6), tmp_path)
+  assert longer['none']['eval']['step'] == 6 and longer['none']['loss_curve'][-1][0] == 6
+  assert longer['none']['config']['train']['steps'] == 6
 
 
 def test_divergence_is_reported_not_raised(tmp_path):

@@ -229,3 +229,11 @@ def test_chunked_memory_grows_linearly_with_length_and_xla_quadratically():
   assert chunked[2] / chunked[1] < 2.2 and chunked[1] / chunked[0] < 2.2
   assert xla[1] / xla[0] > 3.5
   assert chunked[1] * 8 < xla[1]
+
+
+@pytest.mark.parametrize('impl, platform, runs_as', [
+    ('cudnn', 'gpu', 'cudnn'), ('cudnn', 'cpu', 'auto'), ('cpu_flash', 'cpu', 'cpu_flash'),
+    ('cpu_flash', 'tpu', 'auto'), ('splash', 'cpu', 'splash'), ('xla', 'tpu', 'xla'),
+    ('chunked', 'gpu', 'chunked')])
+def test_a_kernel_of_another_platform_is_read_as_auto(impl, platform, runs_as):
+  assert attention.runnable_here(impl, platform) == runs_as

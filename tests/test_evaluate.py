@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gated_attention.checkpoint import Checkpointer
+from gated_attention import checkpoint as checkpoint_lib
+from gated_attention.checkpoint import CheckpointError, Checkpointer
 from gated_attention.evaluate import (combine_attention_maps, evaluate, make_eval_step,
-                                      summarize_measurements)
+                                      restore_run, summarize_measurements)
 from gated_attention.tokenizer import ByteTokenizer
 from gated_attention.train import train
 from tests import helpers
@@ -211,3 +212,27 @@ def test_eval_reads_the_new_latest_checkpoint_when_one_is_rotated_away(tmp_path,
 
   monkeypatch.setattr(Checkpointer, 'restore_params', rotated_away_while_read)
   assert evaluate(tmp_path, figures=False)['step'] == 2
+
+
+def test_a_run_is_restored_with_the_config_of_its_step_not_the_workdirs_config_json(tmp_path):
+  """generate, long_eval and export_hf read the config saved with the step; a config.json that
+  is not a run's config is named, not filled with defaults."""
+  config = helpers.run_config(steps=2)
+  config.model.rope_theta = 500.0
+  helpers.random_workdir(tmp_path, config)
+  (tmp_path / 'config.json').write_text('{}')
+  restored, _, _, _, step = restore_run(tmp_path)
+  assert (restored.model.rope_theta, step) == (500.0, 0)
+  with pytest.raises(CheckpointError, match='config.json is not a run.s config'):
+    checkpoint_lib.load_config(tmp_path)
+
+
+def test_a_run_trained_with_another_platforms_kernel_is_evaluated_with_one_that_runs_here(
+    tmp_path, capsys):
+  config = helpers.run_config(steps=2)
+  config.model.update(attention_impl='cudnn', dtype='bfloat16')  # As trained on a GPU.
+  helpers.random_workdir(tmp_path, config)
+  result = evaluate(tmp_path, batches=1, figures=False)
+  assert np.isfinite(result['loss'])
+  assert ('model.attention_impl=cudnn (as trained) does not run on cpu; attention runs as auto'
+          in capsys.readouterr().out)

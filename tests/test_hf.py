@@ -490,3 +490,10 @@ def test_commands_import_and_generate_on_a_mesh_and_bad_input_is_one_line(tmp_pa
   assert refused.stderr.strip().splitlines() == [
       "error: this model has no tokenizer (data.tokenizer='none'): give prompts as "
       '--prompt_ids=ID,ID,...']
+
+
+def test_export_refuses_to_write_into_a_training_run(tmp_path):
+  helpers.random_workdir(tmp_path, helpers.run_config(steps=2))
+  with pytest.raises(ConfigError, match=r'--out=.* holds a training run \(checkpoints/\)'):
+    hf.export_hf(tmp_path, tmp_path)
+  assert checkpoint_lib.load_config(tmp_path).model.d_model == helpers.run_config().model.d_model

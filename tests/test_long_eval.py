@@ -156,12 +156,14 @@ def test_a_length_past_the_held_out_split_names_the_lengths_asked(tmp_path):
     ('array_record', 'pre-tokenized examples of one fixed length'),
     ('bigram_backcopy', 'synthetic token sequences, not text')])
 def test_a_run_trained_on_other_than_text_is_refused_before_its_checkpoint_loads(
-    tmp_path, source, held):
+    tmp_path, monkeypatch, source, held):
   config = config_lib.base_config('tiny')
   config.data.source = source
   if source == 'array_record':
     config.data.update(path=str(tmp_path / 'train*.ar'), eval_path=str(tmp_path / 'held*.ar'))
-  checkpoint_lib.save_config(tmp_path, config)  # The workdir has no checkpoint at all.
+  helpers.random_workdir(tmp_path, config)
+  monkeypatch.setattr(checkpoint_lib.Checkpointer, 'restore_params',
+                      lambda *args: pytest.fail('the checkpoint was read'))
   with pytest.raises(DataError, match=f'the run\'s data.source={source} holds {held}. It '
                                       'evaluates runs trained on data.source embedded or '
                                       'text_files'):

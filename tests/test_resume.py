@@ -7,6 +7,7 @@ import pytest
 from gated_attention import config as config_lib
 from gated_attention import resume
 from gated_attention.checkpoint import CheckpointError
+from gated_attention.tokenizer import save_byte_tokenizer
 
 CHECKPOINT = pathlib.Path('/runs/a/checkpoints/4')
 
@@ -69,6 +70,19 @@ def test_each_key_follows_its_policy(key, value, kind):
     assert resume.check_resume(_saved(), current, CHECKPOINT, allow_data_change=True) == changes
   else:
     assert resume.check_resume(_saved(), current, CHECKPOINT, allow_data_change=False) == changes
+
+
+def test_another_tokenizer_is_another_model_unless_its_vocabulary_is_the_same(tmp_path):
+  save_byte_tokenizer(tmp_path)  # The byte tokenizer as a tokenizer.json: the same ids.
+  for tokenizer, refused in ((str(tmp_path / 'tokenizer.json'), False), ('none', True)):
+    current = config_lib.base_config()
+    current.data.tokenizer = tokenizer
+    if refused:
+      with pytest.raises(CheckpointError, match="its model differs \\(data.tokenizer: 'byte' ->"):
+        resume.check_resume(_saved(), current, CHECKPOINT, allow_data_change=True)
+    else:
+      assert resume.check_resume(_saved(), current, CHECKPOINT, allow_data_change=False) == {
+          'data.tokenizer': ('byte', tokenizer)}
 
 
 def test_implementation_choices_are_free():

@@ -25,6 +25,7 @@ from gated_attention.config import ConfigError
 from gated_attention.data import DataError
 from gated_attention.metrics import read_metrics
 from gated_attention.optimizer import weight_decay_mask
+from gated_attention.tokenizer import save_byte_tokenizer
 from gated_attention.train import (TrainingError, compile_train_step, initialize_from_run,
                                    initialize_train_state, is_loss_spike, setup_train_state, train)
 from tests import helpers
@@ -430,6 +431,21 @@ def test_init_from_plans_a_removed_gate_and_refuses_another_depth():
   config.model.num_layers = 3
   with pytest.raises(ConfigError, match=r"train.init_from='SRC': SRC step 2 has "
                                         r'model.num_layers=2, this config 3'):
+    init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
+
+
+def test_init_from_refuses_another_tokenizer_and_takes_one_with_the_same_vocabulary(tmp_path):
+  """Embedding rows stand for the source tokenizer's tokens: another vocabulary is refused, the
+  byte tokenizer written as a tokenizer.json is the same one."""
+  source = resume_lib.plain(helpers.run_config(steps=2, gate='none'))
+  config = helpers.run_config(steps=2, gate='none', init_from='SRC')
+  save_byte_tokenizer(tmp_path)
+  config.data.tokenizer = str(tmp_path / 'tokenizer.json')
+  init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
+  config.data.tokenizer = 'none'
+  with pytest.raises(ConfigError, match=r"SRC step 2 was trained with data.tokenizer='byte', "
+                                        r"this config reads 'none': its embedding rows would "
+                                        r"stand for other tokens"):
     init_from_lib.make_plan(config, pathlib.Path('SRC'), 2, source)
 
 
