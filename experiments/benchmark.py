@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from experiments import cli, common
-from gated_attention import aot, benchmark, profiling
+from gated_attention import ablation, aot, benchmark, profiling
 from gated_attention import config as config_lib
 
 _CONFIG = cli.define_config('configs/lm.py')
@@ -82,6 +82,10 @@ def _parse_bool(text: str, key: str) -> bool:
 
 def _rows(config) -> list[dict]:
   """One dict of axis values per combination; an empty axis keeps the config's value."""
+  if _MOE.value and not config.model.moe.num_experts:
+    raise config_lib.ConfigError(f'--moe_impls={",".join(_MOE.value)} compares MoE dispatch '
+                                 'paths, and this model has no experts (model.moe.num_experts=0):'
+                                 ' set --config.model.moe.num_experts, or give an MoE config.')
   values = {
       'gate': _GATES.value,
       'attention': _ATTENTION.value or [config.model.attention_impl],
@@ -169,10 +173,11 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
     print('(torch: PyTorch reference of the same shape, its own process, SDPA attention)')
 
 
-def _attention_memory(config) -> None:
+def _attention_memory(config) -> dict | None:
+  """Prints the compiled memory table, or returns it with --json."""
   impls = _ATTENTION.value or ['xla', 'dot_product', 'chunked']
-  benchmark.check_memory_measurable(impls)  # Before any compile.
-  lengths = [int(length) for length in _MEMORY.value]
+  lengths = ablation.parse_list(','.join(_MEMORY.value), '--attention_memory', int)
+  benchmark.check_memory_measurable(impls, lengths)  # Before any compile.
   model, batch = config.model, _MEMORY_BATCH.value
   devices = aot.topology_devices(_TOPOLOGY.value)
   if _TOPOLOGY.value == 'local':
@@ -182,8 +187,7 @@ def _attention_memory(config) -> None:
                                                      devices)
                   for length in lengths} for impl in impls}
   if _JSON.value:
-    print(json.dumps(table, indent=2))
-    return
+    return table
   print(f'one attention layer, forward and backward, {batch} sequence(s) per device, '
         f'{model.num_heads} heads of {model.head_dim}, {model.dtype}, {len(devices)} x '
         f'{devices[0].device_kind}: compiled temporaries per device (MiB)')
@@ -192,6 +196,56 @@ def _attention_memory(config) -> None:
     print(f'{length:>8} ' + ' '.join(
         f'{"> device":>12}' if table[impl][length] is None else
         f'{table[impl][length] / 2**20:>12.1f}' for impl in impls))
+
+
+def _time_steps(config) -> dict:
+  """Times every row (and the PyTorch reference), prints the table unless --json; returns
+  {'rows', 'torch'}."""
+  rows = _rows(config)
+  row_configs = [_row_config(config, row) for row in rows]  # All refused before any compile.
+  if _INTERLEAVE.value and 'none' not in _GATES.value:
+    raise config_lib.ConfigError('--interleave measures each gated row against the ungated '
+                                 'row of the same settings: add none to --gates.')
+  if _TORCH.value:
+    for flag, what in ((_TORCH, 'a Python interpreter'),
+                       (_TORCH_SCRIPT, 'the PyTorch reference (outside the repository, in '
+                                       '../shared/bench/ beside it)')):
+      if not pathlib.Path(flag.value).is_file():
+        raise config_lib.ConfigError(f'--{flag.name}={flag.value!r} is not a file; give {what}.')
+    for row_config in row_configs:
+      benchmark.check_torch_reference_shape(row_config)
+  torch = {}
+  for round_index in range(_ROUNDS.value):
+    for gate in _GATES.value:  # Each gate's rows, then its PyTorch reference: close in time.
+      for row, row_config in zip(rows, row_configs):
+        if row['gate'] == gate:
+          _record(row, round_index, benchmark.benchmark_train_step(
+              row_config, _STEPS.value, _TRIALS.value, _PROFILE_STEPS.value,
+              _profile_dir(row, round_index)))
+      for mode in (('eager', 'compile') if _TORCH.value and gate in _TORCH_GATES else ()):
+        reference = torch.setdefault(f'torch {mode} {gate}', {'reference': f'torch {mode}',
+                                                               'gate': gate})
+        _record(reference, round_index, benchmark.torch_reference(
+            _TORCH.value, _TORCH_SCRIPT.value, _row_config(config, dict(rows[0], gate=gate)),
+            compile_mode=mode == 'compile'))
+  for row in [*rows, *torch.values()]:
+    row['result'] = benchmark.lower_median(row['rounds'], key=lambda r: r['step_time_s'])
+  for row, row_config in zip(rows, row_configs):  # Against the ungated row, and PyTorch.
+    base = next((index for index, other in enumerate(rows) if other['gate'] == 'none' and all(
+        other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
+    row['result']['overhead_vs_none'] = None if base is None else _paired(row, rows[base]) - 1
+    row['result']['interleaved_vs_none'] = None
+    if _INTERLEAVE.value and base is not None and rows[base] is not row:
+      print(f'  interleaved: {row["gate"]} against none, {_INTERLEAVE.value} pairs of steps',
+            flush=True)
+      row['result']['interleaved_vs_none'] = benchmark.interleaved_overhead(
+          row_config, row_configs[base], _INTERLEAVE.value)
+    for mode in ('eager', 'compile'):
+      reference = torch.get(f'torch {mode} {row["gate"]}')
+      row['result'][f'vs_torch_{mode}'] = _paired(row, reference) - 1 if reference else None
+  if not _JSON.value:
+    _print_table(config, rows, torch)
+  return {'rows': rows, 'torch': torch}
 
 
 def main(argv):
@@ -203,54 +257,10 @@ def main(argv):
     aot.compile_here(_TOPOLOGY.value)
 
   def run():
-    if _MEMORY.value:
-      return _attention_memory(config)
-    rows = _rows(config)
-    row_configs = [_row_config(config, row) for row in rows]  # All refused before any compile.
-    if _INTERLEAVE.value and 'none' not in _GATES.value:
-      raise config_lib.ConfigError('--interleave measures each gated row against the ungated '
-                                   'row of the same settings: add none to --gates.')
-    if _TORCH.value:
-      for flag, what in ((_TORCH, 'a Python interpreter'),
-                         (_TORCH_SCRIPT, 'the PyTorch reference (outside the repository, in '
-                                         '../shared/bench/ beside it)')):
-        if not pathlib.Path(flag.value).is_file():
-          raise config_lib.ConfigError(f'--{flag.name}={flag.value!r} is not a file; give {what}.')
-      for row_config in row_configs:
-        benchmark.check_torch_reference_shape(row_config)
-    torch = {}
-    for round_index in range(_ROUNDS.value):
-      for gate in _GATES.value:  # Each gate's rows, then its PyTorch reference: close in time.
-        for row, row_config in zip(rows, row_configs):
-          if row['gate'] == gate:
-            _record(row, round_index, benchmark.benchmark_train_step(
-                row_config, _STEPS.value, _TRIALS.value, _PROFILE_STEPS.value,
-                _profile_dir(row, round_index)))
-        for mode in (('eager', 'compile') if _TORCH.value and gate in _TORCH_GATES else ()):
-          reference = torch.setdefault(f'torch {mode} {gate}', {'reference': f'torch {mode}',
-                                                                 'gate': gate})
-          _record(reference, round_index, benchmark.torch_reference(
-              _TORCH.value, _TORCH_SCRIPT.value, _row_config(config, dict(rows[0], gate=gate)),
-              compile_mode=mode == 'compile'))
-    for row in [*rows, *torch.values()]:
-      row['result'] = benchmark.lower_median(row['rounds'], key=lambda r: r['step_time_s'])
-    for row, row_config in zip(rows, row_configs):  # Against the ungated row, and PyTorch.
-      base = next((index for index, other in enumerate(rows) if other['gate'] == 'none' and all(
-          other[axis] == row[axis] for axis in ('attention', 'scan', 'moe'))), None)
-      row['result']['overhead_vs_none'] = None if base is None else _paired(row, rows[base]) - 1
-      row['result']['interleaved_vs_none'] = None
-      if _INTERLEAVE.value and base is not None and rows[base] is not row:
-        print(f'  interleaved: {row["gate"]} against none, {_INTERLEAVE.value} pairs of steps',
-              flush=True)
-        row['result']['interleaved_vs_none'] = benchmark.interleaved_overhead(
-            row_config, row_configs[base], _INTERLEAVE.value)
-      for mode in ('eager', 'compile'):
-        reference = torch.get(f'torch {mode} {row["gate"]}')
-        row['result'][f'vs_torch_{mode}'] = _paired(row, reference) - 1 if reference else None
+    with common.progress_to_stderr(_JSON.value):
+      results = _attention_memory(config) if _MEMORY.value else _time_steps(config)
     if _JSON.value:
-      print(json.dumps({'rows': rows, 'torch': torch}, indent=2))
-    else:
-      _print_table(config, rows, torch)
+      print(json.dumps(results, indent=2))
 
   common.run_cleanly(run)
 

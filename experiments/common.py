@@ -1,6 +1,7 @@
 """What every command-line main that uses jax shares: multi-process start-up, and every known
 failure as one line `error: ...` with exit status 1."""
 
+import contextlib
 import logging as std_logging
 import os
 import sys
@@ -71,6 +72,12 @@ def parse_mesh(text: str):
     return parse_arg(text, data=1, fsdp=-1, tensor=1, expert=1)
   except ValueError as error:
     raise ConfigError(f'--mesh={text!r}: {error}') from None
+
+
+def progress_to_stderr(json_output: bool):
+  """A context in which printed progress goes to standard error when the output is JSON, so
+  that standard output holds the JSON alone."""
+  return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
 
 
 def run_cleanly(job):

@@ -36,7 +36,8 @@ def main(argv):
 
   def run():
     devices = aot.topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
-    report = aot.compile_report(_CONFIG.value, devices, _TRAFFIC.value)
+    with common.progress_to_stderr(_JSON.value):
+      report = aot.compile_report(_CONFIG.value, devices, _TRAFFIC.value)
     print(json.dumps(report, indent=2) if _JSON.value else aot.format_report(report))
     for step in report['too_large']:
       name = step.replace('_', ' ')

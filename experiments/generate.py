@@ -12,11 +12,12 @@ and the timings.
 
 import json
 import pathlib
+import sys
 
 from absl import flags
 
 from experiments import cli, common
-from gated_attention.config import ConfigError
+from gated_attention.config import ConfigError, trained_context
 from gated_attention.evaluate import restore_run
 from gated_attention.generate import Generator, Sampling, prompt_ids
 from gated_attention.tokenizer import load_tokenizer
@@ -84,6 +85,11 @@ def main(argv):
                                                        common.parse_mesh(_MESH.value))
     tokenizer = load_tokenizer(config.data.tokenizer)
     prompts = _prompts(tokenizer, config.model.vocab_size)
+    longest, context = max(map(len, prompts)) + _MAX_NEW.value, trained_context(config)
+    if longest > context:
+      print(f'warning: up to {longest} tokens (the longest prompt and --max_new_tokens), past the '
+            f'{context} this model was trained for: what comes past it is extrapolation.',
+            file=sys.stderr)
     generator = Generator(graphdef, params, config.model, mesh)
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     eos_id = None if tokenizer is None else tokenizer.eos_id

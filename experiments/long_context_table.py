@@ -21,16 +21,28 @@ from gated_attention.long_eval import comparison_tables
 _RUNS = flags.DEFINE_string('runs', '/tmp/lc', 'Directory holding the runs.')
 
 
+def _read_result(path: pathlib.Path) -> dict:
+  """A long_eval result file, or one error naming it."""
+  try:
+    result = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as error:
+    cli.fail(f'{path}: cannot read it as a long_eval result ({error}); run long_eval again.')
+  if not isinstance(result, dict) or 'lengths' not in result:
+    cli.fail(f'{path} is not a long_eval result (no "lengths"); run long_eval again.')
+  return result
+
+
 def main(argv):
   del argv
   rows, skipped = collections.defaultdict(list), []
   runs = pathlib.Path(_RUNS.value)
   for run in sorted(runs.iterdir() if runs.is_dir() else ()):
-    results = sorted((run / 'long_eval').glob('step_*.json'),
+    results = sorted((path for path in (run / 'long_eval').glob('step_*.json')
+                      if re.fullmatch(r'step_\d+', path.stem)),
                      key=lambda path: int(path.stem.split('_')[1]))
     name = re.fullmatch(r'(.+)_s\d+_([^_]+)', run.name)
     if results and name:
-      rows[f'{name[1]} {name[2]}'].append(json.loads(results[-1].read_text()))
+      rows[f'{name[1]} {name[2]}'].append(_read_result(results[-1]))
     elif results:
       skipped.append(run.name)
   if skipped:

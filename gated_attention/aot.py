@@ -346,7 +346,7 @@ def format_report(report: dict) -> str:
   lines.append(f'FLOPs per step per device: compiled {compiled:.4g} ({"; ".join(counted)}), '
                f'model formula {report["model_flops_per_device"]:.4g}' if compiled
                else f'FLOPs per step per device: model formula '
-               f'{report["model_flops_per_device"]:.4g}')
+               f'{report["model_flops_per_device"]:.4g} (XLA gives no count for this target)')
   if 'traffic' in report:
     lines.append(traffic.format_traffic(report['traffic'], report['memory_bandwidth'],
                                         report['device_kind']))

@@ -151,8 +151,23 @@ def paired_ratio(times, reference_times) -> float:
                        for measured, reference in zip(times, reference_times)])
 
 
-def check_memory_measurable(impls) -> None:
-  """Refuses implementations whose working memory XLA's memory analysis cannot see."""
+def check_memory_measurable(impls, lengths) -> None:
+  """Refuses what the attention memory table cannot measure as named: an unknown
+  implementation, one whose working memory XLA's memory analysis cannot see, a length below 1,
+  or one that splash would leave to chunked."""
+  unknown = [impl for impl in impls if impl not in config_lib.ATTENTION_IMPLS or impl == 'auto']
+  if unknown:
+    raise config_lib.ConfigError(
+        f'--attention_impls: {", ".join(unknown)} is not an implementation; choose from '
+        f'{[impl for impl in config_lib.ATTENTION_IMPLS if impl != "auto"]}.')
+  if min(lengths) < 1:
+    raise config_lib.ConfigError(f'--attention_memory: {min(lengths)} is not a length; give '
+                                 'lengths of at least 1 token.')
+  uneven = [length for length in lengths if length % config_lib.SPLASH_BLOCK]
+  if 'splash' in impls and uneven:
+    raise config_lib.ConfigError(
+        f'--attention_memory: splash runs in blocks of {config_lib.SPLASH_BLOCK} tokens, and '
+        f'{", ".join(map(str, uneven))} is not a multiple (chunked would run in its place).')
   if 'cpu_flash' in impls:
     raise config_lib.ConfigError(
         '--attention_impls: cpu_flash keeps its working memory inside the kernel, which XLA\'s '
@@ -168,7 +183,7 @@ def attention_memory(impl: str, length: int, heads: int = 8, head_dim: int = 64,
   temporaries exceed an accelerator's memory (XLA's GPU compiler compiles them anyway). devices:
   those to compile for, the batch split over them (default: one local device;
   `aot.topology_devices` gives a TPU slice's or GPUs')."""
-  check_memory_measurable([impl])
+  check_memory_measurable([impl], [length])
   devices = list(devices or jax.devices()[:1])
   mesh = sharding_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
   shape = jax.ShapeDtypeStruct(

@@ -262,6 +262,31 @@ def _check_tokenizer(config) -> None:
                       f'{tokenizer.vocab_size} ids of data.tokenizer={config.data.tokenizer!r}.')
 
 
+def trained_context(config: ml_collections.ConfigDict) -> int:
+  """The longest sequence the model was trained for: data.seq_len, or YaRN's factor times its
+  original length."""
+  scaling = config.model.rope_scaling
+  return (round(scaling.original_max_position * scaling.factor) if scaling.type == 'yarn'
+          else config.data.seq_len)
+
+
+def unread_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """'key=value' of each key set away from its default that this config never reads: gate keys
+  without a gate, MoE keys without experts, Bigram-Backcopy keys for another data source."""
+  defaults = base_config()
+  blocks = []
+  if canonical_gate_position(config.model.gate.position) == 'none':
+    blocks.append(('model.gate', config.model.gate, gate_config('none'),
+                   ('position', 'sdpa_nonlinearity')))  # The latter applies without a gate.
+  if not config.model.moe.num_experts:
+    blocks.append(('model.moe', config.model.moe, defaults.model.moe, ('num_experts',)))
+  if config.data.source != 'bigram_backcopy':
+    blocks.append(('data.bigram_backcopy', config.data.bigram_backcopy,
+                   defaults.data.bigram_backcopy, ()))
+  return [f'{name}.{key}={value!r}' for name, block, default, read in blocks
+          for key, value in block.items() if key not in read and value != default[key]]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every key the library reads; raises one ConfigError naming the first bad key."""
   try:

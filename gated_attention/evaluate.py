@@ -282,7 +282,7 @@ def evaluate(workdir, step: int | None = None, mesh_config=None, batches: int | 
     out_dir = workdir / 'eval'
     try:
       out_dir.mkdir(exist_ok=True)
-      (out_dir / f'step_{step}.json').write_text(json.dumps(result, indent=2))
+      checkpoint_lib.write_whole(out_dir / f'step_{step}.json', json.dumps(result, indent=2))
       np.save(out_dir / f'step_{step}_attention_maps.npy', attention_map)
       if figures:
         from gated_attention import plots  # matplotlib only where figures are drawn.

@@ -28,6 +28,7 @@ read. A config's rope_scaling (rope_type linear or yarn) maps to model.rope_scal
 
 import json
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -691,6 +692,9 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
   for stale in [*out_dir.glob('model*.safetensors'), out_dir / SAFETENSORS_INDEX]:
     stale.unlink(missing_ok=True)
 
+  umask = os.umask(0o22)
+  os.umask(umask)
+  readable = 0o666 & ~umask  # What a file written the usual way gets.
   started, pending, host_path, host = time.perf_counter(), {}, None, None
   for position, (path, row, index) in enumerate(tqdm(order, desc='export', unit='tensor',
                                                      file=sys.stdout)):
@@ -699,18 +703,17 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
     pending[row.name] = to_external(row, host[index])
     if position + 1 == len(order) or files[position + 1] != files[position]:
       save_file(pending, str(out_dir / files[position]), metadata={'format': 'pt'})
+      os.chmod(out_dir / files[position], readable)  # safetensors writes it owner-only.
       pending = {}
   seconds = time.perf_counter() - started
   if len(set(files)) > 1:
-    (out_dir / SAFETENSORS_INDEX).write_text(json.dumps({
+    checkpoint_lib.write_whole(out_dir / SAFETENSORS_INDEX, json.dumps({
         'metadata': {'total_size': sum(sizes)},
         'weight_map': {row.name: file for (_, row, _), file in zip(order, files)}}, indent=2))
-  scaling = config.model.rope_scaling
-  if max_position_embeddings is None:  # YaRN's factor is this over the original length.
-    max_position_embeddings = (round(scaling.original_max_position * scaling.factor)
-                               if scaling.type == 'yarn' else config.data.seq_len)
+  if max_position_embeddings is None:
+    max_position_embeddings = config_lib.trained_context(config)
   hf = hf_config(config, fmt, max_position_embeddings)
-  (out_dir / 'config.json').write_text(json.dumps(hf, indent=2))
+  checkpoint_lib.write_whole(out_dir / 'config.json', json.dumps(hf, indent=2))
   _write_tokenizer(config.data.tokenizer, out_dir)
   return {'format': fmt, 'step': step, 'tensors': len(order), 'files': len(set(files)),
           'bytes': sum(sizes), 'seconds': seconds}

@@ -48,6 +48,7 @@ from gated_attention import config as config_lib
 from gated_attention import data as data_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import tokenizer as tokenizer_lib
+from gated_attention.checkpoint import write_whole
 from gated_attention.distributed import log
 from gated_attention.evaluate import restore_run
 from gated_attention.generate import Generator
@@ -328,7 +329,7 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
   if jax.process_index() == 0:
     out_dir = workdir / 'long_eval'
     out_dir.mkdir(exist_ok=True)
-    (out_dir / f'step_{step}.json').write_text(json.dumps(result, indent=2))
+    write_whole(out_dir / f'step_{step}.json', json.dumps(result, indent=2))
     if figures:
       from gated_attention import plots  # matplotlib only where figures are drawn.
       plots.long_eval_figures(result, out_dir, title=f'{workdir.name} step {step}')

@@ -18,6 +18,7 @@ def _save(figure, path: pathlib.Path) -> None:
 def _per_layer_bars(values, ylabel: str, title: str, path: pathlib.Path) -> None:
   figure, axis = plt.subplots(figsize=(6, 3.5))
   axis.bar(np.arange(len(values)), values, color='tab:blue')
+  axis.set_xticks(np.arange(len(values)))
   axis.set_xlabel('layer')
   axis.set_ylabel(ylabel)
   axis.set_title(title)
@@ -50,7 +51,7 @@ def attention_map_grid(rows: dict, path: pathlib.Path, title: str) -> None:
   heads and the most sink-like head (the highest sink score)."""
   num_layers = max(maps.shape[0] for maps, _ in rows.values())
   figure, axes = plt.subplots(len(rows), 2 * num_layers, squeeze=False, layout='constrained',
-                              figsize=(2.6 * 2 * num_layers, 2.6 * len(rows) + 0.6))
+                              figsize=(max(2.6 * 2 * num_layers, 6), 2.6 * len(rows) + 0.8))
   for row, (label, (maps, scores)) in zip(axes, rows.items()):
     for layer in range(num_layers):
       head = int(np.argmax(scores[layer]))
@@ -62,7 +63,7 @@ def attention_map_grid(rows: dict, path: pathlib.Path, title: str) -> None:
         axis.set_xticks([])
         axis.set_yticks([])
     row[0].set_ylabel(f'{label}\nquery', fontsize=8)
-  figure.suptitle(f'{title}\nkey across, query down; in brackets: the head\'s sink score '
+  figure.suptitle(f'{title}\nkey across, query down; in brackets: the head\'s sink score\n'
                   '(first-token attention of non-trigger queries on Bigram-Backcopy, of all '
                   'queries otherwise)', fontsize=8)
   figure.savefig(path, dpi=120)  # Constrained layout, not _save's tight_layout: the suptitle.

@@ -432,7 +432,8 @@ class StepProfile:
       try:
         summary = profiling.summarize_trace(self.directory, self.compiled.as_text(), steps,
                                             step_time_s, self.since)
-        (self.directory / 'summary.json').write_text(json.dumps(summary, indent=2))
+        checkpoint_lib.write_whole(self.directory / 'summary.json',
+                                   json.dumps(summary, indent=2))
         said = profiling.format_summary(summary)
       except Exception as error:  # A diagnostic: no failure of it may stop the training.
         said = f'no summary of it ({type(error).__name__}): {error}'
@@ -524,6 +525,11 @@ def train(config, workdir, allow_data_change: bool = False) -> dict:
   the run early (after saving it). allow_data_change: a resume may change the data order
   (`resume.RESUME_POLICY`)."""
   config_lib.validate(config)
+  unread = config_lib.unread_keys(config)
+  if unread:
+    log(f'warning: {", ".join(unread)}: not read by this run, so changed nothing (gate keys need '
+        'a gate position, MoE keys model.moe.num_experts > 0, data.bigram_backcopy keys that '
+        'data source).')
   if config.model.dtype == 'float16':
     raise config_lib.ConfigError(
         'model.dtype=float16 does not train here: this trainer does no loss scaling, and float16 '
@@ -535,10 +541,18 @@ def train(config, workdir, allow_data_change: bool = False) -> dict:
         "too, where Adam's epsilon (1e-8) is 0, so a parameter whose gradient is 0 becomes NaN. "
         'Keep parameters in float32 or bfloat16; float16 serves evaluation and generation.')
   with workdir_lib.hold(workdir):
-    return _train(config, pathlib.Path(workdir), allow_data_change)
+    # Watched from the start: a preemption while the run starts (data, restore, a compile of
+    # minutes on a pod) stops it after its first step, saved like any other.
+    preemption = PreemptionWatch()
+    try:
+      return _train(config, pathlib.Path(workdir), allow_data_change, preemption)
+    finally:
+      # Only now: a SIGTERM or Ctrl-C while the last save is in flight must not kill it.
+      preemption.close()
 
 
-def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
+def _train(config, workdir: pathlib.Path, allow_data_change: bool,
+           preemption: PreemptionWatch) -> dict:
   train_config = config.train
 
   # Phase 1: mesh.
@@ -584,7 +598,6 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
   # never stalls the device; a step is read before any checkpoint that would include it.
   step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
   profile = StepProfile(train_config, workdir, start_step, step_log.exclude, compiled)
-  preemption = PreemptionWatch()
   pending, preempted = None, False
   try:
     for step in range(start_step + 1, train_config.steps + 1):
@@ -613,11 +626,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool) -> dict:
       profile.close()  # A run stopped inside the profiled steps keeps the trace so far.
       step_log.close()
     finally:
-      try:
-        checkpointer.close()  # If its save failed, that is the error reported.
-      finally:
-        # Only now: a SIGTERM or Ctrl-C while the last save is in flight must not kill it.
-        preemption.close()
+      checkpointer.close()  # If its save failed, that is the error reported.
   if preempted:
     log(f'{preemption.describe()}: saved step {step}; run the same command to resume')
   else:

@@ -213,7 +213,7 @@ TINY = ('--config=configs/lm.py:size=tiny', '--config.model.dtype=bfloat16',
 def _gpu_report(topology: str, *flags) -> dict:
   result = _compile_only('--json', f'--topology={topology}', *TINY, *flags, path=[GPU_AOT])
   assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout[result.stdout.index('\n{') + 1:])
+  return json.loads(result.stdout)  # Progress lines go to standard error.
 
 
 @needs_cuda_plugin

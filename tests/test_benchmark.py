@@ -81,12 +81,24 @@ def test_torch_reference_failure_names_the_script_and_its_error(fake_python, tmp
     benchmark.torch_reference(str(failing), 'torch_lm.py', run_config(gate='none'))
 
 
-def test_attention_memory_refuses_a_kernel_whose_memory_xla_cannot_see():
-  with pytest.raises(ConfigError, match='cpu_flash keeps its working memory inside the kernel'):
-    benchmark.check_memory_measurable(['xla', 'cpu_flash'])
+@pytest.mark.parametrize('impls, lengths, message', [
+    (['xla', 'cpu_flash'], [512], 'cpu_flash keeps its working memory inside the kernel'),
+    (['xla', 'flash'], [512], r"--attention_impls: flash is not an implementation; choose from "
+                              r"\['xla', 'dot_product', 'cudnn', 'chunked', 'splash', 'cpu_flash'\]"),
+    (['auto'], [512], 'auto is not an implementation'),
+    (['xla'], [512, 0], '--attention_memory: 0 is not a length'),
+    (['xla', 'splash'], [512, 100], r'splash runs in blocks of 128 tokens, and 100 is not a '
+                                    r'multiple \(chunked would run in its place\)'),
+])
+def test_attention_memory_refuses_what_it_cannot_measure_as_named(impls, lengths, message):
+  with pytest.raises(ConfigError, match=message):
+    benchmark.check_memory_measurable(impls, lengths)
+
+
+def test_attention_memory_of_one_implementation_is_refused_likewise():
   with pytest.raises(ConfigError, match='cpu_flash keeps its working memory inside the kernel'):
     benchmark.attention_memory('cpu_flash', 512)
-  benchmark.check_memory_measurable(['xla', 'dot_product', 'chunked', 'splash'])
+  benchmark.check_memory_measurable(['xla', 'dot_product', 'chunked', 'splash'], [128, 512])
 
 
 def test_rounds_compare_each_row_with_the_reference_timed_in_the_same_round(tmp_path):

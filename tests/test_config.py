@@ -141,3 +141,17 @@ def test_a_config_saved_by_earlier_code_is_upgraded_to_todays_keys():
   assert upgraded['model']['rope_scaling']['type'] == 'none'
   config_lib.validate(ml_collections.ConfigDict(upgraded))
   assert saved['model']['remat'] is True  # The saved dict itself is left as it was.
+
+
+def test_keys_set_where_nothing_reads_them_are_named():
+  config = config_lib.base_config(gate='none')
+  assert config_lib.unread_keys(config) == []
+  config.model.gate.update(activation='silu', sdpa_nonlinearity='rms_norm')
+  config.model.moe.top_k = 4
+  config.data.bigram_backcopy.num_triggers = 5
+  assert config_lib.unread_keys(config) == [
+      "model.gate.activation='silu'", 'model.moe.top_k=4', 'data.bigram_backcopy.num_triggers=5']
+  config.model.gate.position = 'g1'
+  config.model.moe.num_experts = 8
+  config.data.source = 'bigram_backcopy'
+  assert config_lib.unread_keys(config) == []

@@ -140,6 +140,24 @@ def test_a_signal_while_the_last_checkpoint_is_written_neither_kills_it_nor_the_
     assert sorted(p.name for p in (tmp_path / name / 'checkpoints').iterdir()) == ['2', '4']
 
 
+def test_sigterm_while_the_run_starts_stops_it_after_its_first_step_saved(tmp_path):
+  """A preemption during start-up (here: as the train step compiles) is not a crash: the run
+  takes one step, saves it, and exits 0."""
+  script = ('import os, signal, sys\n'
+            'from gated_attention import train\n'
+            'from tests import helpers\n'
+            'compile_step = train.compile_train_step\n'
+            'def compile_after_a_signal(*args):\n'
+            '  os.kill(os.getpid(), signal.SIGTERM)\n'
+            '  return compile_step(*args)\n'
+            'train.compile_train_step = compile_after_a_signal\n'
+            'train.train(helpers.run_config(steps=4, checkpoint_every=2), sys.argv[1])\n')
+  result = helpers.run([sys.executable, '-c', script, str(tmp_path)])
+  assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+  assert 'preempted (SIGTERM): saved step 1' in result.stdout
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
+
+
 def _kill_when(command, checkpoints: pathlib.Path, ready, output: pathlib.Path) -> None:
   with _started(command, output) as process:
     deadline = time.monotonic() + 120

@@ -205,3 +205,10 @@ def test_the_table_command_skips_runs_not_named_for_it_and_keeps_the_shared_task
   assert 'warning: skipped scratch: not named <gate>_s<seed>_<stage>' in result.stderr
   assert '| g1_elementwise extend | 1.000 (1.000, 1.000) |' in result.stdout
   assert 'passkey: accuracy' in result.stdout and 'multikey' not in result.stdout
+  # A result cut short (long_eval killed while it wrote, before results were written whole).
+  (tmp_path / 'g1_elementwise_s1_extend' / 'long_eval' / 'step_4.json').write_text('{"leng')
+  result = helpers.run([sys.executable, '-m', 'experiments.long_context_table',
+                        f'--runs={tmp_path}'])
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert re.search(r'error: .*g1_elementwise_s1_extend/long_eval/step_4.json: cannot read it as '
+                   r'a long_eval result', result.stderr), result.stderr
