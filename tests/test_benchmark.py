@@ -118,7 +118,7 @@ def test_rounds_compare_each_row_with_the_reference_timed_in_the_same_round(tmp_
                         '--gates=none', '--steps=1', '--trials=1', '--rounds=2', '--json',
                         f'--torch_python={counting}', f'--torch_script={script}'])
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout[result.stdout.index('{'):])
+  report = json.loads(result.stdout)
   (row,) = report['rows']
   jax_times = [r['step_time_s'] for r in row['rounds']]
   assert len(jax_times) == 2 and row['result']['step_time_s'] == min(jax_times)
@@ -157,7 +157,7 @@ def test_interleave_measures_each_gated_row_against_its_ungated_row(tmp_path):
                         '--gates=none,g1_headwise', '--steps=1', '--trials=1', '--interleave=3',
                         '--json'])
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = json.loads(result.stdout[result.stdout.index('{'):])['rows']
+  rows = json.loads(result.stdout)['rows']
   assert [row['gate'] for row in rows] == ['none', 'g1_headwise']
   assert rows[0]['result']['interleaved_vs_none'] is None  # Not against itself.
   paired = rows[1]['result']['interleaved_vs_none']
@@ -184,7 +184,7 @@ def test_attention_memory_compiles_for_a_gpu_this_host_does_not_have():
                         '--attention_memory=2048,65536', '--attention_impls=xla,chunked,cudnn',
                         '--json'], path=[helpers.GPU_AOT])
   assert result.returncode == 0, result.stderr[-3000:]
-  table = json.loads(result.stdout[result.stdout.index('{'):])
+  table = json.loads(result.stdout)
   memory = {impl: sizes['2048'] for impl, sizes in table.items()}
   scores = 4 * 4 * 2048 * 2048 * 4  # One float32 [4, 4, L, L] array: 256 MiB.
   assert memory['xla'] >= 2 * scores and scores > 8 * max(memory['cudnn'], memory['chunked'])
