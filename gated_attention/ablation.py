@@ -66,6 +66,14 @@ def sweep(config) -> list[tuple[str, str, float]]:
                else [variant])]
   rates = parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True) or [
       config.train.learning_rate]
+  for key, values in (('variants', variants), ('learning_rates', rates)):
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    if repeated:  # Two runs of one name would share a run directory.
+      raise config_lib.ConfigError(f'--config.{key} names {", ".join(repeated)} more than once.')
+  bad = [rate for rate in rates if not 0 < rate < math.inf]
+  if bad:
+    raise config_lib.ConfigError(f'--config.learning_rates: {bad[0]} is not a learning rate; '
+                                 'give positive finite numbers.')
   return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
           for rate in rates for variant in variants]
 

@@ -112,6 +112,9 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   host of 8, 'h100:4x8' for 4 hosts of 8; a GpuTargetConfigProto text file such as
   'a100.txtpb:8' for another model), or 'local' for the devices at hand."""
   if topology == 'local':
+    if num_slices > 1:
+      raise CompileError(f'--num_slices={num_slices}: slices are of a TPU topology; '
+                         "--topology=local compiles for the devices at hand.")
     return jax.devices()
   gpus = _GPU_TOPOLOGY.match(topology)
   if gpus and (gpus['target'].lower() in GPU_TARGETS or gpus['target'].endswith('.txtpb')):

@@ -213,6 +213,10 @@ class _Evaluator:
   def __init__(self, config, mesh, graphdef, params):
     self.config, self.mesh = config, mesh
     self.source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
+    self.batches = min(config.eval.batches, len(self.source) // config.eval.batch_size)
+    if 0 < self.batches < config.eval.batches:
+      log(f'the held-out split holds {self.batches} batch(es) of {config.eval.batch_size}, fewer '
+          f'than the {config.eval.batches} asked (eval.batches): evaluating on those.')
     self.batch_sharding = sharding_lib.batch_sharding(mesh)
     self.part = sharding_lib.batch_part(self.batch_sharding, config.eval.batch_size)
     shardings = jax.tree.map(lambda p: p.sharding, params)
@@ -231,10 +235,10 @@ class _Evaluator:
     config = self.config
     loss_sum, num_tokens, measured = 0.0, 0, []
     with jax.set_mesh(self.mesh):
-      batches = data_lib.heldout_batches(self.source, config.eval.batch_size, config.eval.batches,
+      batches = data_lib.heldout_batches(self.source, config.eval.batch_size, self.batches,
                                          *self.part)
       for index, local in enumerate(tqdm(batches, desc='eval', unit='batch', file=sys.stdout,
-                                         total=config.eval.batches,
+                                         total=self.batches,
                                          disable=not progress or jax.process_index() != 0)):
         analysis = index < config.eval.analysis_batches
         out = jax.device_get(self.steps[analysis](

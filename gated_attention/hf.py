@@ -634,14 +634,14 @@ def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None
     config.data.tokenizer = str((workdir / 'tokenizer' / 'tokenizer.json').absolute())
     if jax.process_index() == 0:
       _copy_tokenizer(tokenizer_json, workdir / 'tokenizer')
+  if jax.process_index() == 0:  # First: a workdir with a checkpoint always has its config.
+    checkpoint_lib.save_config(workdir, config)
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   checkpointer.save_params(0, params, {'imported_from': str(hf_dir.absolute()), 'format': fmt},
                            config)
   checkpointer.wait()
   checkpointer.close()
   seconds = time.perf_counter() - started  # Reading, converting, placing and writing.
-  if jax.process_index() == 0:
-    checkpoint_lib.save_config(workdir, config)
   return {'format': fmt, 'tensors': len(rows),
           'parameters': state_lib.num_params(abstract_variables), 'bytes': reader.bytes_read,
           'seconds': seconds, 'tokenizer': config.data.tokenizer}

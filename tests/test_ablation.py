@@ -76,6 +76,9 @@ def test_a_finite_loss_above_chance_is_reported_as_diverged(tmp_path, monkeypatc
     ('none+num_kv_heads', '', "'none\\+num_kv_heads': 'num_kv_heads' is not KEY=VALUE"),
     ('none', '2e-3,fast', "learning_rates='2e-3,fast': expected comma-separated floats"),
     (',', '', "variants=',' names nothing"),
+    ('none,g1_elementwise,none', '', '--config.variants names none more than once'),
+    ('none', '1e-3,nan', '--config.learning_rates: nan is not a learning rate'),
+    ('none', '1e-3,-1e-3', '--config.learning_rates: -0.001 is not a learning rate'),
 ])
 def test_bad_sweeps_are_named(variants, learning_rates, message, tmp_path):
   """Refused before any run starts."""

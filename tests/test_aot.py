@@ -86,6 +86,8 @@ def test_unknown_topology_is_named():
   with pytest.raises(aot.CompileError, match="--topology='v9z:1x1' is not a TPU topology .* nor "
                      "NVIDIA GPUs .*h200:8"):
     aot.topology_devices('v9z:1x1')
+  with pytest.raises(aot.CompileError, match='--num_slices=2: slices are of a TPU topology'):
+    aot.topology_devices('local', num_slices=2)
 
 
 def test_local_topology_compiles_for_the_devices_at_hand_and_judges_the_host_memory():
