@@ -45,6 +45,7 @@ def main(argv):
     if jax.process_index() != 0:  # Launched as several processes: one writes the files.
       return
     # Both splits before either file: a split that cannot be made leaves no file behind.
+    print(f'reading and tokenizing {_INPUT.value} ...', flush=True)
     splits = {split: data.load_split(data_config, split, tokenizer.vocab_size)
               for split in ('train', 'heldout')}
     output = pathlib.Path(_OUTPUT_DIR.value)

@@ -22,10 +22,13 @@ import glob
 import hashlib
 import os
 import pathlib
+import sys
 import sysconfig
 
 import grain
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from gated_attention.checkpoint import whole_file
 from gated_attention.distributed import log
@@ -172,7 +175,8 @@ def write_array_record(examples, path) -> int:
   from array_record.python import array_record_module  # Only needed to write.
   with whole_file(pathlib.Path(path)) as temporary:
     writer = array_record_module.ArrayRecordWriter(str(temporary), 'group_size:1')
-    for index in range(len(examples)):
+    for index in tqdm(range(len(examples)), desc=f'write {pathlib.Path(path).name}',
+                      unit='example', file=sys.stdout, disable=jax.process_index() != 0):
       writer.write(np.asarray(examples[index], dtype='<i4').tobytes())
     writer.close()
   return len(examples)
