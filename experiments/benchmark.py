@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from absl import flags
 
 from experiments import cli, common
-from gated_attention import ablation, aot, benchmark, profiling
+from gated_attention import aot, benchmark, profiling
 from gated_attention import config as config_lib
 
 _CONFIG = cli.define_config('configs/lm.py')
@@ -176,7 +176,7 @@ def _print_table(config, rows: list[dict], torch: dict) -> None:
 def _attention_memory(config) -> dict | None:
   """Prints the compiled memory table, or returns it with --json."""
   impls = _ATTENTION.value or ['xla', 'dot_product', 'chunked']
-  lengths = ablation.parse_list(','.join(_MEMORY.value), '--attention_memory', int)
+  lengths = config_lib.parse_list(','.join(_MEMORY.value), '--attention_memory', int)
   benchmark.check_memory_measurable(impls, lengths)  # Before any compile.
   model, batch = config.model, _MEMORY_BATCH.value
   devices = aot.topology_devices(_TOPOLOGY.value)

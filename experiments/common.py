@@ -77,7 +77,9 @@ def parse_mesh(text: str):
 def progress_to_stderr(json_output: bool):
   """A context in which printed progress goes to standard error when the output is JSON, so
   that standard output holds the JSON alone."""
-  return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
+  # Other processes print nothing (their standard output is /dev/null): not to standard error.
+  return (contextlib.redirect_stdout(sys.stderr) if json_output and jax.process_index() == 0
+          else contextlib.nullcontext())
 
 
 def run_cleanly(job):

@@ -12,12 +12,12 @@ and the timings.
 
 import json
 import pathlib
-import sys
 
 from absl import flags
 
 from experiments import cli, common
 from gated_attention.config import ConfigError, trained_context
+from gated_attention.distributed import warn
 from gated_attention.evaluate import restore_run
 from gated_attention.generate import Generator, Sampling, prompt_ids
 from gated_attention.tokenizer import load_tokenizer
@@ -76,25 +76,30 @@ def _check_flags() -> None:
       raise ConfigError(f'--{flag.name}={flag.value} must be {accepted}.')
 
 
+def _generate():
+  """(step, tokenizer, prompts, Generation) of the flags."""
+  config, mesh, graphdef, params, step = restore_run(
+      _WORKDIR.value, _STEP.value, common.parse_mesh(_MESH.value), check_eval_batch=False)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  prompts = _prompts(tokenizer, config.model.vocab_size)
+  longest, context = max(map(len, prompts)) + _MAX_NEW.value, trained_context(config)
+  if longest > context and step > 0:  # Step 0 is an import, whose context its config lacks.
+    warn(f'up to {longest} tokens (the longest prompt and --max_new_tokens), past the {context} '
+         'this model was trained for: what comes past it is extrapolation.')
+  generator = Generator(graphdef, params, config.model, mesh)
+  sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  eos_id = None if tokenizer is None else tokenizer.eos_id
+  return step, tokenizer, prompts, generator.generate(prompts, _MAX_NEW.value, sampling,
+                                                      _SEED.value, eos_id, _BATCH.value)
+
+
 def main(argv):
   del argv
 
   def run():
     _check_flags()
-    config, mesh, graphdef, params, step = restore_run(_WORKDIR.value, _STEP.value,
-                                                       common.parse_mesh(_MESH.value))
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    prompts = _prompts(tokenizer, config.model.vocab_size)
-    longest, context = max(map(len, prompts)) + _MAX_NEW.value, trained_context(config)
-    if longest > context:
-      print(f'warning: up to {longest} tokens (the longest prompt and --max_new_tokens), past the '
-            f'{context} this model was trained for: what comes past it is extrapolation.',
-            file=sys.stderr)
-    generator = Generator(graphdef, params, config.model, mesh)
-    sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-    eos_id = None if tokenizer is None else tokenizer.eos_id
-    generation = generator.generate(prompts, _MAX_NEW.value, sampling, _SEED.value, eos_id,
-                                    _BATCH.value)
+    with common.progress_to_stderr(_JSON.value):
+      step, tokenizer, prompts, generation = _generate()
     tokens, timing = generation.tokens, generation.timing
     texts = [None if tokenizer is None else tokenizer.decode(ids) for ids in tokens]
     if _JSON.value:

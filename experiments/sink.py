@@ -10,7 +10,7 @@ Rerunning resumes.
 from absl import flags
 
 from experiments import cli, common
-from gated_attention.ablation import parse_list
+from gated_attention.config import parse_list
 from gated_attention.sink import run_sink_comparison
 
 _CONFIG = cli.define_config('configs/sink.py', 'Sink comparison config.')

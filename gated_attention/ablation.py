@@ -3,10 +3,10 @@ with the same budget and seed, evaluate each, and write a report.
 
 Per run, WORKDIR/runs/NAME holds an ordinary training workdir plus result.json once it is done.
 A rerun skips finished runs and resumes an interrupted one from its checkpoint; a finished run
-whose config has changed since (more steps, say) is resumed and evaluated again (training
-refuses a change it cannot resume across, such as another model). A run whose loss
-goes non-finite, or ends with a held-out loss above chance (ln model.vocab_size, a uniform
-guess), is reported as diverged (at which step) instead of stopping the sweep.
+whose config has changed since is evaluated again (eval keys), trained on and evaluated (more
+train.steps), or refused (anything its checkpoints were not trained with; `rerun`). A run
+whose loss goes non-finite, or ends with a held-out loss above chance (ln model.vocab_size, a
+uniform guess), is reported as diverged (at which step) instead of stopping the sweep.
 """
 
 import json
@@ -25,19 +25,6 @@ from gated_attention.distributed import log
 from gated_attention.evaluate import evaluate
 from gated_attention.metrics import read_metrics
 from gated_attention.train import TrainingError, train
-
-
-def parse_list(text: str, key: str, kind=str, empty_ok: bool = False) -> list:
-  """'a,b,c' -> [a, b, c] (converted with kind); a bad item, or no item unless empty_ok, is a
-  ConfigError naming `key`."""
-  items = [item.strip() for item in text.split(',') if item.strip()]
-  if not items and not empty_ok:
-    raise config_lib.ConfigError(f'{key}={text!r} names nothing: give a comma-separated list.')
-  try:
-    return [kind(item) for item in items]
-  except ValueError:
-    raise config_lib.ConfigError(f'{key}={text!r}: expected comma-separated {kind.__name__}s.'
-                                 ) from None
 
 
 # In config.variants: the paper's parameter-matched baselines for the model as configured.
@@ -61,21 +48,23 @@ def sweep(config) -> list[tuple[str, str, float]]:
   """[(run name, variant spec, learning rate)] in order; names carry the LR only when it varies.
   Each run's gate is its variant's (config.set_variant), whatever config.model.gate holds;
   MATCHED_BASELINES stands for parameter_matched_baselines(config.model)."""
-  variants = [expanded for variant in parse_list(config.variants, 'variants') for expanded in
-              (parameter_matched_baselines(config.model) if variant == MATCHED_BASELINES
-               else [variant])]
-  rates = parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True) or [
-      config.train.learning_rate]
-  for key, values in (('variants', variants), ('learning_rates', rates)):
-    repeated = sorted({str(value) for value in values if values.count(value) > 1})
-    if repeated:  # Two runs of one name would share a run directory.
-      raise config_lib.ConfigError(f'--config.{key} names {", ".join(repeated)} more than once.')
+  variants = [expanded for variant in config_lib.parse_list(config.variants, 'variants')
+              for expanded in (parameter_matched_baselines(config.model)
+                               if variant == MATCHED_BASELINES else [variant])]
+  rates = (config_lib.parse_list(config.learning_rates, 'learning_rates', float, empty_ok=True)
+           or [config.train.learning_rate])
   bad = [rate for rate in rates if not 0 < rate < math.inf]
   if bad:
     raise config_lib.ConfigError(f'--config.learning_rates: {bad[0]} is not a learning rate; '
                                  'give positive finite numbers.')
-  return [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
+  runs = [(variant if len(rates) == 1 else f'{variant}_lr{rate:g}', variant, rate)
           for rate in rates for variant in variants]
+  names = [name for name, _, _ in runs]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:  # Two runs of one name would share a run directory.
+    raise config_lib.ConfigError(f'--config.variants and --config.learning_rates name the run '
+                                 f'{", ".join(repeated)} more than once.')
+  return runs
 
 
 def variant_config(config, variant: str, learning_rate: float):
@@ -120,37 +109,75 @@ def run_variant(run_config, run_dir: pathlib.Path) -> dict | None:
   return row
 
 
+# Keys whose change leaves a finished run's result standing: how it runs, not what it computes.
+HOW_IT_RUNS = ('mesh', 'model.attention_impl', 'model.remat', 'model.scan_layers',
+               'model.moe.impl', 'train.microbatches', 'train.log_every',
+               'train.checkpoint_every', 'train.keep_checkpoints', 'train.profile_steps',
+               'train.profile_after', 'train.peak_flops_per_device')
+
+
+def rerun(finished_config: dict | None, run_config, run_dir: pathlib.Path) -> str | None:
+  """What a rerun does with a finished run, given the config it finished with (None: unknown,
+  from before results kept it): None keeps its row; 'evaluate' evaluates it again (eval keys
+  changed); 'continue' trains it on to more train.steps, then evaluates. Any other change is a
+  ConfigError naming it: its checkpoints were trained otherwise."""
+  if finished_config is None:
+    return None
+  changes = {key: change for key, change in resume.differences(
+      config_lib.upgrade(finished_config), resume.plain(run_config)).items()
+             if not any(key == kept or key.startswith(kept + '.') for kept in HOW_IT_RUNS)}
+  steps = changes.pop('train.steps', None)
+  evaluation = [key for key in changes if key.startswith('eval.')]
+  for key in evaluation:
+    del changes[key]
+  if steps and steps[1] < steps[0]:
+    changes['train.steps'] = steps
+  if changes:
+    raise config_lib.ConfigError(
+        f'{run_dir} finished with another config ({resume.describe(changes)}); its checkpoints '
+        f'were trained that way: use another --workdir, or delete {run_dir} to run it anew.')
+  return 'continue' if steps else 'evaluate' if evaluation else None
+
+
 def run_ablation(config, workdir) -> dict:
-  """Runs the whole sweep (skipping finished runs) and writes report.md, results.json, PNGs;
-  every run's config is validated first, and the sweep holds its workdir alone throughout."""
+  """Runs the whole sweep (skipping finished runs, `rerun` says what else) and writes
+  report.md, results.json, PNGs; every run's config is checked first, and the sweep holds its
+  workdir alone throughout."""
   runs = [(name, variant, rate, variant_config(config, variant, rate))
           for name, variant, rate in sweep(config)]
   with workdir_lib.hold(workdir):
-    return _run_sweep(config, runs, pathlib.Path(workdir))
+    workdir = pathlib.Path(workdir)
+    finished = {}
+    for name, _, _, run_config in runs:  # Every finished run checked before any starts.
+      done = workdir / 'runs' / name / 'result.json'
+      if done.exists():
+        row = json.loads(done.read_text())
+        finished[name] = (row, rerun(row.get('config'), run_config, done.parent))
+    return _run_sweep(config, runs, finished, workdir)
 
 
-def _run_sweep(config, runs, workdir: pathlib.Path) -> dict:
+def _run_sweep(config, runs, finished: dict, workdir: pathlib.Path) -> dict:
   results = {}
   for index, (name, variant, rate, run_config) in enumerate(runs, start=1):
     run_dir = workdir / 'runs' / name
-    done = run_dir / 'result.json'
-    if done.exists():
-      finished = json.loads(done.read_text())
-      changes = resume.differences(finished.get('config', {}), resume.plain(run_config))
-      if not changes:
-        log(f'[{index}/{len(runs)}] {name}: finished earlier, skipped')
-        results[name] = finished
-        continue
-      log(f'[{index}/{len(runs)}] {name}: finished earlier with another config '
-          f'({resume.describe(changes)}): run again')
-    log(f'[{index}/{len(runs)}] {name}: variant {variant}, learning_rate={rate:g}')
+    row, again = finished.get(name, (None, None))
+    if row is not None and again is None:
+      log(f'[{index}/{len(runs)}] {name}: finished earlier, skipped')
+      results[name] = row
+      continue
+    log(f'[{index}/{len(runs)}] {name}: variant {variant}, learning_rate={rate:g}'
+        + (f' ({again} the finished run)' if again else ''))
+    previous = row
     row = run_variant(run_config, run_dir)
     if row is None:
       log(f'preempted during {name}: rerun the same command to continue the sweep')
       return results
+    if again == 'continue':  # Its schedule ran to the old steps, then on to the new.
+      row['continued_from_steps'] = (previous.get('continued_from_steps') or
+                                     previous['config']['train']['steps'])
     results[name] = row
     if jax.process_index() == 0:  # Every process ran it; one writes what it found.
-      write_whole(done, json.dumps(row, indent=2))
+      write_whole(run_dir / 'result.json', json.dumps(row, indent=2))
 
   baseline = next((results[name]['params'] for name, variant, _, _ in runs
                    if variant == 'none' and name in results), None)

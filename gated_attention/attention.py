@@ -44,8 +44,8 @@ from gated_attention.sharding import constrain, logical_to_spec, splits_evenly, 
 # Implementations that take a q_offset (a KV cache); the others serve training and prefill.
 CACHE_IMPLEMENTATIONS = ('xla', 'chunked')
 AUTO = {'tpu': 'splash', 'gpu': 'cudnn', 'cpu': 'cpu_flash'}
-# Kernels that run on one platform only (splash runs anywhere: interpreted off TPUs).
-_PLATFORM_ONLY = {'cudnn': 'gpu', 'cpu_flash': 'cpu'}
+# Kernels of one platform (splash runs elsewhere interpreted, far too slowly to evaluate with).
+_PLATFORM_ONLY = {'cudnn': 'gpu', 'cpu_flash': 'cpu', 'splash': 'tpu'}
 # Block length of `chunked` along queries and keys: 128, but 64 on CPUs below 1,024 tokens
 # (measured, one layer's forward and backward, 16 x 256 tokens: 47 ms with 64, 56 with 32, 67
 # with 128; from 1,024 tokens on 128 is as fast or faster).
@@ -93,8 +93,8 @@ def resolve(impl: str, cached: bool = False, platform: str | None = None,
 
 
 def runnable_here(impl: str, platform: str | None = None) -> str:
-  """impl, or 'auto' where impl runs only on another platform (a run trained on GPUs with
-  cudnn, evaluated on CPUs): every implementation computes the same function."""
+  """impl, or 'auto' where impl is another platform's kernel (a run trained on GPUs with cudnn,
+  evaluated on CPUs): every implementation computes the same function."""
   platform = platform or target_platform()
   return 'auto' if _PLATFORM_ONLY.get(impl, platform) != platform else impl
 

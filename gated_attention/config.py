@@ -211,6 +211,18 @@ def parse_value(text: str, like, key: str):
     raise ConfigError(f'{key}={text!r}: expected {kind}.') from None
 
 
+def parse_list(text: str, key: str, kind=str, empty_ok: bool = False) -> list:
+  """'a,b,c' -> [a, b, c] (converted with kind); a bad item, or no item unless empty_ok, is a
+  ConfigError naming `key`."""
+  items = [item.strip() for item in text.split(',') if item.strip()]
+  if not items and not empty_ok:
+    raise ConfigError(f'{key}={text!r} names nothing: give a comma-separated list.')
+  try:
+    return [kind(item) for item in items]
+  except ValueError:
+    raise ConfigError(f'{key}={text!r}: expected comma-separated {kind.__name__}s.') from None
+
+
 def canonical_gate_position(position: str) -> str:
   return GATE_POSITION_ALIASES.get(position, position)
 

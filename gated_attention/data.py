@@ -26,7 +26,6 @@ import sys
 import sysconfig
 
 import grain
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -176,7 +175,7 @@ def write_array_record(examples, path) -> int:
   with whole_file(pathlib.Path(path)) as temporary:
     writer = array_record_module.ArrayRecordWriter(str(temporary), 'group_size:1')
     for index in tqdm(range(len(examples)), desc=f'write {pathlib.Path(path).name}',
-                      unit='example', file=sys.stdout, disable=jax.process_index() != 0):
+                      unit='example', file=sys.stdout):
       writer.write(np.asarray(examples[index], dtype='<i4').tobytes())
     writer.close()
   return len(examples)
@@ -265,11 +264,16 @@ def translate_position(iterator_state: dict, saved_batch_size: int,
   return {**iterator_state, 'next_index': batches}, consumed, consumed - batches * batch_size
 
 
+def heldout_batch_count(source, global_batch_size: int, num_batches: int) -> int:
+  """How many of num_batches global batches the held-out split holds."""
+  return min(num_batches, len(source) // global_batch_size)
+
+
 def heldout_batches(source, global_batch_size: int, num_batches: int, part: int, parts: int):
   """The first num_batches global batches of the held-out split, in order (fewer if it is short);
   yields this process's part of each (as train_dataset), int32 [global_batch_size // parts,
   seq_len + 1]."""
-  usable = min(num_batches, len(source) // global_batch_size) * global_batch_size
+  usable = heldout_batch_count(source, global_batch_size, num_batches) * global_batch_size
   if usable == 0:
     raise DataError(f'The held-out split has {len(source)} examples, fewer than one eval batch '
                     f'of {global_batch_size}: lower eval.batch_size or data.seq_len.')

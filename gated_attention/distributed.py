@@ -34,6 +34,12 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def warn(message: str) -> None:
+  """Prints 'warning: message' to standard error, from process 0 only."""
+  if jax.process_index() == 0:
+    print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
 def keep_freed_host_memory() -> bool:
   """Keeps freed host memory in the process for reuse: one malloc arena, no mmap for large
   blocks, trimming only past 2 GiB free. XLA:CPU allocates every buffer of a step afresh, and
@@ -158,6 +164,8 @@ def initialize(mode: str, coordinator_address: str | None, num_processes: int | 
 class PreemptionWatch:
   """Tells the loop when to save and stop: after SIGTERM (a preemption notice) or Ctrl-C
   (SIGINT). A second Ctrl-C exits at once, without saving: the last complete checkpoint stays.
+  Watching starts with the run: a SIGTERM while it starts stops it after its first step; a
+  Ctrl-C before `stepping` is set raises KeyboardInterrupt, as it would unwatched.
 
   With several processes jax's preemption service agrees on one step for all of them (every
   process must call `reached` at every step); Ctrl-C is passed to it as SIGTERM. A single
@@ -167,11 +175,14 @@ class PreemptionWatch:
   def __init__(self):
     self.multi_process = jax.process_count() > 1
     self.received: str | None = None
+    self.stepping = False  # Before the first step, Ctrl-C aborts as usual: nothing to save.
     signals = (signal.SIGINT,) if self.multi_process else (signal.SIGINT, signal.SIGTERM)
     self.previous = {signum: signal.signal(signum, self._on_signal) for signum in signals}
 
   def _on_signal(self, signum, frame):
     del frame
+    if signum == signal.SIGINT and not self.stepping:
+      raise KeyboardInterrupt
     if signum == signal.SIGINT and self.received == 'SIGINT':
       print('\ninterrupted again (SIGINT): exiting now without saving; the last complete '
             'checkpoint is kept', file=sys.stderr, flush=True)

@@ -148,42 +148,46 @@ def _restore_params(checkpointer, config, mesh, step: int):
                                             config.model.scan_layers)
 
 
+def _read_checkpoint(workdir, step: int | None, read):
+  """read(checkpointer, step) for checkpoint `step` of the run in workdir, or for the latest
+  complete one (even while its run trains on: again with the new latest if it is rotated away
+  while read)."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    return (checkpointer.read_latest(lambda at: read(checkpointer, at)) if step is None
+            else read(checkpointer, step))
+  finally:
+    checkpointer.close()
+
+
 def load_params(workdir, config, mesh, step: int | None = None):
-  """(graphdef, params, step): the parameters of checkpoint `step` (default: latest) placed on
-  `mesh` by the logical-axis rules, whatever mesh they were saved from."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-  read = lambda at: (*_restore_params(checkpointer, config, mesh, at), at)
-  graphdef, params, step = checkpointer.read_latest(read) if step is None else read(step)
-  checkpointer.close()
-  return graphdef, params, step
+  """(graphdef, params, step): the parameters of checkpoint `step` (default: latest) in
+  config's layer layout, placed on `mesh` by the logical-axis rules, whatever mesh and layout
+  they were saved in."""
+  return _read_checkpoint(workdir, step, lambda checkpointer, at: (
+      *_restore_params(checkpointer, config, mesh, at), at))
 
 
-def restore_run(workdir, step: int | None = None, mesh_config=None, devices=None,
-                batches: int | None = None, check_eval_batch: bool = False, check=None):
-  """(config, mesh, graphdef, params, step): checkpoint `step` (default: the latest complete
-  one, even while its run trains on) of the run in workdir, with the config saved in that step
-  (mesh_config in place of its mesh, over `devices`, default all; `batches` in place of
-  eval.batches; with check_eval_batch, the eval batch checked against the mesh), its
-  parameters placed on that mesh. check(config), if given, runs before they are read (it
-  raises to refuse the run)."""
-  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-
-  def read(at: int):
+def restore_run(workdir, step: int | None = None, mesh_config=None, devices=None, *,
+                check_eval_batch: bool, batches: int | None = None, check=None):
+  """(config, mesh, graphdef, params, step): checkpoint `step` (default: the latest) of the run
+  in workdir with the config saved in that step (mesh_config in place of its mesh, over
+  `devices`, default all; `batches` in place of eval.batches; with check_eval_batch, the eval
+  batch checked against the mesh), its parameters placed on that mesh. check(config), if given,
+  runs before they are read (it raises to refuse the run)."""
+  def read(checkpointer, at: int):
     config, mesh = _read_config(checkpointer, at, mesh_config, devices, batches,
                                 check_eval_batch=check_eval_batch)
     if check is not None:
       check(config)
     return (config, mesh, *_restore_params(checkpointer, config, mesh, at), at)
 
-  try:
-    return checkpointer.read_latest(read) if step is None else read(step)
-  finally:
-    checkpointer.close()
+  return _read_checkpoint(workdir, step, read)
 
 
 def _read_config(checkpointer, step: int, mesh_config=None, devices=None,
-                 batches: int | None = None, analysis_batches: int | None = None,
-                 check_eval_batch: bool = True):
+                 batches: int | None = None, analysis_batches: int | None = None, *,
+                 check_eval_batch: bool):
   """(config, mesh): the config saved with checkpoint `step`, with the overrides given and an
   attention implementation that runs here."""
   config = ml_collections.ConfigDict(checkpointer.saved_config(step))
@@ -213,7 +217,8 @@ class _Evaluator:
   def __init__(self, config, mesh, graphdef, params):
     self.config, self.mesh = config, mesh
     self.source = data_lib.load_split(config.data, 'heldout', config.model.vocab_size)
-    self.batches = min(config.eval.batches, len(self.source) // config.eval.batch_size)
+    self.batches = data_lib.heldout_batch_count(self.source, config.eval.batch_size,
+                                                config.eval.batches)
     if 0 < self.batches < config.eval.batches:
       log(f'the held-out split holds {self.batches} batch(es) of {config.eval.batch_size}, fewer '
           f'than the {config.eval.batches} asked (eval.batches): evaluating on those.')
@@ -304,7 +309,8 @@ def first_token_attention_by_step(workdir, batches: int) -> dict[int, dict]:
   sink forms during training. Prints one progress line per checkpoint."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   steps = sorted(checkpointer.manager.all_steps())
-  config, mesh = _read_config(checkpointer, steps[-1], batches=batches, analysis_batches=batches)
+  config, mesh = _read_config(checkpointer, steps[-1], batches=batches, analysis_batches=batches,
+                              check_eval_batch=True)
   measured, evaluator = {}, None
   for step in steps:
     graphdef, params = _restore_params(checkpointer, config, mesh, step)

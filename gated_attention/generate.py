@@ -74,7 +74,7 @@ def bucket(size: int, multiple: int = 1, minimum: int = MIN_BUCKET) -> int:
 class Generator:
   """Prefill and decode of one model on one mesh, compiled once per shape bucket.
 
-  graphdef, params: the model (params placed on `mesh`, e.g. by evaluate.load_params);
+  graphdef, params: the model (params placed on `mesh`, e.g. by evaluate.restore_run);
   model_config: config.model."""
 
   def __init__(self, graphdef, params, model_config, mesh):

@@ -634,7 +634,8 @@ def import_hf(hf_dir, workdir, config, mesh_config=None, param_dtype: str | None
     config.data.tokenizer = str((workdir / 'tokenizer' / 'tokenizer.json').absolute())
     if jax.process_index() == 0:
       _copy_tokenizer(tokenizer_json, workdir / 'tokenizer')
-  if jax.process_index() == 0:  # First: a workdir with a checkpoint always has its config.
+  if jax.process_index() == 0:  # Before the checkpoint: a checkpoint always has its config.
+    workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_lib.save_config(workdir, config)
   checkpointer = checkpoint_lib.Checkpointer(workdir)
   checkpointer.save_params(0, params, {'imported_from': str(hf_dir.absolute()), 'format': fmt},
@@ -676,7 +677,7 @@ def export_hf(workdir, out_dir, step: int | None = None, fmt: str = 'auto',
   # Each process reads the whole checkpoint onto its own devices; process 0 writes the files.
   config, _, _, params, step = restore_run(
       workdir, step, dict(data=1, fsdp=-1, tensor=1, expert=1), jax.local_devices(),
-      check=lambda config: export_format(config.model, fmt))
+      check_eval_batch=False, check=lambda config: export_format(config.model, fmt))
   fmt = export_format(config.model, fmt)
   if jax.process_index() != 0:
     return None

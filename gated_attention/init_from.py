@@ -36,6 +36,7 @@ from gated_attention import resume as resume_lib
 from gated_attention import state as state_lib
 from gated_attention import tokenizer as tokenizer_lib
 from gated_attention.config import ConfigError, canonical_gate_position
+from gated_attention.distributed import warn
 
 # The projections whose kernel may carry a fused gate on its last axis (gate.Gate.fused_into).
 FUSED_KERNELS = ('wq', 'wk', 'wv')
@@ -132,8 +133,12 @@ def make_plan(config, directory: pathlib.Path, step: int, source_config: dict) -
         f'model.num_layers={source_model.num_layers}, this config {config.model.num_layers}: '
         'layers are loaded one for one; keep the source\'s depth.')
   source_tokenizer = source_config['data']['tokenizer']
-  if source_tokenizer != tokenizer_lib.NONE and not tokenizer_lib.same_ids(
-      source_tokenizer, config.data.tokenizer):
+  same = tokenizer_lib.same_ids(source_tokenizer, config.data.tokenizer)
+  if same is None:
+    warn(f'train.init_from: {directory} step {step} was trained with data.tokenizer='
+        f'{source_tokenizer!r}, which cannot be read to compare with {config.data.tokenizer!r}: '
+        'its embedding rows are taken to stand for the same tokens.')
+  if source_tokenizer != tokenizer_lib.NONE and same is False:
     raise ConfigError(
         f'train.init_from={config.train.init_from!r}: {directory} step {step} was trained with '
         f'data.tokenizer={source_tokenizer!r}, this config reads {config.data.tokenizer!r}: '

@@ -288,7 +288,7 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
     raise config_lib.ConfigError(f'--lengths={",".join(map(str, lengths))}: give lengths of at '
                                  f'least {MIN_LENGTH} tokens (room for the retrieval needles).')
   config, mesh, graphdef, params, step = restore_run(workdir, step, mesh_config,
-                                                     check=check_text_run)
+                                                     check_eval_batch=False, check=check_text_run)
   tokenizer = load_tokenizer(config.data.tokenizer)
   generator = Generator(graphdef, params, config.model, mesh)
   token_losses = make_token_losses(graphdef, mesh)

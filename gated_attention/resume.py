@@ -36,7 +36,7 @@ RESUME_POLICY = {
     'model.scan_layers': ALLOWED,
     'model.moe.impl': ALLOWED,
     'data': DATA_ORDER,
-    'data.tokenizer': MODEL,  # Unless its vocabulary is the same (tokenizer.same_ids).
+    'data.tokenizer': MODEL,  # Unless its vocabulary is the same (`_kind`).
     'data.eval_path': ALLOWED,  # The held-out split only.
     HELDOUT_CONTENTS: ALLOWED,
     'train.seed': DATA_ORDER,  # On resume it seeds only the shuffle: parameters are restored.
@@ -67,6 +67,15 @@ def policy(key: str) -> str:
   return ALLOWED
 
 
+def _kind(key: str, change: tuple) -> str:
+  """The policy of one change: another tokenizer is another model unless its vocabulary is
+  the same (allowed); one that cannot be read to tell counts as a data change."""
+  if key != 'data.tokenizer':
+    return policy(key)
+  same = tokenizer_lib.same_ids(*change)
+  return ALLOWED if same else MODEL if same is False else DATA_ORDER
+
+
 def differences(saved: dict, current: dict) -> dict[str, tuple]:
   """{key: (saved value, current value)} for each key of `current` whose value differs."""
   defaults = flatten(plain(config_lib.base_config()))
@@ -91,9 +100,9 @@ def check_resume(saved: dict, config, checkpoint: pathlib.Path, allow_data_chang
   for key, (old, new) in ((DATA_CONTENTS, data_contents), (HELDOUT_CONTENTS, heldout_contents)):
     if None not in (old, new) and old != new:
       changes[key] = (old, new)
-  model = {k: v for k, v in changes.items() if policy(k) == MODEL
-           and not (k == 'data.tokenizer' and tokenizer_lib.same_ids(*v))}
-  data = {k: v for k, v in changes.items() if policy(k) == DATA_ORDER and not allow_data_change}
+  kinds = {key: _kind(key, change) for key, change in changes.items()}
+  model = {k: v for k, v in changes.items() if kinds[k] == MODEL}
+  data = {k: v for k, v in changes.items() if kinds[k] == DATA_ORDER and not allow_data_change}
   reasons = ([f'its model differs ({describe(model)})'] if model else []) + (
       [f'its data order differs ({describe(data)}; pass --allow_data_change if that is intended)']
       if data else [])

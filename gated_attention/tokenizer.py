@@ -30,6 +30,8 @@ class ByteTokenizer:
   """UTF-8 bytes as ids 0..255, then PAD, BOS and EOS."""
   vocab_size = 259
   pad_id, bos_id, eos_id = 256, 257, 258
+  # As its tokenizer.json names them, in id order.
+  special_tokens = {'<pad>': pad_id, '<s>': bos_id, '</s>': eos_id}
 
   def encode(self, text: str | bytes) -> np.ndarray:
     """Token ids (uint16) of text, no special ids."""
@@ -46,8 +48,7 @@ class ByteTokenizer:
 
   def vocabulary(self) -> dict[str, int]:
     """{token: id}, as its tokenizer.json (save_byte_tokenizer) names them."""
-    return {**{char: i for i, char in enumerate(_gpt2_byte_chars())},
-            '<pad>': self.pad_id, '<s>': self.bos_id, '</s>': self.eos_id}
+    return {**{char: i for i, char in enumerate(_gpt2_byte_chars())}, **self.special_tokens}
 
 
 class HuggingFaceTokenizer:
@@ -143,15 +144,16 @@ def load_tokenizer(name: str) -> ByteTokenizer | HuggingFaceTokenizer | None:
   return HuggingFaceTokenizer(name)
 
 
-def same_ids(name: str, other: str) -> bool:
-  """Whether two data.tokenizer values mean the same token by each id: the same name, or
-  vocabularies alike ('byte' and its tokenizer.json, say); False where one cannot be read."""
+def same_ids(name: str, other: str) -> bool | None:
+  """Whether two data.tokenizer values mean the same token by each id: True for the same name
+  or vocabularies alike ('byte' and its tokenizer.json, say), False for other vocabularies (or
+  'none' against a tokenizer), None where one cannot be read to tell."""
   if name == other:
     return True
   try:
     tokenizers = [load_tokenizer(name), load_tokenizer(other)]
-  except ConfigError:
-    return False
+  except (ConfigError, OSError, ValueError):
+    return None
   return None not in tokenizers and tokenizers[0].vocabulary() == tokenizers[1].vocabulary()
 
 
@@ -187,8 +189,7 @@ def save_byte_tokenizer(directory) -> None:
   tokenizer = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(chars)}, merges=[]))
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
   tokenizer.decoder = decoders.ByteLevel()
-  names = {byte.pad_id: '<pad>', byte.bos_id: '<s>', byte.eos_id: '</s>'}
-  tokenizer.add_special_tokens([AddedToken(names[i], special=True) for i in sorted(names)])
+  tokenizer.add_special_tokens([AddedToken(name, special=True) for name in byte.special_tokens])
   tokenizer.post_processor = processors.TemplateProcessing(
       single='<s> $A', special_tokens=[('<s>', byte.bos_id)])
   directory = pathlib.Path(directory)

@@ -40,7 +40,7 @@ from gated_attention import resume as resume_lib
 from gated_attention import sharding as sharding_lib
 from gated_attention import state as state_lib
 from gated_attention import workdir as workdir_lib
-from gated_attention.distributed import CompileTimer, PreemptionWatch, log
+from gated_attention.distributed import CompileTimer, PreemptionWatch, log, warn
 from gated_attention.loss import target_mask
 from gated_attention.metrics import MetricsWriter, format_record
 from gated_attention.model import apply, measured_positions
@@ -527,7 +527,7 @@ def train(config, workdir, allow_data_change: bool = False) -> dict:
   config_lib.validate(config)
   unread = config_lib.unread_keys(config)
   if unread:
-    log(f'warning: {", ".join(unread)}: not read by this run, so changed nothing (gate keys need '
+    warn(f'{", ".join(unread)}: not read by this run, so changed nothing (gate keys need '
         'a gate position, MoE keys model.moe.num_experts > 0, data.bigram_backcopy keys that '
         'data source).')
   if config.model.dtype == 'float16':
@@ -599,6 +599,7 @@ def _train(config, workdir: pathlib.Path, allow_data_change: bool,
   step_log = StepLog(config, setup, workdir, start_step, loop_state, checkpointer)
   profile = StepProfile(train_config, workdir, start_step, step_log.exclude, compiled)
   pending, preempted = None, False
+  preemption.stepping = True
   try:
     for step in range(start_step + 1, train_config.steps + 1):
       checkpointer.raise_if_save_failed()

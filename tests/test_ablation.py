@@ -2,11 +2,13 @@
 
 import json
 
+import ml_collections
 import pytest
 
 from configs import ablation as ablation_config
 from gated_attention import ablation
 from gated_attention import config as config_lib
+from gated_attention import resume
 from gated_attention import state as state_lib
 from tests import helpers
 
@@ -48,6 +50,26 @@ def test_sweep_writes_the_table_and_resumes(tmp_path):
   longer = ablation.run_ablation(_ablation_config('none', steps=6), tmp_path)
   assert longer['none']['eval']['step'] == 6 and longer['none']['loss_curve'][-1][0] == 6
   assert longer['none']['config']['train']['steps'] == 6
+  assert longer['none']['continued_from_steps'] == 4
+
+
+def test_a_finished_run_is_kept_evaluated_again_continued_or_refused_by_what_changed(tmp_path):
+  run_config = ablation.variant_config(_ablation_config('none'), 'none', 1e-3)
+  finished = resume.plain(run_config)
+  changed = lambda **keys: ml_collections.ConfigDict(
+      {**run_config.to_dict(), **{block: {**run_config[block].to_dict(), **values}
+                                  for block, values in keys.items()}})
+  assert ablation.rerun(None, run_config, tmp_path) is None  # From before rows kept a config.
+  assert ablation.rerun(finished, run_config, tmp_path) is None
+  assert ablation.rerun(finished, changed(mesh={'fsdp': 2}, train={'log_every': 1}),
+                        tmp_path) is None
+  assert ablation.rerun(finished, changed(eval={'batches': 3}), tmp_path) == 'evaluate'
+  assert ablation.rerun(finished, changed(train={'steps': 6}), tmp_path) == 'continue'
+  for keys, named in (({'train': {'steps': 2}}, 'train.steps: 4 -> 2'),
+                      ({'train': {'learning_rate': 5e-3}}, 'train.learning_rate: 0.001 -> 0.005')):
+    with pytest.raises(config_lib.ConfigError, match=f'finished with another config \\({named}\\); '
+                                                     'its checkpoints were trained that way'):
+      ablation.rerun(finished, changed(**keys), tmp_path)
 
 
 def test_divergence_is_reported_not_raised(tmp_path):
@@ -76,7 +98,8 @@ def test_a_finite_loss_above_chance_is_reported_as_diverged(tmp_path, monkeypatc
     ('none+num_kv_heads', '', "'none\\+num_kv_heads': 'num_kv_heads' is not KEY=VALUE"),
     ('none', '2e-3,fast', "learning_rates='2e-3,fast': expected comma-separated floats"),
     (',', '', "variants=',' names nothing"),
-    ('none,g1_elementwise,none', '', '--config.variants names none more than once'),
+    ('none,g1_elementwise,none', '', 'name the run none more than once'),
+    ('none', '1e-3,0.0010000001', 'name the run none_lr0.001 more than once'),
     ('none', '1e-3,nan', '--config.learning_rates: nan is not a learning rate'),
     ('none', '1e-3,-1e-3', '--config.learning_rates: -0.001 is not a learning rate'),
 ])

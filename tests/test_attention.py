@@ -233,7 +233,8 @@ def test_chunked_memory_grows_linearly_with_length_and_xla_quadratically():
 
 @pytest.mark.parametrize('impl, platform, runs_as', [
     ('cudnn', 'gpu', 'cudnn'), ('cudnn', 'cpu', 'auto'), ('cpu_flash', 'cpu', 'cpu_flash'),
-    ('cpu_flash', 'tpu', 'auto'), ('splash', 'cpu', 'splash'), ('xla', 'tpu', 'xla'),
+    ('cpu_flash', 'tpu', 'auto'), ('splash', 'cpu', 'auto'), ('splash', 'tpu', 'splash'),
+    ('xla', 'tpu', 'xla'),
     ('chunked', 'gpu', 'chunked')])
 def test_a_kernel_of_another_platform_is_read_as_auto(impl, platform, runs_as):
   assert attention.runnable_here(impl, platform) == runs_as

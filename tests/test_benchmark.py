@@ -1,6 +1,7 @@
 """The benchmark's results (arithmetic over its trials) and its PyTorch reference's contract."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -165,13 +166,17 @@ def test_interleave_measures_each_gated_row_against_its_ungated_row(tmp_path):
   assert paired['pairs'] == 3 and 0 < low <= paired['ratio'] <= high
 
 
-def test_interleave_without_an_ungated_row_is_refused_before_compiling():
+@pytest.mark.parametrize('flags, message', [
+    (['--gates=g1_headwise', '--interleave=3'], 'error: --interleave measures each gated row '
+                                                'against the ungated row .* add none to --gates'),
+    (['--moe_impls=ragged'], r'error: --moe_impls=ragged compares MoE dispatch paths, and this '
+                             r'model has no experts \(model.moe.num_experts=0\)'),
+])
+def test_a_comparison_it_cannot_make_is_refused_before_compiling(flags, message):
   result = helpers.run([sys.executable, '-m', 'experiments.benchmark', '--config=configs/lm.py',
-                        '--gates=g1_headwise', '--interleave=3'])
-  assert result.returncode == 1
-  assert 'error: --interleave measures each gated row against the ungated row' in result.stderr
-  assert 'add none to --gates' in result.stderr
-  assert 'round 1/1' not in result.stdout  # No row was timed.
+                        *flags])
+  assert result.returncode == 1 and re.search(message, result.stderr), result.stderr[-2000:]
+  assert 'round 1/1' not in result.stdout + result.stderr  # No row was timed.
 
 
 @helpers.needs_cuda_plugin

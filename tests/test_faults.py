@@ -140,22 +140,25 @@ def test_a_signal_while_the_last_checkpoint_is_written_neither_kills_it_nor_the_
     assert sorted(p.name for p in (tmp_path / name / 'checkpoints').iterdir()) == ['2', '4']
 
 
-def test_sigterm_while_the_run_starts_stops_it_after_its_first_step_saved(tmp_path):
+def test_a_signal_while_the_run_starts_stops_it_after_its_first_step_or_aborts_it(tmp_path):
   """A preemption during start-up (here: as the train step compiles) is not a crash: the run
-  takes one step, saves it, and exits 0."""
+  takes one step, saves it, and exits 0. Ctrl-C there aborts at once: nothing to save."""
   script = ('import os, signal, sys\n'
             'from gated_attention import train\n'
             'from tests import helpers\n'
             'compile_step = train.compile_train_step\n'
             'def compile_after_a_signal(*args):\n'
-            '  os.kill(os.getpid(), signal.SIGTERM)\n'
+            '  os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n'
             '  return compile_step(*args)\n'
             'train.compile_train_step = compile_after_a_signal\n'
-            'train.train(helpers.run_config(steps=4, checkpoint_every=2), sys.argv[1])\n')
-  result = helpers.run([sys.executable, '-c', script, str(tmp_path)])
+            'train.train(helpers.run_config(steps=4, checkpoint_every=2), sys.argv[2])\n')
+  result = helpers.run([sys.executable, '-c', script, 'SIGTERM', str(tmp_path / 'term')])
   assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
   assert 'preempted (SIGTERM): saved step 1' in result.stdout
-  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['1']
+  assert sorted(p.name for p in (tmp_path / 'term' / 'checkpoints').iterdir()) == ['1']
+  result = helpers.run([sys.executable, '-c', script, 'SIGINT', str(tmp_path / 'int')])
+  assert result.returncode != 0 and 'KeyboardInterrupt' in result.stderr
+  assert not [p for p in (tmp_path / 'int' / 'checkpoints').iterdir() if p.name.isdigit()]
 
 
 def _kill_when(command, checkpoints: pathlib.Path, ready, output: pathlib.Path) -> None:

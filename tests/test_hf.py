@@ -254,6 +254,9 @@ def test_exports_load_in_transformers_compute_ours_and_import_back(name, tmp_pat
   _workdir(tmp_path / 'run', gate, overrides)
   assert hf.export_hf(tmp_path / 'run', tmp_path / 'hf', max_shard_bytes=20_000)['format'] == fmt
   assert (tmp_path / 'hf' / hf.SAFETENSORS_INDEX).exists()  # Several shards, one index.
+  # Every file readable as the config is (safetensors alone would write owner-only files).
+  modes = {path.stat().st_mode & 0o777 for path in (tmp_path / 'hf').iterdir()}
+  assert modes == {(tmp_path / 'hf' / 'config.json').stat().st_mode & 0o777}
   torch_model = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32)
   assert type(torch_model).__name__ == hf.ARCHITECTURES[fmt]
   ours, _, _, params = _our_logits(tmp_path / 'run')
@@ -478,7 +481,7 @@ def test_commands_import_and_generate_on_a_mesh_and_bad_input_is_one_line(tmp_pa
                    '--max_new_tokens=6', '--mesh=data=2,fsdp=1,tensor=2,expert=1', '--json',
                    devices=4)
   assert generated.returncode == 0, generated.stderr
-  result = json.loads(generated.stdout.strip().splitlines()[-1])
+  result = json.loads(generated.stdout)  # The JSON alone: progress goes to standard error.
   with torch.no_grad():
     theirs = torch_model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=6, do_sample=False,
                                   pad_token_id=0)

@@ -34,9 +34,11 @@ LOGGED_KEYS = {'step', 'loss', 'learning_rate', 'grad_norm', 'tokens_per_sec', '
                'loss_spike', 'loss_spikes', 'skipped_steps'}
 
 
-def test_loss_falls_and_every_log_line_has_the_promised_keys(tmp_path):
-  train(helpers.run_config(steps=30, log_every=5, learning_rate=1e-2, checkpoint_every=10),
-        tmp_path)
+def test_loss_falls_and_every_log_line_has_the_promised_keys(tmp_path, capsys):
+  config = helpers.run_config(steps=30, log_every=5, learning_rate=1e-2, checkpoint_every=10)
+  config.model.moe.top_k = 4  # Read by no dense model: named, not silently dropped.
+  train(config, tmp_path)
+  assert 'warning: model.moe.top_k=4: not read by this run' in capsys.readouterr().err
   records = read_metrics(tmp_path)
   assert [r['step'] for r in records] == [5, 10, 15, 20, 25, 30]
   assert all(LOGGED_KEYS <= set(r) for r in records)
