@@ -238,13 +238,18 @@ def test_sigterm_to_a_multi_process_job_saves_one_agreed_step(tmp_path):
 
 
 def test_a_second_ctrl_c_exits_at_once(monkeypatch):
-  """The first SIGINT asks the loop to save and stop; the second exits without waiting."""
+  """Before the first step a SIGINT aborts (nothing to save); then the first asks the loop to
+  save and stop, and the second exits without waiting."""
   exits, unwatched = [], []
   monkeypatch.setattr(os, '_exit', exits.append)
   outside = lambda signum, frame: unwatched.append(signum)  # Not KeyboardInterrupt: no abort.
   previous = signal.signal(signal.SIGINT, outside)
   try:
     watch = distributed.PreemptionWatch()
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)  # The handler runs here at the latest.
+    watch.stepping = True
     assert not watch.reached(1)
     os.kill(os.getpid(), signal.SIGINT)
     assert watch.reached(2) and watch.describe() == 'interrupted (SIGINT)' and exits == []
