@@ -188,12 +188,15 @@ def base_config(size: str = 'tiny', gate: str = 'g1_elementwise') -> ml_collecti
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   """Parses 'key=value,key=value' (the part after ':' in --config=file.py:ARG) over `defaults`."""
-  parsed = ml_collections.ConfigDict(defaults)
+  parsed, given = ml_collections.ConfigDict(defaults), set()
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if not sep or key not in defaults:
       raise ConfigError(f'Config argument {item!r}: expected key=value with key one of '
                         f'{sorted(defaults)}.')
+    if key in given:
+      raise ConfigError(f'Config argument {arg!r} gives {key} twice.')
+    given.add(key)
     parsed[key] = parse_value(value, defaults[key], key)
   return parsed
 

@@ -281,6 +281,8 @@ def long_eval(workdir, lengths: list[int], step: int | None = None, examples: in
   """Evaluates checkpoint `step` (default: the latest) of the run in workdir at each length;
   prints one line per length and writes WORKDIR/long_eval/step_N.json (and PNGs)."""
   workdir = pathlib.Path(workdir)
+  if not tasks:
+    raise config_lib.ConfigError(f'--tasks names no task; choose from {list(TASKS)}.')
   for task in tasks:
     if task not in TASKS:
       raise config_lib.ConfigError(f'--tasks: {task!r} is not a task; choose from {list(TASKS)}.')

@@ -92,6 +92,9 @@ def run_sink_comparison(config, workdir, seeds: list[int]) -> dict | None:
   results.json and the figures; returns the results, or None when a run was preempted (a rerun
   continues)."""
   runs = ablation.sweep(config)
+  for seed in seeds:  # Every run of every seed refused, if it must be, before any starts.
+    for _, variant, rate in runs:
+      ablation.variant_config(seed_config(config, seed), variant, rate)
   with workdir_lib.hold(workdir):
     return _run_seeds(config, pathlib.Path(workdir), seeds, len(runs))
 

@@ -123,6 +123,8 @@ def test_parse_arg():
   assert (parsed.size, parsed.gate) == ('small', 'g5')
   with pytest.raises(config_lib.ConfigError, match="'colour=red'"):
     config_lib.parse_arg('colour=red', size='tiny')
+  with pytest.raises(config_lib.ConfigError, match="'size=tiny,size=small' gives size twice"):
+    config_lib.parse_arg('size=tiny,size=small', size='tiny')
 
 
 def test_lm_config_file_takes_size_and_gate():

@@ -139,6 +139,10 @@ def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
   assert refused.stderr.strip().splitlines() == [
       'error: --lengths=64,256: give lengths of at least 128 tokens (room for the retrieval '
       'needles).'] and refused.returncode == 1
+  refused = helpers.run([sys.executable, '-m', 'experiments.long_eval', f'--workdir={tmp_path}',
+                         '--lengths=256', '--tasks='])
+  assert refused.stderr.strip().splitlines() == [
+      f"error: --tasks names no task; choose from {list(long_eval.TASKS)}."]
 
 
 def test_a_length_past_the_held_out_split_names_the_lengths_asked(tmp_path):

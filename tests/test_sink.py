@@ -73,3 +73,8 @@ def test_command_refuses_bad_seeds_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       "error: seeds='0,one': expected comma-separated ints.")
   assert not (tmp_path / 'seed_0').exists()
+  result = helpers.run([sys.executable, '-m', 'experiments.sink', '--config=configs/sink.py',
+                        f'--workdir={tmp_path}', '--seeds=0,-1'])
+  assert result.returncode == 1 and 'seed 0' not in result.stdout  # Refused before seed 0 ran.
+  assert 'train.seed' in result.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / 'seed_0').exists()
