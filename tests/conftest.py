@@ -11,7 +11,7 @@ os.environ.setdefault('JAX_ENABLE_COMPILATION_CACHE', 'false')
 # LLVM's O1 instead of O2 for the CPU code of every program the tests and their subprocesses
 # compile: a third less compile time on the suite's tiny models. XLA's own passes are the same,
 # and so are the numbers (a train run's losses and gradient norms agree to the bit). No test
-# times anything.
+# asserts a speed (the few bounds on time check that injected delays are left out of it).
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
                            + ' --xla_backend_optimization_level=1').strip()
 

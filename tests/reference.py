@@ -64,15 +64,20 @@ def attention_block(x, weights, cfg, gate_config):
   """One attention block on a single sequence x [T, d_model] (already normed).
 
   weights: 'query' [E, H, D], 'key'/'value' [E, K, D], 'out' [H, D, E], optional 'q_norm',
-  'k_norm' [D], and 'gate' (the gate's W_theta: [E, n, width], or [E, E] for G5).
+  'k_norm' [D], and 'gate' (the gate's W_theta: [E, n, width], or [E, E] for G5) or, for an
+  input-independent gate, 'score' (its logits: [n, width], or [E] for G5).
   """
   position = gate_config['position']
   q = np.einsum('te,ehd->thd', x, weights['query'])
   k = np.einsum('te,ehd->thd', x, weights['key'])
   v = np.einsum('te,ehd->thd', x, weights['value'])
   gate_logits = None
-  if position in ('sdpa', 'query', 'key', 'value'):
+  if 'score' in weights:  # Input-independent: the same learned logits at every position.
+    gate_logits = np.broadcast_to(weights['score'], (x.shape[0], *weights['score'].shape))
+  elif position in ('sdpa', 'query', 'key', 'value'):
     gate_logits = np.einsum('te,ehw->thw', x, weights['gate'])
+  elif position == 'dense':
+    gate_logits = x @ weights['gate']
   if position == 'query':
     q = gate(q, gate_logits, gate_config)
   if position == 'key':
@@ -86,11 +91,15 @@ def attention_block(x, weights, cfg, gate_config):
   q = rope(q, positions, rotary, cfg['rope_theta'])
   k = rope(k, positions, rotary, cfg['rope_theta'])
   y, _ = causal_softmax_attention(q, k, v)
+  if gate_config['sdpa_nonlinearity'] == 'rms_norm':  # Per head, no scale ("group norm").
+    y = rms_norm(y, eps=cfg['norm_eps'])
+  elif gate_config['sdpa_nonlinearity'] == 'silu':
+    y = ACTIVATIONS['silu'](y)
   if position == 'sdpa':
     y = gate(y, gate_logits, gate_config)
   out = np.einsum('thd,hde->te', y, weights['out'])
   if position == 'dense':
-    out = gate(out[:, None, :], (x @ weights['gate'])[:, None, :], gate_config)[:, 0, :]
+    out = gate(out[:, None, :], gate_logits[:, None, :], gate_config)[:, 0, :]
   return out
 
 

@@ -177,7 +177,11 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv(impl):
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('impl', ['xla', 'chunked'])
+@pytest.mark.parametrize('impl', [
+    functools.partial(attention.attention, impl='xla'),
+    functools.partial(attention.attention, impl='chunked'),  # One key block on CPUs.
+    functools.partial(attention.chunked_attention, chunk=4),  # Four, the last ones skipped.
+], ids=['xla', 'chunked', 'chunked_blocks'])
 def test_queries_over_a_kv_cache_equal_the_rows_of_full_attention(impl):
   """Sequence b's queries at positions offset[b].. over a 16-slot cache holding its keys
   (slots past them hold garbage, which must stay unseen) equal causal attention's rows."""
@@ -187,7 +191,7 @@ def test_queries_over_a_kv_cache_equal_the_rows_of_full_attention(impl):
   rows = jnp.stack([jnp.arange(o, o + 3) for o in offsets.tolist()])  # 3 queries each.
   queries = jnp.take_along_axis(q, rows[:, :, None, None], axis=1)
   garbage = 1e3 * (jnp.arange(16)[None, :, None, None] > rows[:, -1:, None, None])
-  out = attention.attention(queries, k + garbage, v + garbage, impl, q_offset=offsets)
+  out = impl(queries, k + garbage, v + garbage, q_offset=offsets)
   np.testing.assert_allclose(np.asarray(out),
                              np.asarray(jnp.take_along_axis(full, rows[:, :, None, None], 1)),
                              rtol=1e-5, atol=1e-5)

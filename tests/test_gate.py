@@ -10,9 +10,8 @@ from flax import nnx
 from gated_attention import config as config_lib
 from tests import helpers, reference
 
-REFERENCE_VARIANTS = ['none', 'g1_elementwise', 'g1_headwise', 'g2_elementwise', 'g2_headwise',
-                      'g3_elementwise', 'g4_elementwise', 'g5', 'g1_head_shared',
-                      'g2_head_shared', 'g1_additive_silu', 'g1_ns_sigmoid', 'g1_silu']
+# Every named variant, and the input-independent gate at G5 (its score [d_model]).
+REFERENCE_VARIANTS = [*sorted(config_lib.GATE_PRESETS), 'g5+gate.input_dependent=false']
 
 
 def reference_weights(module, cfg):
@@ -25,6 +24,8 @@ def reference_weights(module, cfg):
     weights[gate.fused_into] = fused[..., :cfg.head_dim]
     weights['gate'] = fused[..., cfg.head_dim:]
     assert weights['gate'].shape[-1] == gate.width
+  elif gate.enabled and not gate.input_dependent:
+    weights['score'] = np.asarray(gate.score[...])
   elif gate.position == 'dense':
     weights['gate'] = np.asarray(gate.kernel[...])
   if module.q_norm is not None:
@@ -35,11 +36,15 @@ def reference_weights(module, cfg):
 
 @pytest.mark.parametrize('variant', REFERENCE_VARIANTS)
 def test_attention_block_matches_numpy_reference(variant):
-  cfg = helpers.model_config(variant)
+  cfg = helpers.model_config('none')
+  config_lib.set_variant(cfg, variant, 'variant')
   module = helpers.attention(cfg, seed=1)
-  # Non-trivial norm scales, so the reference really checks where they apply.
+  # Non-trivial norm scales and input-independent scores (initialised to 0), so the reference
+  # really checks where they apply.
   module.q_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(5), (cfg.head_dim,))
   module.k_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(6), (cfg.head_dim,))
+  if hasattr(module.gate, 'score'):
+    module.gate.score[...] = jax.random.normal(jax.random.key(7), module.gate.score.shape)
   x = np.random.default_rng(0).normal(size=(2, 7, cfg.d_model)).astype(np.float32)
 
   rope = helpers.rope(7, cfg)
@@ -58,8 +63,15 @@ def test_input_independent_gate_starts_at_half_and_ignores_input():
   assert module.gate.score[...].shape == (cfg.num_heads, cfg.head_dim)
   np.testing.assert_array_equal(np.asarray(module.gate.score[...]), 0.0)
   y = jnp.ones((1, 3, cfg.num_heads, cfg.head_dim))
-  gated, score = module.gate(y, module.gate.logits(jnp.zeros((1, 3, cfg.d_model))))
+  gated, _ = module.gate(y, module.gate.logits(jnp.zeros((1, 3, cfg.d_model))))
   np.testing.assert_allclose(np.asarray(gated), 0.5)
+  # Learned scores, two different inputs: the same gate.
+  module.gate.score[...] = jax.random.normal(jax.random.key(0), module.gate.score.shape)
+  inputs = jax.random.normal(jax.random.key(1), (2, 1, 3, cfg.d_model))
+  scores = [module.gate(y, module.gate.logits(x))[1] for x in inputs]
+  np.testing.assert_array_equal(np.asarray(scores[0]), np.asarray(scores[1]))
+  np.testing.assert_allclose(np.asarray(scores[0][0, 0]),
+                             reference.sigmoid(np.asarray(module.gate.score[...])), rtol=1e-6)
 
 
 @pytest.mark.parametrize('kind', ['rms_norm', 'silu'])

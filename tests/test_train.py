@@ -172,6 +172,14 @@ def test_non_finite_updates_can_be_skipped_and_counted(tmp_path):
   for line in (tmp_path / 'metrics.jsonl').read_text().splitlines():  # Strict JSON: no NaN.
     record = json.loads(line, parse_constant=lambda name: pytest.fail(f'{name} in {line}'))
     assert record['loss'] is None and record['grad_norm'] is None
+    # The schedule counts updates made: none, so every step logs the first update's rate.
+    assert record['learning_rate'] == pytest.approx(3e-3 / config.train.warmup_steps)
+  # No update reached the parameters: the last checkpoint holds the initial ones.
+  mesh = helpers.one_device_mesh()
+  shardings = state_lib.param_shardings(mesh, state_lib.abstract_model(config.model)[1])
+  initial = state_lib.init_params(config.model, config.train.seed, shardings)
+  jax.tree.map(np.testing.assert_array_equal, helpers.final_params(tmp_path, config),
+               jax.tree.map(np.asarray, initial))
 
 
 def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
