@@ -203,15 +203,28 @@ def test_layer_layouts_convert_both_ways_with_the_optimizer_state():
                train_state)
 
 
-@pytest.mark.parametrize('scan', [False, True])
-def test_analysis_reports_every_layer_under_either_layout(scan):
-  cfg = helpers.model_config('g1_elementwise', num_layers=3, scan_layers=scan)
-  stats = helpers.transformer(cfg)(helpers.random_tokens(7), analysis=True).stats
-  assert stats['first_token_attention'].shape == (3, 2, cfg.num_heads, 12)
-  assert stats['attention_map'].shape == (3, cfg.num_heads, 12, 12)
-  assert stats['value_norm'].shape == (3, 2, 12, cfg.num_kv_heads)
-  assert stats['max_activation'].shape == (3,) and stats['gate_score_sum'].shape == (3,)
-  np.testing.assert_allclose(np.asarray(stats['attention_map']).sum(-1), 1.0, rtol=1e-5)
+def test_analysis_reports_every_layer_the_same_under_either_layout():
+  """The scanned model (the unrolled one's weights, stacked) measures what the unrolled one
+  measures, layer by layer."""
+  cfg = helpers.model_config('g1_elementwise', num_layers=3)
+  graphdef, state = nnx.split(helpers.transformer(cfg))
+  unrolled = nnx.to_pure_dict(state)
+  scanned_graphdef, _ = nnx.split(helpers.transformer(helpers.model_config(
+      'g1_elementwise', num_layers=3, scan_layers=True)))
+  tokens = helpers.random_tokens(7)
+  stats = [nnx.merge(graphdef, unrolled)(tokens, analysis=True).stats,
+           nnx.merge(scanned_graphdef, state_lib.convert_layers(unrolled, True))(
+               tokens, analysis=True).stats]
+  for layout in stats:
+    assert layout['first_token_attention'].shape == (3, 2, cfg.num_heads, 12)
+    assert layout['attention_map'].shape == (3, cfg.num_heads, 12, 12)
+    assert layout['value_norm'].shape == (3, 2, 12, cfg.num_kv_heads)
+    assert layout['max_activation'].shape == (3,) and layout['gate_score_sum'].shape == (3,)
+    np.testing.assert_allclose(np.asarray(layout['attention_map']).sum(-1), 1.0, rtol=1e-5)
+  assert set(stats[0]) == set(stats[1])
+  for name in stats[0]:
+    np.testing.assert_allclose(np.asarray(stats[1][name]), np.asarray(stats[0][name]),
+                               rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize('variant, scan', [('g1_elementwise', False), ('g2_headwise', True),

@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -221,6 +222,52 @@ def test_microbatches_weigh_every_counted_target_alike_however_padding_falls(moe
     np.testing.assert_allclose(parts['grad_norm'], whole['grad_norm'], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  parts_state['params'], whole_state['params'])
+
+
+def test_two_updates_are_adamw_on_the_clipped_gradient_with_decay_on_matrices_only():
+  """Two compiled train steps against NumPy: the gradient of the mean next-token cross-entropy
+  (jax.grad of a loss written here), clipped to train.grad_clip by its global norm (logged
+  before clipping), Adam with bias correction, decoupled weight decay times the learning rate
+  on parameters of two or more dims except the gate's input-independent score, the warmup's
+  rates. The clip is small enough to act on both steps and changes how they mix."""
+  config = helpers.run_config(steps=4, gate='g1_input_independent', grad_clip=1e-3,
+                              weight_decay=0.5)
+  config.data.update(seq_len=16, batch_size=4)
+  train_config = config.train
+  setup = setup_train_state(config, helpers.one_device_mesh())
+  state = initialize_train_state(config, setup)
+  batches = [np.array(helpers.random_tokens(seed, 4, 17, 256)) for seed in (1, 2)]
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(state['params']))
+
+  def loss(p, tokens):
+    logits = nnx.merge(setup.graphdef, p)(tokens[:, :-1]).logits
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+  step = compile_train_step(config, setup)
+  moments = {'m': jax.tree.map(np.zeros_like, params), 'v': jax.tree.map(np.zeros_like, params)}
+  for t, tokens in enumerate(batches, start=1):
+    grads = jax.tree.map(lambda g: np.asarray(g, np.float64), jax.grad(loss)(
+        jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params), jnp.asarray(tokens)))
+    norm = np.sqrt(sum(np.sum(g * g) for g in jax.tree.leaves(grads)))
+    clipped = jax.tree.map(lambda g: g * min(1.0, train_config.grad_clip / norm), grads)
+    b1, b2, eps = train_config.b1, train_config.b2, 1e-8
+    moments = {'m': jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, moments['m'], clipped),
+               'v': jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, moments['v'], clipped)}
+    rate = train_config.learning_rate * t / train_config.warmup_steps  # Warmup: steps 1, 2.
+
+    def update(path, p, m, v):
+      decays = p.ndim >= 2 and path[-1].key != 'score'
+      adam = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+      return p - rate * (adam + train_config.weight_decay * p * decays)
+
+    params = jax.tree_util.tree_map_with_path(update, params, moments['m'], moments['v'])
+    state, metrics = step(state, tokens)
+    assert float(metrics['grad_norm']) == pytest.approx(norm, rel=1e-4)
+    assert float(metrics['learning_rate']) == pytest.approx(rate, rel=1e-6)
+    jax.tree.map(lambda ours, expected: np.testing.assert_allclose(ours, expected, rtol=1e-4,
+                                                                   atol=1e-6),
+                 jax.device_get(state['params']), params)
+  assert norm > 10 * train_config.grad_clip  # The clip acted.
 
 
 def test_a_microbatch_of_pad_alone_leaves_the_auxiliary_losses_as_the_rest_gives_them():
