@@ -124,7 +124,7 @@ _ON_A_MESH = textwrap.dedent('''
       error = lambda got, ref: float(np.max(np.abs(np.asarray(got) - ref)) / np.max(np.abs(ref)))
       report[str(mesh_shape)] = {'loss': error(total, want[0]), 'grad_x': error(grad_x, want[2]),
                                  'grad_kernel': error(grad_kernel, want[3]),
-                                 'collectives_in_loops': in_loops}
+                                 'collectives_in_loops': in_loops, 'loop_bodies': len(bodies)}
     print(json.dumps(report))
 ''')
 
@@ -144,3 +144,5 @@ def test_on_a_mesh_each_device_takes_its_rows_and_vocabulary_slice_and_reduces_o
     # Per position: [batch rows, chunk 4] logsumexp parts, [.., 4, d_model 8] input gradients.
     allowed = [] if tensor == 1 else ['f32[2,4]', 'f32[2,4,8]', 'f32[4,4]', 'f32[4,4,8]']
     assert set(found['collectives_in_loops']) <= set(allowed), (mesh, found)
+    # The parse finds what it looks for: the chunk loops, and the vocabulary's reductions.
+    assert found['loop_bodies'] > 0 and (tensor == 1 or found['collectives_in_loops']), found

@@ -207,6 +207,7 @@ def test_capacity_experts_run_where_they_live_on_their_share_of_the_batch():
       'model.moe.num_experts': 8, 'model.moe.top_k': 2, 'model.moe.expert_mlp_dim': 40,
       'model.moe.capacity_factor': 1.25, 'data.batch_size': 16, 'data.seq_len': 24,
       'mesh.data': 2, 'mesh.expert': 4})
+  assert gathered  # The parse finds all-gathers (the batch's activations over experts).
   assert not [dims for dims in gathered if dims[:2] == [8, 16] or dims == [8, 40, 32]], gathered
 
 
@@ -216,4 +217,5 @@ def test_the_embedding_lookup_gathers_nothing_across_the_data_axis():
   activations, across slices where `data` spans them)."""
   gathered = _all_gather_shapes({'data.batch_size': 32, 'data.seq_len': 24, 'mesh.data': 2,
                                  'mesh.fsdp': 4})
+  assert [32, 384] in gathered  # The parse finds FSDP's gathers: the embedding table's.
   assert not [dims for dims in gathered if dims[:2] == [32, 24]], gathered
