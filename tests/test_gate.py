@@ -10,8 +10,10 @@ from flax import nnx
 from gated_attention import config as config_lib
 from tests import helpers, reference
 
-# Every named variant, and the input-independent gate at G5 (its score [d_model]).
-REFERENCE_VARIANTS = [*sorted(config_lib.GATE_PRESETS), 'g5+gate.input_dependent=false']
+# Every named variant, the input-independent gate at G5 (its score [d_model]), and G1 without
+# the QK-norm.
+REFERENCE_VARIANTS = [*sorted(config_lib.GATE_PRESETS), 'g5+gate.input_dependent=false',
+                      'g1_elementwise+qk_norm=false']
 
 
 def reference_weights(module, cfg):
@@ -41,8 +43,9 @@ def test_attention_block_matches_numpy_reference(variant):
   module = helpers.attention(cfg, seed=1)
   # Non-trivial norm scales and input-independent scores (initialised to 0), so the reference
   # really checks where they apply.
-  module.q_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(5), (cfg.head_dim,))
-  module.k_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(6), (cfg.head_dim,))
+  if cfg.qk_norm:
+    module.q_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(5), (cfg.head_dim,))
+    module.k_norm.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(6), (cfg.head_dim,))
   if hasattr(module.gate, 'score'):
     module.gate.score[...] = jax.random.normal(jax.random.key(7), module.gate.score.shape)
   x = np.random.default_rng(0).normal(size=(2, 7, cfg.d_model)).astype(np.float32)

@@ -111,6 +111,26 @@ def test_answer_loss_is_the_mean_loss_of_the_answer_after_its_prompt():
                                rtol=1e-5)
 
 
+def test_a_retrieval_is_correct_when_the_continuation_starts_with_the_answer():
+  """Accuracy over a stand-in generator's continuations: the answer then anything counts, the
+  answer later or one digit off does not; the answer loss is the mean given."""
+  byte = ByteTokenizer()
+  examples = [long_eval.RetrievalExample('passkey', [1, 2], answer, [0.5])
+              for answer in ('12345', '67890', '24680', '13579')]
+  continuations = ['12345 and on', 'the value 67890', '24681', '13579']
+
+  class Generator:
+    def generate(self, prompts, max_new_tokens, batch_size):
+      assert prompts == [[1, 2]] * 4 and max_new_tokens == long_eval.ANSWER_TOKENS
+      return type('Generation', (), {'tokens': [list(byte.encode(text)) for text in
+                                                continuations]})
+
+  scored = long_eval.score(Generator(), byte, examples, [1.0, 2.0, 3.0, 6.0])
+  assert [record['correct'] for record in scored['examples']] == [True, False, False, True]
+  assert scored['accuracy'] == 0.5 and scored['answer_loss'] == 3.0
+  assert [record['generated'] for record in scored['examples']] == continuations
+
+
 def test_the_command_writes_json_and_figures_and_refuses_bad_lengths(tmp_path):
   config = config_lib.base_config('tiny', 'g1_elementwise')
   config.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

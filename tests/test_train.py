@@ -183,6 +183,30 @@ def test_non_finite_updates_can_be_skipped_and_counted(tmp_path):
                jax.tree.map(np.asarray, initial))
 
 
+def test_a_loss_spike_is_logged_off_the_interval_counted_and_its_window_kept_across_a_resume(
+    tmp_path):
+  """Window 3, margin 25%: step 4's 3.0 against a median of 2.0 spikes and is logged though
+  log_every is 100; after a resume at step 6 the window [3, 2, 2] is the saved one, so step 7's
+  2.6 (> 2.5) spikes too (an empty window could not tell)."""
+  config = helpers.run_config(steps=10, log_every=100, loss_spike_window=3,
+                              loss_spike_margin=0.25)
+  setup = setup_train_state(config, helpers.one_device_mesh())
+  checkpointer = checkpoint_lib.Checkpointer(tmp_path)
+  metrics = lambda loss: {'finite': True, 'loss': loss, 'learning_rate': 1e-3, 'grad_norm': 1.0}
+  step_log = train_lib.StepLog(config, setup, tmp_path, 0, None, checkpointer)
+  for step, loss in enumerate([2.0, 2.0, 2.0, 3.0, 2.0, 2.0], start=1):
+    step_log.finish(step, metrics(loss))
+  saved = step_log.state()
+  step_log.close()
+  resumed = train_lib.StepLog(config, setup, tmp_path, 6, saved, checkpointer)
+  resumed.finish(7, metrics(2.6))
+  resumed.close()
+  checkpointer.close()
+  records = read_metrics(tmp_path)
+  assert [(r['step'], r['loss_spike'], r['loss_spikes']) for r in records] == [
+      (4, True, 1), (7, True, 2)]
+
+
 def test_microbatches_give_the_same_update_as_one_batch(tmp_path):
   """Gradient accumulation over 4 parts == the whole batch at once (equal parts, no padding)."""
   for microbatches in (1, 4):
