@@ -98,6 +98,24 @@ def test_text_files_source(tmp_path):
   heldout = data.load_split(config, 'heldout', VOCAB)
   assert len(heldout) > 0 and len(train) > 2 * len(heldout)
 
+  def documents(split) -> list[bytes]:
+    """The split's examples as the documents they carry: BOS first in each, documents ended by
+    EOS, the last one cut short with the stream's tail."""
+    assert all(split[i][0] == BYTES.bos_id for i in range(len(split)))
+    stream = np.concatenate([split[i][1:] for i in range(len(split))])
+    starts = [0, *(np.flatnonzero(stream == BYTES.eos_id) + 1)]
+    ends = [*(np.flatnonzero(stream == BYTES.eos_id)), len(stream)]
+    return [bytes(stream[a:b].astype(np.uint8)) for a, b in zip(starts, ends)]
+
+  files = [(tmp_path / f'doc{i}.txt').read_bytes() for i in range(4)]
+  source = lambda text: [i for i, file in enumerate(files) if file.startswith(text)]
+  held, trained = documents(heldout), documents(train)
+  # Held out: one whole document of four (cut at the split's last full example); trained: the
+  # other three, whole but the last.
+  assert len(held) == 1 and len(source(held[0])) == 1
+  assert all(text in files for text in trained[:-1]) and len(trained) == 3
+  assert sorted(source(held[0]) + [i for text in trained for i in source(text)]) == [0, 1, 2, 3]
+
 
 def test_array_record_source_gives_the_text_files_examples(tmp_path):
   for i in range(6):
@@ -159,7 +177,12 @@ def test_heldout_batches_are_in_order_and_bounded():
                             tokenizer=BYTES)
   batches = list(data.heldout_batches(source, 8, num_batches=3, part=0, parts=1))
   assert len(batches) == 3
-  np.testing.assert_array_equal(batches[1][0], source[8])
+  np.testing.assert_array_equal(np.concatenate(batches), [source[i] for i in range(24)])
+  # The second half of each batch, for the second of two processes.
+  halves = list(data.heldout_batches(source, 8, num_batches=3, part=1, parts=2))
+  np.testing.assert_array_equal(np.concatenate(halves),
+                                [source[8 * b + i] for b in range(3) for i in range(4, 8)])
+  assert data.heldout_batch_count(source, 8, num_batches=100) == len(source) // 8
 
 
 def test_a_translated_position_continues_the_same_stream_of_examples():
