@@ -98,8 +98,8 @@ def make_eval_step(graphdef, analysis: bool, pad_id: int | None, triggers=None):
 def sink_scores(first_token_attention: dict) -> np.ndarray:
   """[layers, heads]: the first-token attention that tells a sink, from a summarized
   first_token_attention: of non-trigger queries where the data has triggers, else of all."""
-  return np.asarray(first_token_attention.get('non_trigger',
-                                              first_token_attention['per_layer_head']))
+  kind = 'non_trigger' if 'non_trigger' in first_token_attention else 'per_layer_head'
+  return np.asarray(first_token_attention[kind])
 
 
 def summarize_measurements(per_batch: list[dict], activation: str | None) -> dict:

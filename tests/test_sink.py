@@ -59,7 +59,7 @@ def test_comparison_writes_results_per_variant_and_seed(tmp_path):
 def test_a_sink_curve_is_measured_again_for_a_run_of_another_config(tmp_path, monkeypatch):
   measured = []
   monkeypatch.setattr(sink, 'first_token_attention_by_step', lambda run_dir, batches: (
-      measured.append(run_dir) or {2: {'non_trigger': [[0.1, 0.4]], 'per_layer_head': [[0, 0]]}}))
+      measured.append(run_dir) or {2: {'non_trigger': [[0.1, 0.4]]}}))
   for config, count in (({'train': {'steps': 2}}, 1), ({'train': {'steps': 2}}, 1),
                         ({'train': {'steps': 4}}, 2)):
     assert sink.sink_curve(tmp_path, config) == [[2, 0.4]]
